@@ -1,0 +1,95 @@
+"""Find the weight shards in a checkpoint directory and tell which format they are in.
+
+Recognised names (``NN`` = rank, ``MM`` = model-parallel size, both two digits):
+
+* ``consolidated.NN-of-MM.model.pth``       Accessory full weights, ``{"model": state_dict}``, keys ``llma.*``
+* ``consolidated.NN-of-MM.model-diff.pth``  Accessory delta weights, added onto what is already loaded
+* ``consolidated.NN.pth``                   Meta's own release layout: a bare state dict without ``llma.``
+* the same names ending in ``.safetensors`` instead of ``.pth`` (a flat state dict)
+"""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+from ..errors import CheckpointError
+
+FULL = "consolidated"
+DIFF = "consolidated_diff"
+META = "meta_ori"
+
+_PATTERNS = {
+    FULL: re.compile(r"^consolidated\.(\d{2})-of-(\d{2})\.model\.(pth|safetensors)$"),
+    DIFF: re.compile(r"^consolidated\.(\d{2})-of-(\d{2})\.model-diff\.(pth|safetensors)$"),
+    META: re.compile(r"^consolidated\.(\d{2})\.(pth|safetensors)$"),
+}
+
+
+@dataclass
+class ShardSet:
+    """The shards of one checkpoint directory, ordered by rank."""
+    directory: Path
+    format: str  # FULL, DIFF or META
+    files: List[Path]
+
+    @property
+    def mp_size(self) -> int:
+        return len(self.files)
+
+    @property
+    def is_diff(self) -> bool:
+        return self.format == DIFF
+
+
+def find_shards(directory) -> ShardSet:
+    """Return the shards in ``directory``, or raise a CheckpointError that says what is wrong."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist; check pretrained_path")
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"pretrained_path {directory} is a file; pass the directory that holds the "
+            f"consolidated.*.pth shards instead")
+    found: Dict[str, Dict[int, Path]] = {}
+    declared_sizes: Dict[str, set] = {}
+    for entry in sorted(directory.iterdir()):
+        for fmt, pattern in _PATTERNS.items():
+            match = pattern.match(entry.name)
+            if match:
+                rank = int(match.group(1))
+                if rank in found.setdefault(fmt, {}):
+                    raise CheckpointError(
+                        f"{directory} holds two files for rank {rank} ({found[fmt][rank].name} and {entry.name}); "
+                        f"keep one of them")
+                found[fmt][rank] = entry
+                if fmt != META:
+                    declared_sizes.setdefault(fmt, set()).add(int(match.group(2)))
+    if not found:
+        raise CheckpointError(
+            f"no weight shards in {directory}: expected files named consolidated.00-of-01.model.pth "
+            f"(or .safetensors, or Meta's consolidated.00.pth). Found: "
+            f"{', '.join(sorted(p.name for p in directory.iterdir())[:20]) or 'nothing'}")
+    if len(found) > 1:
+        listing = "; ".join(f"{fmt}: {', '.join(p.name for p in files.values())}" for fmt, files in found.items())
+        raise CheckpointError(
+            f"{directory} mixes shards of different formats ({listing}); a directory must hold one "
+            f"format only: move the others into their own directory and pass both paths in order")
+    fmt, by_rank = next(iter(found.items()))
+    if fmt != META:
+        sizes = declared_sizes[fmt]
+        if len(sizes) > 1:
+            raise CheckpointError(
+                f"{directory} mixes shards of model-parallel sizes {sorted(sizes)}; keep one set")
+        mp_size = sizes.pop()
+    else:
+        mp_size = max(by_rank) + 1
+    missing = [r for r in range(mp_size) if r not in by_rank]
+    extra = [r for r in by_rank if r >= mp_size]
+    if missing or extra:
+        have = ", ".join(p.name for p in by_rank.values())
+        raise CheckpointError(
+            f"{directory} has an incomplete shard set: model-parallel size {mp_size} needs ranks "
+            f"0..{mp_size - 1}, missing {missing or 'none'}{f', unexpected {extra}' if extra else ''} "
+            f"(found {have}); copy the missing files in")
+    return ShardSet(directory, fmt, [by_rank[r] for r in range(mp_size)])

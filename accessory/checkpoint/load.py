@@ -1,0 +1,146 @@
+"""Load checkpoint directories into a model built on the meta device.
+
+The model's parameters start as shapes without storage; each tensor read from a shard is cast
+once, straight into the target dtype and device, and becomes the parameter. Nothing is ever held
+in float32 "just in case", and a shard already in the target dtype is used in place (mmap).
+"""
+
+import logging
+import warnings
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..errors import CheckpointError
+from ..model.layers.parallel import SplitPlan
+from .discover import META, ShardSet, find_shards
+from .reader import PREFIX, read_state_dict
+
+log = logging.getLogger(__name__)
+
+
+def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+
+
+def _ordered_union(states: Sequence[Mapping]) -> List[str]:
+    seen, keys = set(), []
+    for state in states:
+        for key in state:
+            if key not in seen:
+                seen.add(key)
+                keys.append(key)
+    return keys
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if tensor.is_floating_point():
+        return tensor.to(device=device, dtype=dtype)
+    return tensor.to(device=device)
+
+
+def load_shard_set(model: nn.Module, shards: ShardSet, split_plan: SplitPlan, dtype: torch.dtype,
+                   device: torch.device, loaded: Dict[str, str], unexpected: Dict[str, str],
+                   progress: bool = True) -> None:
+    """Load one directory's shards into ``model`` (merging model-parallel pieces).
+
+    ``loaded`` maps each parameter set so far to the file it came from; ``unexpected`` collects
+    checkpoint keys the model has no parameter for. Delta shards are added onto loaded values.
+    """
+    params = dict(model.named_parameters())
+    states = [read_state_dict(f, add_prefix=shards.format == META) for f in shards.files]
+    keys = _ordered_union(states)
+    source = str(shards.files[0]) if shards.mp_size == 1 else f"{shards.directory}/{shards.files[0].name}.."
+    bar = tqdm(keys, desc=f"loading {shards.directory.name}", unit="tensor", delay=2.0,
+               disable=not progress, leave=False)
+    for key in bar:
+        if key not in params:
+            unexpected.setdefault(key, source)
+            continue
+        pieces = [state[key] for state in states if key in state]
+        local_name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        try:
+            tensor = split_plan.merge(local_name, pieces)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"cannot merge the {len(pieces)} model-parallel pieces of {key} in {shards.directory} "
+                f"(shapes {[tuple(p.shape) for p in pieces]}): {exc}") from exc
+        expected = tuple(params[key].shape)
+        if tuple(tensor.shape) != expected:
+            raise CheckpointError(
+                f"shape mismatch for {key}: checkpoint {source} has {tuple(tensor.shape)}, the model "
+                f"expects {expected}. The config (config.json / llama_config) does not describe this "
+                f"checkpoint: check dim, n_layers, n_heads, n_kv_heads, multiple_of and ffn_dim_multiplier"
+                + (", and that the tokenizer is the one the model was trained with"
+                   if "tok_embeddings" in key or "output" in key else ""))
+        if shards.is_diff:
+            if key not in loaded:
+                raise CheckpointError(
+                    f"{source} is a delta (model-diff) checkpoint, but {key} has no base value to add "
+                    f"it to; list the base checkpoint before the delta in pretrained_path")
+            base = params[key]
+            value = (base.float() + tensor.to(device=base.device).float()).to(base.dtype)
+        else:
+            value = _cast(tensor, dtype, device)
+        _set_parameter(model, key, value)
+        params[key] = value
+        loaded[key] = source
+    bar.close()
+
+
+def load_pretrained(model: nn.Module, paths: Sequence, split_plan: SplitPlan, dtype: torch.dtype,
+                    device: torch.device, strict: bool = True, progress: bool = True) -> Dict[str, List[str]]:
+    """Load every checkpoint dir of ``paths`` in order into ``model`` (a meta-device MetaModel).
+
+    Later full checkpoints override earlier keys; delta checkpoints add to them. Unexpected keys
+    are reported once and dropped. Parameters no checkpoint provided are an error unless
+    ``strict=False``, in which case they are initialised by their module (with a warning).
+    Returns ``{"missing_keys": [...], "unexpected_keys": [...]}``.
+    """
+    loaded: Dict[str, str] = {}
+    unexpected: Dict[str, str] = {}
+    for path in paths:
+        load_shard_set(model, find_shards(path), split_plan, dtype, device, loaded, unexpected, progress)
+    if unexpected:
+        names = list(unexpected)
+        shown = ", ".join(names[:10]) + (f" ... and {len(names) - 10} more" if len(names) > 10 else "")
+        warnings.warn(f"dropped {len(names)} checkpoint entries the model has no parameter for: {shown}",
+                      stacklevel=3)
+    missing = [name for name, _ in model.named_parameters() if name not in loaded]
+    if missing and strict:
+        shown = ", ".join(missing[:10]) + (f" ... and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise CheckpointError(
+            f"the checkpoint(s) {[str(p) for p in paths]} do not provide {len(missing)} parameters of "
+            f"the model: {shown}. If this is a fine-tune that only saved its trainable weights, list "
+            f"the base checkpoint first in pretrained_path; to initialise the missing parameters "
+            f"from scratch on purpose, pass strict=False")
+    if missing:
+        warnings.warn(f"{len(missing)} parameters were not in the checkpoint and are freshly "
+                      f"initialised (strict=False): {', '.join(missing[:10])}", stacklevel=3)
+        _initialise_missing(model, missing, dtype, device)
+    return {"missing_keys": missing, "unexpected_keys": list(unexpected)}
+
+
+def _initialise_missing(model: nn.Module, missing: Sequence[str], dtype, device) -> None:
+    modules = {name.rpartition(".")[0] for name in missing}
+    for module_name in sorted(modules):
+        module = model.get_submodule(module_name) if module_name else model
+        own = [n for n, p in module.named_parameters(recurse=False) if p.is_meta]
+        for attr in own:
+            meta = module._parameters[attr]
+            module._parameters[attr] = nn.Parameter(torch.empty(meta.shape, dtype=dtype, device=device),
+                                                    requires_grad=False)
+        if hasattr(module, "reset_parameters"):
+            # reset_parameters re-initialises every parameter of the module: keep the loaded ones.
+            kept = {n: p.detach().clone() for n, p in module.named_parameters(recurse=False) if n not in own}
+            with torch.no_grad():
+                module.reset_parameters()
+                for n, value in kept.items():
+                    module._parameters[n].copy_(value)
+        else:
+            for attr in own:
+                nn.init.normal_(module._parameters[attr], std=0.02)

@@ -1,0 +1,113 @@
+"""The generation loop shared by ``generate``, ``stream_generate`` and every face built on them.
+
+One prefill over all prompts (right-padded; each row's cache slots are addressed by its own
+positions, so padding is never attended), then one decode step per token for the rows still
+running. A row stops on an end-of-sequence token, on a stop string found in its decoded text, or
+at its own ``max_new_tokens``; finished rows leave the batch and cost nothing more.
+"""
+
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+
+from .detokenize import IncrementalDetokenizer
+from .sampling import Sampler, SamplingParams
+from .stopping import StopStringMatcher
+
+
+@dataclass
+class RowState:
+    """Progress of one sequence in the batch."""
+    prompt_len: int
+    max_new_tokens: int
+    detokenizer: IncrementalDetokenizer
+    new_tokens: List[int] = field(default_factory=list)
+    visible: str = ""  # text that may be shown (never part of a stop string)
+    finished: bool = False
+    finish_reason: Optional[str] = None  # "eos", "stop", "length"
+
+
+class GenerationEngine:
+    """Drives a model that offers ``new_kv_cache`` and ``forward_tokens`` (see model/LLM/llama.py)."""
+
+    def __init__(self, model, tokenizer, eos_ids: Sequence[int]):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = set(i for i in eos_ids if i is not None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.inference_mode()
+    def run(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
+            sampling: SamplingParams, stop_strings: Sequence[str] = ()) -> Iterator[List[RowState]]:
+        """Generate for every prompt; after each decode step yield the list of row states.
+
+        ``prompts`` must already fit: ``len(prompt) + max_new_tokens <= the model's context``.
+        """
+        device = self.device
+        rows = [RowState(len(p), int(n), IncrementalDetokenizer(self.tokenizer))
+                for p, n in zip(prompts, max_new_tokens)]
+        matcher = StopStringMatcher(stop_strings)
+        sampler = Sampler(sampling, device)
+        for row in rows:
+            if row.max_new_tokens <= 0:
+                row.finished, row.finish_reason = True, "length"
+        active = [i for i, row in enumerate(rows) if not row.finished]
+        if not active:
+            yield rows
+            return
+
+        capacity = max(rows[i].prompt_len + rows[i].max_new_tokens for i in active)
+        cache = self.model.new_kv_cache(len(active), capacity)
+        longest = max(rows[i].prompt_len for i in active)
+        tokens = torch.zeros((len(active), longest), dtype=torch.long, device=device)
+        for slot, i in enumerate(active):
+            tokens[slot, : rows[i].prompt_len] = torch.tensor(list(prompts[i]), dtype=torch.long)
+        positions = torch.arange(longest, device=device).expand(len(active), longest)
+        last_index = torch.tensor([rows[i].prompt_len - 1 for i in active], device=device)
+        logits = self.model.forward_tokens(tokens, positions, cache, output_index=last_index)
+
+        while True:
+            next_tokens = sampler(logits.float()).tolist()
+            for slot, i in enumerate(active):
+                self._advance(rows[i], next_tokens[slot], matcher)
+            yield rows
+            still = [slot for slot, i in enumerate(active) if not rows[i].finished]
+            if not still:
+                return
+            if len(still) < len(active):
+                cache.select_rows(torch.tensor(still, device=device))
+                active = [active[slot] for slot in still]
+            step_tokens = torch.tensor([[rows[i].new_tokens[-1]] for i in active], device=device)
+            step_positions = torch.tensor([[rows[i].prompt_len + len(rows[i].new_tokens) - 1] for i in active],
+                                          device=device)
+            logits = self.model.forward_tokens(step_tokens, step_positions, cache,
+                                               output_index=torch.zeros(len(active), dtype=torch.long,
+                                                                        device=device))
+
+    def _advance(self, row: RowState, token: int, matcher: StopStringMatcher) -> None:
+        if token in self.eos_ids:
+            self._finish(row, "eos", matcher)
+            return
+        row.new_tokens.append(token)
+        before = len(row.detokenizer.text)
+        row.detokenizer.add(token)
+        stopped, visible = matcher.check(row.detokenizer.text, before)
+        if stopped:
+            row.visible = row.detokenizer.text[:visible]
+            row.finished, row.finish_reason = True, "stop"
+            return
+        row.visible = row.detokenizer.text[:visible]
+        if len(row.new_tokens) >= row.max_new_tokens:
+            self._finish(row, "length", matcher)
+
+    @staticmethod
+    def _finish(row: RowState, reason: str, matcher: StopStringMatcher) -> None:
+        row.detokenizer.flush()
+        text = row.detokenizer.text
+        index = matcher.find(text)
+        row.visible = text if index is None else text[:index]
+        row.finished, row.finish_reason = True, ("stop" if index is not None else reason)

@@ -1,0 +1,189 @@
+"""Meta's LLaMA / LLaMA-2 / Code Llama architecture (``llama_type = "llama"``).
+
+Pre-norm decoder blocks: RMSNorm -> attention (interleaved RoPE, grouped KV heads) -> residual,
+RMSNorm -> SwiGLU feed-forward ``w2(silu(w1 x) * w3 x)`` -> residual; final RMSNorm and an untied
+output projection. Parameter names are the original's, so its checkpoints load as they are.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers.attention import attend
+from ..layers.kv_cache import KVCache
+from ..layers.norm import RMSNorm
+from ..layers.parallel import COLUMN, ROW, SplitPlan
+from ..layers.rotary import RotaryEmbedding
+
+
+@dataclass
+class ModelArgs:
+    """The original's config fields and defaults (config.json is ``asdict`` of this)."""
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = -1  # set from the tokenizer
+    multiple_of: int = 256  # FFN width is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000
+
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+
+    rope_scaling: Optional[float] = None
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """The SwiGLU width: int(2 * 4 * dim / 3), times ffn_dim_multiplier, rounded up to multiple_of."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
+        self.head_dim = args.dim // args.n_heads
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                kv_cache: Optional[KVCache], layer_id: int, causal_from_zero: bool) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q, k = rotary(q, positions), rotary(k, positions)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_id, positions, k, v, used_len=int(positions.max()) + 1)
+        out = attend(q, k, v, None if causal_from_zero else positions)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier))
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, positions, rotary, kv_cache, causal_from_zero):
+        h = x + self.attention(self.attention_norm(x), positions, rotary, kv_cache, self.layer_id, causal_from_zero)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """The decoder. ``forward_tokens`` is the one entry point the engine uses."""
+
+    split_plan = SplitPlan([
+        (r"(^|\.)tok_embeddings\.weight$", ROW),  # ParallelEmbedding splits the embedding dim
+        (r"\.attention\.(wq|wk|wv)\.weight$", COLUMN),
+        (r"\.attention\.wo\.weight$", ROW),
+        (r"\.feed_forward\.(w1|w3)\.weight$", COLUMN),
+        (r"\.feed_forward\.w2\.weight$", ROW),
+        (r"(^|\.)output\.weight$", COLUMN),
+    ])
+
+    def __init__(self, args: ModelArgs, with_visual: bool = False):
+        super().__init__()
+        if with_visual:
+            raise NotImplementedError(
+                "llama with_visual=True (the CLIP-prefix model) is not implemented yet; "
+                "load the checkpoint with with_visual=False for text-only use")
+        if args.dim % args.n_heads:
+            raise ValueError(f"dim {args.dim} is not divisible by n_heads {args.n_heads}")
+        n_kv = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
+        if args.n_heads % n_kv:
+            raise ValueError(f"n_heads {args.n_heads} is not a multiple of n_kv_heads {n_kv}")
+        self.args = args
+        self.params = args  # the original's name for the same object
+        self.vocab_size = args.vocab_size
+        self.n_layers = args.n_layers
+        self.head_dim = args.dim // args.n_heads
+        self.n_kv_heads = n_kv
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # The original's table spans 2 * max_seq_len positions.
+        self.rotary = RotaryEmbedding(self.head_dim, args.max_seq_len * 2, theta=args.rope_theta,
+                                      scaling=args.rope_scaling, style="interleaved")
+        self.image_words = 0
+        self._inference_cache: Optional[KVCache] = None
+
+    def new_kv_cache(self, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None,
+                     device: Optional[torch.device] = None) -> KVCache:
+        """A zeroed cache for ``batch_size`` rows of up to ``max_len`` positions."""
+        weight = self.tok_embeddings.weight
+        return KVCache(self.n_layers, batch_size, max_len, self.n_kv_heads, self.head_dim,
+                       dtype or weight.dtype, device or weight.device)
+
+    def forward_tokens(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                       kv_cache: Optional[KVCache] = None,
+                       output_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits for ``tokens`` (batch, seq).
+
+        ``positions`` (batch, seq): absolute positions, default 0..seq-1 for every row.
+        ``kv_cache``: written at ``positions``, and attended up to each query's position.
+        ``output_index`` (batch,): when given, only the logits at that index of each row are
+        computed and (batch, vocab) is returned; otherwise (batch, seq, vocab).
+        """
+        bsz, seqlen = tokens.shape
+        causal_from_zero = positions is None and kv_cache is None
+        if positions is None:
+            positions = torch.arange(seqlen, device=tokens.device).expand(bsz, seqlen)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, positions, self.rotary, kv_cache, causal_from_zero)
+        if output_index is not None:
+            h = h[torch.arange(bsz, device=h.device), output_index]
+        return self.output(self.norm(h))
+
+    # The original's two entry points, kept for code written against it.
+    def forward(self, examples: torch.Tensor, image=None) -> torch.Tensor:
+        """Logits for every position of ``examples`` (batch, seq), no cache."""
+        if image is not None:
+            raise NotImplementedError("this llama model was built without a visual encoder")
+        return self.forward_tokens(examples)
+
+    @torch.inference_mode()
+    def forward_inference(self, tokens: torch.Tensor, start_pos: int, image=None) -> torch.Tensor:
+        """Last-position logits (batch, vocab) in float32, keeping an internal cache across calls."""
+        if image is not None:
+            raise NotImplementedError("this llama model was built without a visual encoder")
+        bsz, seqlen = tokens.shape
+        cache = self._inference_cache
+        if start_pos == 0 and (cache is None or cache.batch_size != bsz):
+            cache = self._inference_cache = self.new_kv_cache(bsz, self.args.max_seq_len)
+        if cache is None:
+            raise RuntimeError("forward_inference must start at start_pos=0")
+        positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device).expand(bsz, seqlen)
+        last = torch.full((bsz,), seqlen - 1, device=tokens.device)
+        return self.forward_tokens(tokens, positions, cache, output_index=last).float()
+
+    def get_trainable_params(self):
+        return dict(self.named_parameters())

@@ -1,0 +1,28 @@
+"""Normalisation layers with the original's checkpoint names (`weight`, and `bias` for LayerNorm)."""
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm: ``x * rsqrt(mean(x^2) + eps) * weight``, the statistics in float32.
+
+    The normalised activations are cast back to the input dtype before the weight is applied, as
+    Meta's reference and the original (apex FusedRMSNorm) do.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_float = x.float()
+        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"

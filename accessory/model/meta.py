@@ -1,0 +1,321 @@
+"""``MetaModel``: the seed's Python API over checkpoint/ (loading), model/ (math) and generation/.
+
+Code written against LLaMA2-Accessory runs unchanged::
+
+    model = MetaModel.from_pretrained("/path/to/pretrained", max_seq_len=2048)
+    model.generate([prompt], images=None, max_gen_len=512)
+    for chunk in model.stream_generate(prompt, image=None, max_gen_len=512): print(chunk["text"])
+
+Differences from the original, all deliberate (see docs/differences.md): no torch.distributed
+set-up is needed at model-parallel size 1; CPU works; every batch row stops at its own
+``max_gen_len``; prompts too long are cut from the left keeping BOS; delta checkpoints are added;
+missing weights are an error unless ``strict=False``; BOS follows the tokenizer's own setting.
+"""
+
+import dataclasses
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..checkpoint.load import load_pretrained
+from ..errors import CheckpointError, ConfigError, TokenizerError
+from ..generation.engine import GenerationEngine
+from ..generation.sampling import SamplingParams
+from .LLM import load_llama_type
+from .tokenizer import Tokenizer, probe_tokenizer_path
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    """A torch dtype from a dtype or one of 'bf16', 'fp16', 'fp32' (and their long names)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(f"unknown dtype {dtype!r}: use torch.bfloat16, torch.float16, torch.float32 or "
+                     f"'bf16' / 'fp16' / 'fp32'")
+
+
+def resolve_device(device) -> torch.device:
+    """``None`` means CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def merge_config_files(llama_config: Union[PathLike, Sequence[PathLike], None]) -> Dict:
+    """Merge json config files in order (later keys win); remembers which file set each key."""
+    if llama_config is None:
+        return {}
+    if isinstance(llama_config, (str, Path)):
+        llama_config = [llama_config]
+    merged: Dict = {}
+    for path in llama_config:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"llama_config file {path} does not exist")
+        try:
+            content = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"llama_config file {path} is not valid JSON: {exc}") from exc
+        if not isinstance(content, dict):
+            raise ConfigError(f"llama_config file {path} must hold a JSON object, found {type(content).__name__}")
+        merged.update(content)
+    return merged
+
+
+def build_args(model_module, llama_type: str, config: Dict, max_seq_len: int, vocab_size: int):
+    """``ModelArgs`` of ``llama_type`` from merged config, rejecting fields it does not take."""
+    model_args_cls = model_module.ModelArgs
+    fields = {f.name for f in dataclasses.fields(model_args_cls)}
+    unknown = sorted(set(config) - fields)
+    if unknown:
+        raise ConfigError(
+            f"config field(s) {unknown} are not arguments of llama_type {llama_type!r}; it takes: "
+            f"{', '.join(sorted(fields))}. Remove them from the config file or pick the right llama_type")
+    args = dict(config)
+    args["max_seq_len"] = max_seq_len
+    args["max_batch_size"] = 32
+    args["vocab_size"] = vocab_size
+    return model_args_cls(**args)
+
+
+class MetaModel(nn.Module):
+    """A language model (``self.llma``) with its tokenizer and the original's inference API."""
+
+    def __init__(self, llama_type: str, llama_config: Union[PathLike, Sequence[PathLike], None],
+                 tokenizer_path: PathLike, with_visual: bool = False, max_seq_len: int = 4096) -> None:
+        """Build the architecture with fresh weights (``from_pretrained`` builds it on the meta
+        device instead and fills it from a checkpoint)."""
+        super().__init__()
+        self.llama_type = llama_type
+        self.with_visual = with_visual
+        model_module = load_llama_type(llama_type)
+        self.tokenizer = Tokenizer(str(tokenizer_path))
+        config = merge_config_files(llama_config)
+        self.args = build_args(model_module, llama_type, config, max_seq_len, self.tokenizer.n_words)
+        self.llma = model_module.Transformer(self.args, with_visual=with_visual)
+        self.split_plan = model_module.Transformer.split_plan
+        self.is_peft = getattr(self.llma, "is_peft", False)
+        self._engine = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, pretrained_path: Union[PathLike, Sequence[PathLike]],
+                        llama_type: Optional[str] = None,
+                        llama_config: Union[PathLike, Sequence[PathLike], None] = None,
+                        tokenizer_path: Optional[PathLike] = None,
+                        with_visual: bool = False, max_seq_len: int = 4096,
+                        mp_group=None, dtype=torch.bfloat16, device=None, quant=False,
+                        *, strict: bool = True, progress: bool = True) -> "MetaModel":
+        """Load a model from one or more checkpoint directories, applied in order.
+
+        Unspecified ``llama_type`` / ``llama_config`` / ``tokenizer_path`` are read from the last
+        directory (``meta.json``, ``config.json``, ``tokenizer.model`` or ``tokenizer.json`` +
+        ``tokenizer_config.json``). ``device=None`` picks CUDA when available, else CPU.
+        ``strict=False`` lets parameters absent from every checkpoint be freshly initialised.
+        """
+        if isinstance(pretrained_path, (str, Path)):
+            paths = [Path(pretrained_path)]
+        else:
+            paths = [Path(p) for p in pretrained_path or []]
+        if not paths:
+            raise CheckpointError("pretrained_path is empty: give at least one checkpoint directory")
+        for path in paths:
+            if str(path).startswith("hf:/"):
+                raise CheckpointError(
+                    f"{path}: hf:// paths need a model hub, which Accessory does not download from yet; "
+                    f"download the repo yourself and pass its local directory")
+            if not path.is_dir():
+                raise CheckpointError(f"checkpoint directory {path} does not exist; check pretrained_path")
+        if quant:
+            raise NotImplementedError(
+                "quant=True (low-memory quantized inference) is not available yet; load with quant=False")
+        _check_model_parallel(mp_group)
+        dtype, device = resolve_dtype(dtype), resolve_device(device)
+        last = paths[-1]
+
+        if llama_type is None:
+            meta_file = last / "meta.json"
+            if not meta_file.is_file():
+                raise ConfigError(
+                    f"cannot tell the architecture: {meta_file} does not exist. Pass llama_type= "
+                    f"(e.g. 'llama') or write {{\"llama_type\": \"llama\"}} into {meta_file}")
+            try:
+                llama_type = json.loads(meta_file.read_text())["llama_type"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ConfigError(f"{meta_file} must be a JSON object with a \"llama_type\" key") from exc
+        if llama_config is None:
+            config_file = last / "config.json"
+            if config_file.is_file():
+                llama_config = [config_file]
+            else:
+                warnings.warn(f"{config_file} does not exist: using the default ModelArgs of {llama_type} "
+                              f"(7B sizes for llama); pass llama_config= if that is wrong", stacklevel=2)
+                llama_config = []
+        if tokenizer_path is None:
+            tokenizer_path = probe_tokenizer_path(str(last))
+            if tokenizer_path is None:
+                raise TokenizerError(
+                    f"no tokenizer in {last}: expected tokenizer.model, or tokenizer.json + "
+                    f"tokenizer_config.json. Copy the tokenizer there or pass tokenizer_path=")
+
+        with torch.device("meta"):
+            model = cls(llama_type, llama_config, tokenizer_path, with_visual, max_seq_len)
+        result = load_pretrained(model, paths, model.split_plan, dtype, device, strict=strict, progress=progress)
+        model.load_result = result
+        model.eval()
+        return model
+
+    # ------------------------------------------------------------------ scoring
+    def _encode(self, text: str, bos: Optional[bool] = None, eos: bool = False) -> List[int]:
+        if bos is None:
+            bos = self.tokenizer.add_bos
+        return self.tokenizer.encode(text, bos=bos, eos=eos)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.inference_mode()
+    def compute_logits(self, examples: List[Union[str, List[int]]], images=None,
+                       bos: Optional[bool] = None, eos: bool = False) -> List[torch.Tensor]:
+        """Float32 logits (len_i, vocab) for each text or token list, in one right-padded batch.
+
+        ``bos=None`` follows the tokenizer's own setting (the original always added BOS).
+        """
+        if isinstance(examples, str):
+            raise ValueError("compute_logits expects a LIST of examples, got a str")
+        if images is not None:
+            raise NotImplementedError(f"llama_type {self.llama_type!r} takes no images")
+        token_lists = [self._encode(e, bos, eos) if isinstance(e, str) else list(e) for e in examples]
+        lengths = [len(t) for t in token_lists]
+        batch = torch.zeros((len(token_lists), max(lengths)), dtype=torch.long, device=self.device)
+        for i, tokens in enumerate(token_lists):
+            batch[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        logits = self.llma.forward_tokens(batch)
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        return [row[:n].float() for row, n in zip(logits, lengths)]
+
+    @torch.inference_mode()
+    def evaluate_examples(self, examples: List[Union[str, List[int]]],
+                          contexts: Optional[List[Union[str, List[int]]]] = None, images=None,
+                          bos: Optional[bool] = None, eos: bool = False) -> Dict[str, List]:
+        """Per example: ``log_likelihood`` (sum of token log-probs), ``ppl`` (the original's name
+        for the MEAN negative log-likelihood, not its exp), ``max_equal`` (every greedy prediction
+        right) and ``non_context_logits``; only tokens after ``contexts[i]`` are scored."""
+        if isinstance(examples, str):
+            raise ValueError("evaluate_examples expects a LIST of examples, got a str")
+        token_lists = [self._encode(e, bos, eos) if isinstance(e, str) else list(e) for e in examples]
+        context_lists = None
+        if contexts is not None:
+            context_lists = [self._encode(c, bos, False) if isinstance(c, str) else list(c) for c in contexts]
+            for i, (e, c) in enumerate(zip(token_lists, context_lists)):
+                if e[: len(c)] != c:
+                    raise ValueError(f"example {i} does not start with its context's tokens")
+        logits = self.compute_logits(token_lists)
+        loss_fn = torch.nn.CrossEntropyLoss(reduction="none", ignore_index=0)
+        result = {"log_likelihood": [], "ppl": [], "max_equal": [], "non_context_logits": []}
+        for i, item_logits in enumerate(logits):
+            start = 0 if context_lists is None else len(context_lists[i]) - 1
+            item_logits = item_logits[start:-1]
+            labels = torch.tensor(token_lists[i][start + 1:], dtype=torch.long, device=item_logits.device)
+            loss = loss_fn(item_logits, labels)
+            result["log_likelihood"].append(-loss.sum().item())
+            result["ppl"].append(loss.mean().item())
+            result["max_equal"].append(bool((item_logits.argmax(dim=-1) == labels).all().item()))
+            result["non_context_logits"].append(item_logits)
+        return result
+
+    # ------------------------------------------------------------------ generation
+    @property
+    def engine(self) -> GenerationEngine:
+        if self._engine is None:
+            self._engine = GenerationEngine(self.llma, self.tokenizer, [self.tokenizer.eos_id])
+        return self._engine
+
+    def _fit_prompt(self, tokens: List[int], max_gen_len: int) -> (List[int], int):
+        """Cut a prompt from the left (keeping BOS) so that prompt + max_gen_len fits the context."""
+        max_seq_len = self.args.max_seq_len
+        max_gen_len = max(0, min(max_gen_len, max_seq_len - 1))
+        room = max_seq_len - max_gen_len
+        if len(tokens) <= room:
+            return tokens, max_gen_len
+        keep_bos = bool(tokens) and tokens[0] == self.tokenizer.bos_id and self.tokenizer.add_bos
+        head = tokens[:1] if keep_bos else []
+        tail = tokens[-(room - len(head)):] if room > len(head) else []
+        warnings.warn(f"prompt of {len(tokens)} tokens does not fit max_seq_len={max_seq_len} with "
+                      f"max_gen_len={max_gen_len}: keeping {'BOS and ' if head else ''}its last "
+                      f"{len(tail)} tokens", stacklevel=3)
+        return head + tail, max_gen_len
+
+    def _sampling(self, temperature, top_p, top_k, min_p, seed) -> SamplingParams:
+        return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+
+    @torch.inference_mode()
+    def generate(self, prompts: List[str], images=None, max_gen_len: int = 512, temperature: float = 0.0,
+                 top_p: float = 0.95, additional_stop_symbols: Iterable[str] = (), *, top_k: int = 0,
+                 min_p: float = 0.0, seed: Optional[int] = None) -> List[str]:
+        """The new text for each prompt: each row stops at EOS, at a stop symbol (the text before
+        it is returned) or after ``max_gen_len`` new tokens, whichever comes first."""
+        if isinstance(prompts, str):
+            raise ValueError("generate expects a LIST of prompts, got a str; use [prompt]")
+        if images is not None:
+            raise NotImplementedError(f"llama_type {self.llama_type!r} takes no images")
+        fitted = [self._fit_prompt(self._encode(p), max_gen_len) for p in prompts]
+        states = None
+        for states in self.engine.run([f[0] for f in fitted], [f[1] for f in fitted],
+                                      self._sampling(temperature, top_p, top_k, min_p, seed),
+                                      list(additional_stop_symbols)):
+            pass
+        return [row.visible for row in states]
+
+    @torch.inference_mode()
+    def stream_generate(self, prompt: str, image=None, max_gen_len: int = 512, temperature: float = 0.0,
+                        top_p: float = 0.95, additional_stop_symbols: Iterable[str] = (), *, top_k: int = 0,
+                        min_p: float = 0.0, seed: Optional[int] = None) -> Iterator[Dict]:
+        """Yield ``{"text": all text so far, "end_of_content": False}`` as tokens arrive, then the
+        final text with ``end_of_content=True``. The final text equals ``generate``'s."""
+        if image is not None:
+            raise NotImplementedError(f"llama_type {self.llama_type!r} takes no images")
+        tokens, max_gen_len = self._fit_prompt(self._encode(prompt), max_gen_len)
+        last_text = None
+        for states in self.engine.run([tokens], [max_gen_len],
+                                      self._sampling(temperature, top_p, top_k, min_p, seed),
+                                      list(additional_stop_symbols)):
+            row = states[0]
+            if row.finished:
+                yield {"text": row.visible, "end_of_content": True}
+                return
+            if row.visible != last_text:
+                last_text = row.visible
+                yield {"text": row.visible, "end_of_content": False}
+
+    def get_image_words(self) -> int:
+        return getattr(self.llma, "image_words", 0)
+
+
+def _check_model_parallel(mp_group) -> None:
+    if mp_group is None:
+        return
+    import torch.distributed as dist
+    size = dist.get_world_size(mp_group)
+    if size > 1:
+        raise NotImplementedError(
+            f"model parallelism (mp_group of size {size}) is not available yet; load on one process "
+            f"(mp_group=None): checkpoints of any shard count are merged automatically")
