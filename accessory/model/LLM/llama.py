@@ -6,7 +6,7 @@ output projection. Parameter names are the original's, so its checkpoints load a
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,7 @@ from torch import nn
 
 from ..layers.attention import attend
 from ..layers.kv_cache import KVCache
+from ..layers.linear import make_linear
 from ..layers.norm import RMSNorm
 from ..layers.parallel import COLUMN, ROW, SplitPlan
 from ..layers.rotary import RotaryEmbedding
@@ -46,16 +47,25 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[floa
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+# A factory (name, in_features, out_features) -> module for each of the seven linears, so that
+# PEFT variants (biases, LoRA) reuse these blocks unchanged.
+LinearFactory = Callable[[str, int, int], nn.Module]
+
+
+def plain_linear(name: str, in_features: int, out_features: int) -> nn.Module:
+    return make_linear(in_features, out_features)
+
+
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, linear: LinearFactory = plain_linear):
         super().__init__()
         self.n_heads = args.n_heads
         self.n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
         self.head_dim = args.dim // args.n_heads
-        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        self.wq = linear("wq", args.dim, self.n_heads * self.head_dim)
+        self.wk = linear("wk", args.dim, self.n_kv_heads * self.head_dim)
+        self.wv = linear("wv", args.dim, self.n_kv_heads * self.head_dim)
+        self.wo = linear("wo", self.n_heads * self.head_dim, args.dim)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 kv_cache: Optional[KVCache], layer_id: int, causal_from_zero: bool) -> torch.Tensor:
@@ -72,22 +82,23 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, linear: LinearFactory = plain_linear):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w1 = linear("w1", dim, hidden_dim)
+        self.w2 = linear("w2", hidden_dim, dim)
+        self.w3 = linear("w3", dim, hidden_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, layer_id: int, args: ModelArgs):
+    def __init__(self, layer_id: int, args: ModelArgs, linear: LinearFactory = plain_linear):
         super().__init__()
         self.layer_id = layer_id
-        self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier))
+        self.attention = Attention(args, linear)
+        self.feed_forward = FeedForward(args.dim, ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier),
+                                        linear)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
@@ -108,7 +119,7 @@ class Transformer(nn.Module):
         (r"(^|\.)output\.weight$", COLUMN),
     ])
 
-    def __init__(self, args: ModelArgs, with_visual: bool = False):
+    def __init__(self, args: ModelArgs, with_visual: bool = False, linear: LinearFactory = plain_linear):
         super().__init__()
         if with_visual:
             raise NotImplementedError(
@@ -126,7 +137,7 @@ class Transformer(nn.Module):
         self.head_dim = args.dim // args.n_heads
         self.n_kv_heads = n_kv
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(i, args, linear) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # The original's table spans 2 * max_seq_len positions.
