@@ -51,20 +51,26 @@ def find_shards(directory) -> ShardSet:
         raise CheckpointError(
             f"pretrained_path {directory} is a file; pass the directory that holds the "
             f"consolidated.*.pth shards instead")
-    found: Dict[str, Dict[int, Path]] = {}
-    declared_sizes: Dict[str, set] = {}
+    matches: Dict[str, List] = {}  # format -> [(rank, declared mp size or None, path)]
     for entry in sorted(directory.iterdir()):
         for fmt, pattern in _PATTERNS.items():
             match = pattern.match(entry.name)
             if match:
-                rank = int(match.group(1))
-                if rank in found.setdefault(fmt, {}):
-                    raise CheckpointError(
-                        f"{directory} holds two files for rank {rank} ({found[fmt][rank].name} and {entry.name}); "
-                        f"keep one of them")
-                found[fmt][rank] = entry
-                if fmt != META:
-                    declared_sizes.setdefault(fmt, set()).add(int(match.group(2)))
+                declared = int(match.group(2)) if fmt != META else None
+                matches.setdefault(fmt, []).append((int(match.group(1)), declared, entry))
+    found: Dict[str, Dict[int, Path]] = {}
+    for fmt, entries in matches.items():
+        sizes = sorted({declared for _, declared, _ in entries if declared is not None})
+        if len(sizes) > 1:
+            raise CheckpointError(
+                f"{directory} mixes shards of model-parallel sizes {sizes} "
+                f"({', '.join(p.name for _, _, p in entries)}); keep one set")
+        for rank, _, entry in entries:
+            if rank in found.setdefault(fmt, {}):
+                raise CheckpointError(
+                    f"{directory} holds two files for rank {rank} ({found[fmt][rank].name} and {entry.name}); "
+                    f"keep one of them")
+            found[fmt][rank] = entry
     if not found:
         raise CheckpointError(
             f"no weight shards in {directory}: expected files named consolidated.00-of-01.model.pth "
@@ -77,19 +83,28 @@ def find_shards(directory) -> ShardSet:
             f"format only: move the others into their own directory and pass both paths in order")
     fmt, by_rank = next(iter(found.items()))
     if fmt != META:
-        sizes = declared_sizes[fmt]
-        if len(sizes) > 1:
-            raise CheckpointError(
-                f"{directory} mixes shards of model-parallel sizes {sorted(sizes)}; keep one set")
-        mp_size = sizes.pop()
+        mp_size = matches[fmt][0][1]
     else:
         mp_size = max(by_rank) + 1
     missing = [r for r in range(mp_size) if r not in by_rank]
     extra = [r for r in by_rank if r >= mp_size]
     if missing or extra:
-        have = ", ".join(p.name for p in by_rank.values())
+        suffix = next(iter(by_rank.values())).suffix
+        problems = []
+        if missing:
+            problems.append("missing " + ", ".join(_shard_name(fmt, r, mp_size, suffix) for r in missing))
+        if extra:
+            problems.append("not part of the set: " + ", ".join(by_rank[r].name for r in extra))
         raise CheckpointError(
             f"{directory} has an incomplete shard set: model-parallel size {mp_size} needs ranks "
-            f"0..{mp_size - 1}, missing {missing or 'none'}{f', unexpected {extra}' if extra else ''} "
-            f"(found {have}); copy the missing files in")
+            f"0..{mp_size - 1}; {'; '.join(problems)} (found {', '.join(p.name for p in by_rank.values())}). "
+            f"Copy the missing files in (or remove the stray ones)")
     return ShardSet(directory, fmt, [by_rank[r] for r in range(mp_size)])
+
+
+def _shard_name(fmt: str, rank: int, mp_size: int, suffix: str) -> str:
+    """The file name of rank ``rank`` of ``mp_size`` in format ``fmt`` (suffix '.pth' or '.safetensors')."""
+    if fmt == META:
+        return f"consolidated.{rank:02d}{suffix}"
+    kind = "model-diff" if fmt == DIFF else "model"
+    return f"consolidated.{rank:02d}-of-{mp_size:02d}.{kind}{suffix}"

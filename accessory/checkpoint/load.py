@@ -6,6 +6,7 @@ in float32 "just in case", and a shard already in the target dtype is used in pl
 """
 
 import logging
+import re
 import warnings
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -54,7 +55,8 @@ def load_shard_set(model: nn.Module, shards: ShardSet, split_plan: SplitPlan, dt
     params = dict(model.named_parameters())
     states = [read_state_dict(f, add_prefix=shards.format == META) for f in shards.files]
     keys = _ordered_union(states)
-    source = str(shards.files[0]) if shards.mp_size == 1 else f"{shards.directory}/{shards.files[0].name}.."
+    source = (str(shards.files[0]) if shards.mp_size == 1 else
+              f"{shards.directory} ({', '.join(f.name for f in shards.files)}, merged)")
     bar = tqdm(keys, desc=f"loading {shards.directory.name}", unit="tensor", delay=2.0,
                disable=not progress, leave=False)
     for key in bar:
@@ -63,6 +65,12 @@ def load_shard_set(model: nn.Module, shards: ShardSet, split_plan: SplitPlan, dt
             continue
         pieces = [state[key] for state in states if key in state]
         local_name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if len(pieces) != len(states) and split_plan.shard_dim(local_name) is not None:
+            having = [f.name for f, state in zip(shards.files, states) if key in state]
+            raise CheckpointError(
+                f"{key} is split across model-parallel ranks but only {', '.join(having)} of the "
+                f"{shards.mp_size} shards in {shards.directory} hold it: the shard set is incomplete or "
+                f"mixed from different saves; copy all {shards.mp_size} shards again from one save")
         try:
             tensor = split_plan.merge(local_name, pieces)
         except RuntimeError as exc:
@@ -73,10 +81,7 @@ def load_shard_set(model: nn.Module, shards: ShardSet, split_plan: SplitPlan, dt
         if tuple(tensor.shape) != expected:
             raise CheckpointError(
                 f"shape mismatch for {key}: checkpoint {source} has {tuple(tensor.shape)}, the model "
-                f"expects {expected}. The config (config.json / llama_config) does not describe this "
-                f"checkpoint: check dim, n_layers, n_heads, n_kv_heads, multiple_of and ffn_dim_multiplier"
-                + (", and that the tokenizer is the one the model was trained with"
-                   if "tok_embeddings" in key or "output" in key else ""))
+                f"expects {expected}. " + _mismatch_advice(model, key, tuple(tensor.shape), expected))
         if shards.is_diff:
             if key not in loaded:
                 raise CheckpointError(
@@ -90,6 +95,23 @@ def load_shard_set(model: nn.Module, shards: ShardSet, split_plan: SplitPlan, dt
         params[key] = value
         loaded[key] = source
     bar.close()
+
+
+def _mismatch_advice(model: nn.Module, key: str, found: tuple, expected: tuple) -> str:
+    """What to fix when a checkpoint tensor's shape differs from the model's."""
+    tokenizer = getattr(model, "tokenizer", None)
+    vocab_size = getattr(tokenizer, "n_words", None)
+    # Embedding / output rows are the vocabulary: the config cannot change them, the tokenizer does.
+    if (vocab_size is not None and len(found) == len(expected) == 2 and found[1:] == expected[1:]
+            and expected[0] == vocab_size and found[0] != vocab_size):
+        return (f"The checkpoint has a vocabulary of {found[0]} rows but the tokenizer "
+                f"{getattr(tokenizer, 'model_path', '')} has {vocab_size} tokens: the tokenizer does not "
+                f"belong to this model. Pass tokenizer_path= the tokenizer it was trained with (or copy "
+                f"that tokenizer.model / tokenizer.json into the checkpoint directory)")
+    return ("The config (config.json / llama_config) does not describe this checkpoint: check dim, "
+            "n_layers, n_heads, n_kv_heads, multiple_of and ffn_dim_multiplier"
+            + (", and that the tokenizer is the one the model was trained with"
+               if "tok_embeddings" in key or "output" in key else ""))
 
 
 def load_pretrained(model: nn.Module, paths: Sequence, split_plan: SplitPlan, dtype: torch.dtype,
@@ -115,14 +137,29 @@ def load_pretrained(model: nn.Module, paths: Sequence, split_plan: SplitPlan, dt
         shown = ", ".join(missing[:10]) + (f" ... and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise CheckpointError(
             f"the checkpoint(s) {[str(p) for p in paths]} do not provide {len(missing)} parameters of "
-            f"the model: {shown}. If this is a fine-tune that only saved its trainable weights, list "
-            f"the base checkpoint first in pretrained_path; to initialise the missing parameters "
-            f"from scratch on purpose, pass strict=False")
+            f"the model: {shown}. {_missing_layers_hint(missing, loaded)}If this is a fine-tune that "
+            f"only saved its trainable weights, list the base checkpoint first in pretrained_path; to "
+            f"initialise the missing parameters from scratch on purpose, pass strict=False")
     if missing:
         warnings.warn(f"{len(missing)} parameters were not in the checkpoint and are freshly "
                       f"initialised (strict=False): {', '.join(missing[:10])}", stacklevel=3)
         _initialise_missing(model, missing, dtype, device)
     return {"missing_keys": missing, "unexpected_keys": list(unexpected)}
+
+
+_LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
+
+
+def _missing_layers_hint(missing: Sequence[str], loaded: Mapping[str, str]) -> str:
+    """A sentence naming whole layers the checkpoint lacks (a wrong n_layers), or ''."""
+    def layer_ids(names):
+        return {int(m.group(2)) for m in map(_LAYER.search, names) if m}
+    absent = layer_ids(missing) - layer_ids(loaded)
+    if not absent or not loaded:
+        return ""
+    have, total = len(layer_ids(loaded)), len(layer_ids(loaded) | absent)
+    return (f"Layers {min(absent)}..{max(absent)} are missing entirely: the checkpoint has {have} layers "
+            f"but the config asks for {total}; check n_layers in config.json / llama_config. ")
 
 
 def _initialise_missing(model: nn.Module, missing: Sequence[str], dtype, device) -> None:

@@ -23,6 +23,7 @@ class LazySafetensors(Mapping):
     def __init__(self, path: Path):
         from safetensors import safe_open
         self.path = path
+        _check_real_file(path)
         try:
             self._file = safe_open(str(path), framework="pt", device="cpu")
             self._keys = list(self._file.keys())
@@ -43,7 +44,32 @@ class LazySafetensors(Mapping):
         return len(self._keys)
 
 
+def _check_real_file(path: Path) -> None:
+    """Reject the two placeholders people most often end up with instead of weights."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as exc:
+        raise CheckpointError(f"cannot open {path}: {exc}; check that it is a readable file") from exc
+    if not head:
+        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted download or copy; "
+                              f"re-download it or copy it again")
+    if head.startswith(b"version https://git-lfs"):
+        raise CheckpointError(f"{path} is a Git LFS pointer, not the weights themselves; run "
+                              f"`git lfs pull` in that repository (or download the real file)")
+
+
+def _pickle_reason(exc: Exception) -> str:
+    """The line of a weights-only refusal that names what was refused."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "allowed global" in line or "Unsupported operand" in line:
+            return line
+    return lines[0] if lines else type(exc).__name__
+
+
 def _torch_load(path: Path):
+    _check_real_file(path)
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -53,16 +79,26 @@ def _torch_load(path: Path):
                 return torch.load(path, map_location="cpu", weights_only=True)
             raise
     except pickle.UnpicklingError as exc:
+        reason = _pickle_reason(exc)
+        if "GLOBAL" in reason or "allowed global" in reason:
+            raise CheckpointError(
+                f"{path} contains pickled Python objects other than tensors, which Accessory refuses to "
+                f"load because unpickling can run arbitrary code ({reason}). If you trust the file, "
+                f"re-save only its tensors: torch.save({{'model': sd}}, ...) with a plain dict of "
+                f"tensors, or convert it to .safetensors") from exc
         raise CheckpointError(
-            f"{path} contains pickled Python objects other than tensors, which Accessory refuses to "
-            f"load because unpickling can run arbitrary code ({str(exc).splitlines()[0]}). If you trust "
-            f"the file, re-save only its tensors: torch.save({{'model': sd}}, ...) with a plain dict "
-            f"of tensors, or convert it to .safetensors") from exc
+            f"cannot read {path} safely ({reason}): it is corrupt, not a PyTorch checkpoint, or a "
+            f"pickle that a weights-only load refuses (which could run arbitrary code). Re-download "
+            f"it, or re-save its tensors with torch.save / as .safetensors") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         raise CheckpointError(
             f"cannot read {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
             f"The file is truncated or corrupt (an interrupted download or copy?); re-download it "
             f"or copy it again") from exc
+    except Exception as exc:  # torch.load on arbitrary bytes raises KeyError, ValueError, ...
+        raise CheckpointError(
+            f"cannot read {path}: {type(exc).__name__}: {exc}. It is not a PyTorch checkpoint or it "
+            f"is corrupt; re-download it or copy it again") from exc
 
 
 def read_state_dict(path, add_prefix: bool = False) -> Mapping[str, torch.Tensor]:
@@ -80,8 +116,11 @@ def read_state_dict(path, add_prefix: bool = False) -> Mapping[str, torch.Tensor
         state = loaded["model"] if not add_prefix and isinstance(loaded.get("model"), dict) else loaded
         bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
         if bad:
+            expected = ("a bare {name: tensor} dict, as Meta's consolidated.NN.pth files are (an "
+                        "Accessory {'model': ...} file must be named consolidated.NN-of-MM.model.pth)"
+                        if add_prefix else "{'model': {name: tensor}}")
             raise CheckpointError(
-                f"{path} holds non-tensor entries {bad[:5]}; expected {{'model': {{name: tensor}}}}")
+                f"{path} holds non-tensor entries {bad[:5]}; expected {expected}")
     if add_prefix:
         return _Prefixed(state, PREFIX)
     return state

@@ -15,6 +15,7 @@ missing weights are an error unless ``strict=False``; BOS follows the tokenizer'
 import dataclasses
 import json
 import logging
+import typing
 import warnings
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
@@ -22,6 +23,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..checkpoint.discover import find_shards
 from ..checkpoint.load import load_pretrained
 from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..generation.engine import GenerationEngine
@@ -57,8 +59,10 @@ def resolve_device(device) -> torch.device:
     return torch.device(device)
 
 
-def merge_config_files(llama_config: Union[PathLike, Sequence[PathLike], None]) -> Dict:
-    """Merge json config files in order (later keys win); remembers which file set each key."""
+def merge_config_files(llama_config: Union[PathLike, Sequence[PathLike], None],
+                       sources: Optional[Dict[str, str]] = None) -> Dict:
+    """Merge json config files in order (later keys win); ``sources`` (if given) receives the
+    file that set each key."""
     if llama_config is None:
         return {}
     if isinstance(llama_config, (str, Path)):
@@ -69,29 +73,64 @@ def merge_config_files(llama_config: Union[PathLike, Sequence[PathLike], None]) 
         if not path.is_file():
             raise ConfigError(f"llama_config file {path} does not exist")
         try:
-            content = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"llama_config file {path} is not valid JSON: {exc}") from exc
         if not isinstance(content, dict):
             raise ConfigError(f"llama_config file {path} must hold a JSON object, found {type(content).__name__}")
         merged.update(content)
+        if sources is not None:
+            sources.update({key: str(path) for key in content})
     return merged
 
 
-def build_args(model_module, llama_type: str, config: Dict, max_seq_len: int, vocab_size: int):
-    """``ModelArgs`` of ``llama_type`` from merged config, rejecting fields it does not take."""
+def build_args(model_module, llama_type: str, config: Dict, max_seq_len: int, vocab_size: int,
+               sources: Optional[Dict[str, str]] = None):
+    """``ModelArgs`` of ``llama_type`` from merged config, rejecting fields it does not take and
+    values of the wrong type (``sources`` maps keys to the file they came from, for messages)."""
+    sources = sources or {}
     model_args_cls = model_module.ModelArgs
     fields = {f.name for f in dataclasses.fields(model_args_cls)}
     unknown = sorted(set(config) - fields)
     if unknown:
+        files = sorted({sources[k] for k in unknown if k in sources})
         raise ConfigError(
-            f"config field(s) {unknown} are not arguments of llama_type {llama_type!r}; it takes: "
+            f"config field(s) {unknown}{f' in {files}' if files else ''} are not arguments of "
+            f"llama_type {llama_type!r}; it takes: "
             f"{', '.join(sorted(fields))}. Remove them from the config file or pick the right llama_type")
+    hints = typing.get_type_hints(model_args_cls)
+    for key, value in config.items():
+        expected = hints.get(key)
+        if expected is not None and not _value_fits(value, expected):
+            raise ConfigError(
+                f"config field {key!r} of llama_type {llama_type!r} is {value!r} ({type(value).__name__}), "
+                f"expected {getattr(expected, '__name__', expected)}; fix the value in "
+                f"{sources.get(key, 'the config file')}")
     args = dict(config)
     args["max_seq_len"] = max_seq_len
     args["max_batch_size"] = 32
     args["vocab_size"] = vocab_size
     return model_args_cls(**args)
+
+
+def _value_fits(value, annotation) -> bool:
+    """Whether a JSON value suits a dataclass field annotation (int for float is fine)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:
+        return any(_value_fits(value, arm) for arm in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation in (bool, str):
+        return isinstance(value, annotation)
+    if origin in (list, tuple, typing.List, typing.Tuple):
+        return isinstance(value, (list, tuple))
+    if origin in (dict, typing.Dict):
+        return isinstance(value, dict)
+    return True  # anything else (Any, custom types): let the architecture judge
 
 
 class MetaModel(nn.Module):
@@ -106,10 +145,19 @@ class MetaModel(nn.Module):
         self.with_visual = with_visual
         model_module = load_llama_type(llama_type)
         self.tokenizer = Tokenizer(str(tokenizer_path))
-        config = merge_config_files(llama_config)
-        self.args = build_args(model_module, llama_type, config, max_seq_len, self.tokenizer.n_words)
-        self.llma = model_module.Transformer(self.args, with_visual=with_visual)
-        self.split_plan = model_module.Transformer.split_plan
+        sources: Dict[str, str] = {}
+        config = merge_config_files(llama_config, sources)
+        try:
+            self.args = build_args(model_module, llama_type, config, max_seq_len, self.tokenizer.n_words, sources)
+            self.llma = model_module.Transformer(self.args, with_visual=with_visual)
+        except (ValueError, TypeError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            files = [str(p) for p in ([llama_config] if isinstance(llama_config, (str, Path)) else llama_config or [])]
+            raise ConfigError(
+                f"llama_type {llama_type!r} cannot be built from the config {files or '(defaults)'}: {exc}. "
+                f"Fix the value in the config file") from exc
+        self.split_plan = self.llma.split_plan  # an instance attribute where it depends on the config
         self.is_peft = getattr(self.llma, "is_peft", False)
         self._engine = None
 
@@ -140,8 +188,7 @@ class MetaModel(nn.Module):
                 raise CheckpointError(
                     f"{path}: hf:// paths need a model hub, which Accessory does not download from yet; "
                     f"download the repo yourself and pass its local directory")
-            if not path.is_dir():
-                raise CheckpointError(f"checkpoint directory {path} does not exist; check pretrained_path")
+            find_shards(path)  # fail early, with the reason, before anything is built
         if quant:
             raise NotImplementedError(
                 "quant=True (low-memory quantized inference) is not available yet; load with quant=False")
@@ -156,8 +203,8 @@ class MetaModel(nn.Module):
                     f"cannot tell the architecture: {meta_file} does not exist. Pass llama_type= "
                     f"(e.g. 'llama') or write {{\"llama_type\": \"llama\"}} into {meta_file}")
             try:
-                llama_type = json.loads(meta_file.read_text())["llama_type"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                llama_type = json.loads(meta_file.read_text(encoding="utf-8"))["llama_type"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
                 raise ConfigError(f"{meta_file} must be a JSON object with a \"llama_type\" key") from exc
         if llama_config is None:
             config_file = last / "config.json"
