@@ -6,7 +6,7 @@ output projection. Parameter names are the original's, so its checkpoints load a
 """
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 kv_cache: Optional[KVCache], layer_id: int, causal_from_zero: bool) -> torch.Tensor:
+        _, out = self.attend_heads(x, positions, rotary, kv_cache, layer_id, causal_from_zero)
+        return self.wo(out.transpose(1, 2).flatten(2))
+
+    def attend_heads(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                     kv_cache: Optional[KVCache], layer_id: int,
+                     causal_from_zero: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The rotated queries and the per-head attention output, both (batch, heads, seq, head_dim),
+        before ``wo`` (variants such as llama_adapter add their own terms in between)."""
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
@@ -77,8 +85,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_id, positions, k, v, used_len=int(positions.max()) + 1)
-        out = attend(q, k, v, None if causal_from_zero else positions)
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        return q, attend(q, k, v, None if causal_from_zero else positions)
 
 
 class FeedForward(nn.Module):
@@ -93,23 +100,28 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
+    attention_cls = Attention  # variants with extra attention terms (llama_adapter) subclass both
+
     def __init__(self, layer_id: int, args: ModelArgs, linear: LinearFactory = plain_linear):
         super().__init__()
         self.layer_id = layer_id
-        self.attention = Attention(args, linear)
+        self.attention = self.attention_cls(args, linear)
         self.feed_forward = FeedForward(args.dim, ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier),
                                         linear)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, positions, rotary, kv_cache, causal_from_zero):
-        h = x + self.attention(self.attention_norm(x), positions, rotary, kv_cache, self.layer_id, causal_from_zero)
+    def forward(self, x, positions, rotary, kv_cache, causal_from_zero, **attention_extra):
+        """``attention_extra``: keyword arguments passed on to ``attention_cls`` (none for llama)."""
+        h = x + self.attention(self.attention_norm(x), positions, rotary, kv_cache, self.layer_id, causal_from_zero,
+                               **attention_extra)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
     """The decoder. ``forward_tokens`` is the one entry point the engine uses."""
 
+    block_cls = TransformerBlock
     split_plan = SplitPlan([
         (r"(^|\.)tok_embeddings\.weight$", ROW),  # ParallelEmbedding splits the embedding dim
         (r"\.attention\.(wq|wk|wv)\.weight$", COLUMN),
@@ -137,7 +149,7 @@ class Transformer(nn.Module):
         self.head_dim = args.dim // args.n_heads
         self.n_kv_heads = n_kv
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(i, args, linear) for i in range(args.n_layers))
+        self.layers = nn.ModuleList(self.block_cls(i, args, linear) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # The original's table spans 2 * max_seq_len positions.
@@ -167,12 +179,17 @@ class Transformer(nn.Module):
         causal_from_zero = positions is None and kv_cache is None
         if positions is None:
             positions = torch.arange(seqlen, device=tokens.device).expand(bsz, seqlen)
-        h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, positions, self.rotary, kv_cache, causal_from_zero)
+        h = self.run_layers(self.tok_embeddings(tokens), positions, kv_cache, causal_from_zero)
         if output_index is not None:
             h = h[torch.arange(bsz, device=h.device), output_index]
         return self.output(self.norm(h))
+
+    def run_layers(self, h: torch.Tensor, positions: torch.Tensor, kv_cache: Optional[KVCache],
+                   causal_from_zero: bool) -> torch.Tensor:
+        """The decoder blocks in order over hidden states ``h`` (batch, seq, dim)."""
+        for layer in self.layers:
+            h = layer(h, positions, self.rotary, kv_cache, causal_from_zero)
+        return h
 
     # The original's two entry points, kept for code written against it.
     def forward(self, examples: torch.Tensor, image=None) -> torch.Tensor:

@@ -9,6 +9,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class LoraDown(nn.Linear):
+    """LoRA's ``lora_a`` (rank, in): truncated normal, std 0.02, as the original initialises it."""
+
+    def reset_parameters(self) -> None:
+        # Drawn in float32: trunc_normal_ does not support every low-precision dtype.
+        draw = nn.init.trunc_normal_(torch.empty(self.weight.shape, dtype=torch.float32,
+                                                 device=self.weight.device), std=0.02)
+        with torch.no_grad():
+            self.weight.copy_(draw)
+
+
+class LoraUp(nn.Linear):
+    """LoRA's ``lora_b`` (out, rank): zeros, so a fresh LoRA leaves the layer's output unchanged."""
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+
+
 class LoraLinear(nn.Linear):
     """``nn.Linear`` plus an optional unscaled low-rank update ``lora_b(lora_a(x))``."""
 
@@ -16,8 +34,8 @@ class LoraLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.lora_rank = lora_rank
         if lora_rank > 0:
-            self.lora_a = nn.Linear(in_features, lora_rank, bias=False)
-            self.lora_b = nn.Linear(lora_rank, out_features, bias=False)
+            self.lora_a = LoraDown(in_features, lora_rank, bias=False)
+            self.lora_b = LoraUp(lora_rank, out_features, bias=False)
         else:
             self.lora_a = self.lora_b = None
 
