@@ -27,6 +27,7 @@ from ..checkpoint.discover import find_shards
 from ..checkpoint.load import load_pretrained
 from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..generation.engine import GenerationEngine
+from ..kernels.linear import use_native_linear
 from ..generation.sampling import SamplingParams
 from .LLM import load_llama_type
 from .tokenizer import Tokenizer, probe_tokenizer_path
@@ -225,6 +226,10 @@ class MetaModel(nn.Module):
             model = cls(llama_type, llama_config, tokenizer_path, with_visual, max_seq_len)
         result = load_pretrained(model, paths, model.split_plan, dtype, device, strict=strict, progress=progress)
         model.load_result = result
+        if device.type == "cpu":
+            use_native_linear(model)
+        if hasattr(model.llma, "fuse_projections"):
+            model.llma.fuse_projections()
         model.eval()
         return model
 

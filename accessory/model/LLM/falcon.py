@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.attention import attend
-from ..layers.kv_cache import KVCache
+from ..layers.kv_cache import KVCache, cache_dtype
 from ..layers.parallel import COLUMN, REPLICATED, ROW, SplitPlan
 from ..layers.rotary import RotaryEmbedding
 
@@ -92,7 +92,7 @@ class FalconAttention(nn.Module):
         q, k = rotary(q, positions), rotary(k, positions)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_id, positions, k, v, used_len=int(positions.max()) + 1)
+            k, v = kv_cache.update(self.layer_id, positions, k, v)
         out = attend(q, k, v, None if causal_from_zero else positions)
         return self.dense(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
@@ -219,7 +219,7 @@ class Transformer(nn.Module):
         """A zeroed cache for ``batch_size`` rows of up to ``max_len`` positions (1 kv head if multi_query)."""
         weight = self.word_embeddings.weight
         return KVCache(self.n_layers, batch_size, max_len, self.n_kv_heads, self.head_dim,
-                       dtype or weight.dtype, device or weight.device)
+                       dtype or cache_dtype(weight.dtype, weight.device), device or weight.device)
 
     def forward_tokens(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
                        kv_cache: Optional[KVCache] = None,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.attention import attend
-from ..layers.kv_cache import KVCache
+from ..layers.kv_cache import KVCache, cache_dtype
 from ..layers.norm import RMSNorm
 from ..layers.parallel import COLUMN, ROW, SplitPlan
 from ..layers.rotary import RotaryEmbedding
@@ -84,7 +84,7 @@ class MHA(nn.Module):
         q, k = rotary(q, positions), rotary(k, positions)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_id, positions, k, v, used_len=int(positions.max()) + 1)
+            k, v = kv_cache.update(self.layer_id, positions, k, v)
         out = attend(q, k, v, None if causal_from_zero else positions)
         return self.out_proj(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
@@ -168,7 +168,7 @@ class Transformer(nn.Module):
         """A zeroed cache for ``batch_size`` rows of up to ``max_len`` positions (every head is a kv head)."""
         weight = self.embedding.weight
         return KVCache(self.n_layers, batch_size, max_len, self.args.num_attention_heads, self.head_dim,
-                       dtype or weight.dtype, device or weight.device)
+                       dtype or cache_dtype(weight.dtype, weight.device), device or weight.device)
 
     def forward_tokens(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
                        kv_cache: Optional[KVCache] = None,

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.attention import attend
-from ..layers.kv_cache import KVCache
-from ..layers.linear import make_linear
+from ..layers.kv_cache import KVCache, cache_dtype
+from ...kernels.linear import linear as fast_linear
+from ..layers.linear import fuse_linears, make_linear, still_fused
 from ..layers.norm import RMSNorm
 from ..layers.parallel import COLUMN, ROW, SplitPlan
 from ..layers.rotary import RotaryEmbedding
@@ -66,6 +67,17 @@ class Attention(nn.Module):
         self.wk = linear("wk", args.dim, self.n_kv_heads * self.head_dim)
         self.wv = linear("wv", args.dim, self.n_kv_heads * self.head_dim)
         self.wo = linear("wo", self.n_heads * self.head_dim, args.dim)
+        self._wqkv = None  # set by fuse(): one (q+k+v rows, dim) matrix viewed by wq/wk/wv
+
+    def fuse(self) -> None:
+        """Compute q, k and v with one matrix product (see ``layers.linear.fuse_linears``)."""
+        self._wqkv = fuse_linears(self.wq, self.wk, self.wv)
+
+    def project_qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if still_fused(self._wqkv, self.wq):
+            q_rows, kv_rows = self.wq.weight.shape[0], self.wk.weight.shape[0]
+            return fast_linear(x, self._wqkv).split([q_rows, kv_rows, kv_rows], dim=-1)
+        return self.wq(x), self.wk(x), self.wv(x)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 kv_cache: Optional[KVCache], layer_id: int, causal_from_zero: bool) -> torch.Tensor:
@@ -78,13 +90,14 @@ class Attention(nn.Module):
         """The rotated queries and the per-head attention output, both (batch, heads, seq, head_dim),
         before ``wo`` (variants such as llama_adapter add their own terms in between)."""
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q, k, v = self.project_qkv(x)
+        q = q.view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = rotary(q, positions), rotary(k, positions)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
-            k, v = kv_cache.update(layer_id, positions, k, v, used_len=int(positions.max()) + 1)
+            k, v = kv_cache.update(layer_id, positions, k, v)
         return q, attend(q, k, v, None if causal_from_zero else positions)
 
 
@@ -94,8 +107,15 @@ class FeedForward(nn.Module):
         self.w1 = linear("w1", dim, hidden_dim)
         self.w2 = linear("w2", hidden_dim, dim)
         self.w3 = linear("w3", dim, hidden_dim)
+        self._w13 = None  # set by fuse(): w1 and w3 stacked, one matrix product for both
+
+    def fuse(self) -> None:
+        self._w13 = fuse_linears(self.w1, self.w3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if still_fused(self._w13, self.w1):
+            gate, up = fast_linear(x, self._w13).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -163,7 +183,7 @@ class Transformer(nn.Module):
         """A zeroed cache for ``batch_size`` rows of up to ``max_len`` positions."""
         weight = self.tok_embeddings.weight
         return KVCache(self.n_layers, batch_size, max_len, self.n_kv_heads, self.head_dim,
-                       dtype or weight.dtype, device or weight.device)
+                       dtype or cache_dtype(weight.dtype, weight.device), device or weight.device)
 
     def forward_tokens(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
                        kv_cache: Optional[KVCache] = None,
@@ -212,6 +232,12 @@ class Transformer(nn.Module):
         positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device).expand(bsz, seqlen)
         last = torch.full((bsz,), seqlen - 1, device=tokens.device)
         return self.forward_tokens(tokens, positions, cache, output_index=last).float()
+
+    def fuse_projections(self) -> None:
+        """Fuse q/k/v and w1/w3 of every block where the linears allow it (plain, bias-free)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "fuse"):
+                module.fuse()
 
     def get_trainable_params(self):
         return dict(self.named_parameters())

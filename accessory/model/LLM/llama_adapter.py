@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError
-from ..layers.kv_cache import KVCache
+from ..layers.kv_cache import KVCache, cache_dtype
 from ..layers.linear import make_linear
 from ..layers.parallel import ROW, SplitPlan
 from ..layers.rotary import RotaryEmbedding
@@ -156,7 +156,7 @@ class Transformer(llama.Transformer):
         """A zeroed cache for ``batch_size`` rows of up to ``max_len`` positions, with room for the prefix."""
         weight = self.tok_embeddings.weight
         return PrefixKVCache(self.n_layers, batch_size, max_len, self.n_kv_heads, self.head_dim,
-                             dtype or weight.dtype, device or weight.device)
+                             dtype or cache_dtype(weight.dtype, weight.device), device or weight.device)
 
     def prefix_gate_of(self, index: int) -> torch.Tensor:
         """The effective per-head gate (heads,) of adapted layer ``index``: tanh(gate) * new_gate."""

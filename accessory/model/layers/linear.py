@@ -8,6 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels.linear import NativeLinear
+from ...kernels.linear import linear as fast_linear
+
+_FUSABLE = (nn.Linear, NativeLinear)
+
 
 class LoraDown(nn.Linear):
     """LoRA's ``lora_a`` (rank, in): truncated normal, std 0.02, as the original initialises it."""
@@ -45,7 +50,7 @@ class LoraLinear(nn.Linear):
             nn.init.zeros_(self.bias)  # the original zero-initialises tuned biases
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = fast_linear(x, self.weight, self.bias)
         if self.lora_a is not None:
             out = out + self.lora_b(self.lora_a(x))
         return out
@@ -56,3 +61,30 @@ def make_linear(in_features: int, out_features: int, bias: bool = False, lora_ra
     if not bias and lora_rank <= 0:
         return nn.Linear(in_features, out_features, bias=False)
     return LoraLinear(in_features, out_features, bias=bias, lora_rank=lora_rank)
+
+
+def fuse_linears(*linears: nn.Linear) -> "torch.Tensor | None":
+    """Put the weights of bias-free plain linears sharing one input into one (sum(out), in) tensor.
+
+    Each module's ``weight`` becomes a view of its rows, so names, checkpoints and
+    ``state_dict()`` are unchanged while one matrix product replaces several. Returns the fused
+    tensor, or None when the modules cannot be fused (biases, LoRA, different inputs or dtypes).
+    """
+    if any(type(m) not in _FUSABLE or m.bias is not None for m in linears):
+        return None
+    weights = [m.weight for m in linears]
+    if len({(w.shape[1], w.dtype, w.device) for w in weights}) != 1 or any(w.is_meta for w in weights):
+        return None
+    fused = torch.cat([w.detach() for w in weights], dim=0)
+    start = 0
+    for module, weight in zip(linears, weights):
+        rows = weight.shape[0]
+        module.weight = nn.Parameter(fused[start:start + rows], requires_grad=weight.requires_grad)
+        start += rows
+    return fused
+
+
+def still_fused(fused: "torch.Tensor | None", first: nn.Linear) -> bool:
+    """Whether ``fused`` still backs ``first.weight`` (a ``.to()`` or a reload replaces it)."""
+    return fused is not None and first.weight.data_ptr() == fused.data_ptr() and \
+        first.weight.device == fused.device

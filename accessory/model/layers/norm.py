@@ -1,6 +1,7 @@
 """Normalisation layers with the original's checkpoint names (`weight`, and `bias` for LayerNorm)."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -20,8 +21,7 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_float = x.float()
-        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return normed.type_as(x) * self.weight
 
     def extra_repr(self) -> str:

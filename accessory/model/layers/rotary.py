@@ -24,10 +24,11 @@ def rope_angles(head_dim: int, n_positions: int, theta: float = 10000.0,
 
 
 class RotaryEmbedding:
-    """Holds cos/sin tables (on CPU, copied once per device) and rotates q/k at given positions.
+    """Holds the rotation tables (on CPU, copied once per device) and rotates q/k at given positions.
 
     Not an ``nn.Module`` on purpose: the tables are derived from the config, never saved in a
-    checkpoint, and must stay float32 whatever dtype the model is cast to.
+    checkpoint, and must stay float32 whatever dtype the model is cast to. The rows for one
+    ``positions`` tensor are gathered once and shared by every layer of a forward pass.
     """
 
     def __init__(self, head_dim: int, n_positions: int, theta: float = 10000.0,
@@ -37,30 +38,40 @@ class RotaryEmbedding:
         angles = rope_angles(head_dim, n_positions, theta, scaling)
         self.cos = angles.cos()
         self.sin = angles.sin()
+        # e^{i*angle}, as the original's torch.polar table
+        self.polar = torch.polar(torch.ones_like(angles), angles)
         self.style = style
         self.n_positions = n_positions
         self._per_device: Dict[torch.device, tuple] = {}
+        self._last = (None, None)  # (positions, gathered rows)
 
     def _tables(self, device: torch.device):
         if device not in self._per_device:
-            self._per_device[device] = (self.cos.to(device), self.sin.to(device))
+            self._per_device[device] = (self.cos.to(device), self.sin.to(device), self.polar.to(device))
         return self._per_device[device]
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x`` (batch, seq, heads, head_dim) at ``positions`` (batch, seq), long."""
+    def _rows(self, positions: torch.Tensor, device: torch.device):
+        last_positions, rows = self._last
+        if last_positions is positions and rows[0].device == device:
+            return rows
         if positions.numel() and int(positions.max()) >= self.n_positions:
             raise ValueError(
                 f"position {int(positions.max())} is beyond the rotary table ({self.n_positions} positions); "
                 f"raise max_seq_len")
-        cos_table, sin_table = self._tables(x.device)
-        cos = cos_table[positions].unsqueeze(2)  # (batch, seq, 1, head_dim/2)
-        sin = sin_table[positions].unsqueeze(2)
-        xf = x.float()
+        cos_table, sin_table, polar_table = self._tables(device)
         if self.style == "interleaved":
-            pairs = xf.reshape(*xf.shape[:-1], -1, 2)
-            a, b = pairs[..., 0], pairs[..., 1]
-            out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+            rows = (polar_table[positions].unsqueeze(2),)  # (batch, seq, 1, head_dim/2) complex
         else:
-            a, b = xf.chunk(2, dim=-1)
-            out = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
-        return out.type_as(x)
+            rows = (cos_table[positions].unsqueeze(2), sin_table[positions].unsqueeze(2))
+        self._last = (positions, rows)
+        return rows
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` (batch, seq, heads, head_dim) at ``positions`` (batch, seq), long."""
+        rows = self._rows(positions, x.device)
+        if self.style == "interleaved":
+            pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+            return torch.view_as_real(pairs * rows[0]).flatten(-2).type_as(x)
+        cos, sin = rows
+        a, b = x.float().chunk(2, dim=-1)
+        return torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1).type_as(x)

@@ -1,0 +1,88 @@
+"""``linear(x, weight, bias)``: ``F.linear`` with a faster CPU path for decode-sized bf16 inputs.
+
+Decoding multiplies one (or a few) token vectors by every weight matrix, so its speed is the speed
+of reading the weights. torch's bf16 matrix-vector product on CPU reads them well below the memory
+bandwidth; the native kernel (gemv_bf16.c) streams each row once. Used when the input is on the
+CPU, both tensors are bf16 and contiguous, and at most ``MAX_ROWS`` token vectors come in.
+"""
+
+import ctypes
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from . import load_library
+
+MAX_ROWS = 16
+
+_state = threading.local()
+_function = None
+_loaded = False
+
+
+def _kernel():
+    global _function, _loaded
+    if not _loaded:
+        library = load_library("gemv_bf16")
+        if library is not None:
+            _function = library.accessory_gemv_bf16
+            _function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
+            _function.restype = None
+        _loaded = True
+    return _function
+
+
+def native_linear_available() -> bool:
+    """Whether the native bf16 kernel could be built and loaded on this machine."""
+    return _kernel() is not None
+
+
+def _scratch(n_floats: int) -> torch.Tensor:
+    buffer = getattr(_state, "buffer", None)
+    if buffer is None or buffer.numel() < n_floats:
+        buffer = _state.buffer = torch.empty(max(n_floats, 1 << 16), dtype=torch.float32)
+    return buffer
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """``x @ weight.T + bias``, through the native kernel when it applies."""
+    if (x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and x.device.type == "cpu"
+            and weight.device.type == "cpu" and weight.is_contiguous() and not x.requires_grad
+            and not weight.requires_grad):
+        rows = x.numel() // x.shape[-1] if x.dim() else 0
+        if 0 < rows <= MAX_ROWS:
+            kernel = _kernel()
+            if kernel is not None:
+                x2 = x.reshape(rows, x.shape[-1]).contiguous()
+                out_features, in_features = weight.shape
+                y = torch.empty((rows, out_features), dtype=torch.bfloat16)
+                kernel(weight.data_ptr(), x2.data_ptr(), _scratch(rows * in_features).data_ptr(),
+                       y.data_ptr(), None, rows, out_features, in_features)
+                if bias is not None:
+                    y = y + bias
+                return y.view(*x.shape[:-1], out_features)
+    return F.linear(x, weight, bias)
+
+
+class NativeLinear(torch.nn.Linear):
+    """``nn.Linear`` whose forward goes through :func:`linear` (same parameters, same names)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def use_native_linear(model: torch.nn.Module) -> int:
+    """Route every plain ``nn.Linear`` of ``model`` through :func:`linear`; returns how many.
+
+    Only the class of each module changes, so parameters, names and checkpoints are untouched.
+    Does nothing (returns 0) when the native kernel is unavailable.
+    """
+    if not native_linear_available():
+        return 0
+    count = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = NativeLinear
+            count += 1
+    return count

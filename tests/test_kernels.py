@@ -1,0 +1,83 @@
+"""The native CPU matrix-vector kernel and the q/k/v, w1/w3 fusion."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from accessory.kernels import native_kernels_enabled
+from accessory.kernels.linear import MAX_ROWS, NativeLinear, linear, native_linear_available, use_native_linear
+from accessory.model.layers.linear import LoraLinear, fuse_linears, still_fused
+
+needs_kernel = pytest.mark.skipif(not native_linear_available(),
+                                  reason="native kernel unavailable here (no C compiler or no AVX2/FMA)")
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 4, 16])
+@pytest.mark.parametrize("out_features,in_features", [(64, 64), (37, 100), (130, 33), (512, 768)])
+def test_native_linear_matches_float_reference(rows, out_features, in_features):
+    gen = torch.Generator().manual_seed(rows * out_features + in_features)
+    x = torch.randn(rows, in_features, generator=gen).bfloat16()
+    w = torch.randn(out_features, in_features, generator=gen).bfloat16()
+    expected = F.linear(x.float(), w.float())
+    got = linear(x, w)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+    # float32 accumulation, one bf16 rounding of the result
+    torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+    # the same as torch's own bf16 product up to rounding of the output
+    torch.testing.assert_close(got.float(), F.linear(x, w).float(), rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+@needs_kernel
+def test_native_linear_keeps_leading_dims_and_bias():
+    x = torch.randn(2, 1, 48).bfloat16()
+    w = torch.randn(40, 48).bfloat16()
+    b = torch.randn(40).bfloat16()
+    got = linear(x, w, b)
+    assert got.shape == (2, 1, 40)
+    torch.testing.assert_close(got.float(), F.linear(x.float(), w.float(), b.float()), rtol=2e-2, atol=5e-2)
+
+
+def test_other_inputs_fall_back_to_torch_exactly():
+    w = torch.randn(24, 32)
+    x = torch.randn(MAX_ROWS + 1, 32).bfloat16()
+    assert torch.equal(linear(x, w.bfloat16()), F.linear(x, w.bfloat16()))  # too many rows
+    x32 = torch.randn(2, 32)
+    assert torch.equal(linear(x32, w), F.linear(x32, w))  # float32
+
+
+def test_env_switch_disables_native_kernels(monkeypatch):
+    monkeypatch.setenv("ACCESSORY_NATIVE_KERNELS", "0")
+    assert native_kernels_enabled() is False
+
+
+@needs_kernel
+def test_use_native_linear_only_changes_the_class():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.ReLU(), LoraLinear(8, 4, lora_rank=2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert use_native_linear(model) == 1
+    assert type(model[0]) is NativeLinear and type(model[2]) is LoraLinear
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_fused_linears_are_views_and_give_the_same_outputs():
+    torch.manual_seed(0)
+    wq, wk, wv = torch.nn.Linear(16, 16, bias=False), torch.nn.Linear(16, 8, bias=False), torch.nn.Linear(16, 8, bias=False)
+    x = torch.randn(3, 16)
+    expected = [m(x) for m in (wq, wk, wv)]
+    state = {n: m.weight.detach().clone() for n, m in zip("qkv", (wq, wk, wv))}
+    fused = fuse_linears(wq, wk, wv)
+    assert fused.shape == (32, 16)
+    assert wq.weight.data_ptr() == fused.data_ptr() and still_fused(fused, wq)
+    assert all(torch.equal(m.weight, state[n]) for n, m in zip("qkv", (wq, wk, wv)))
+    got = F.linear(x, fused).split([16, 8, 8], dim=-1)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+    wq.to(torch.float64)  # moving a module un-fuses it: the caller must notice
+    assert not still_fused(fused, wq)
+
+
+def test_biased_or_lora_linears_are_not_fused():
+    assert fuse_linears(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4, bias=False)) is None
+    assert fuse_linears(LoraLinear(4, 4, bias=False, lora_rank=2), torch.nn.Linear(4, 4, bias=False)) is None
