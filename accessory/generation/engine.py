@@ -4,10 +4,15 @@ One prefill over all prompts (right-padded; each row's cache slots are addressed
 positions, so padding is never attended), then one decode step per token for the rows still
 running. A row stops on an end-of-sequence token, on a stop string found in its decoded text, or
 at its own ``max_new_tokens``; finished rows leave the batch and cost nothing more.
+
+The sampler sees each row's prompt + generated tokens (for the penalties) and its original row
+index (for its seeded generator), both looked up through ``active`` so they stay aligned with the
+logits as finished rows leave. With ``logprobs=True`` each row also records, per generated token,
+its log-probability under the model's raw distribution (before penalties or temperature).
 """
 
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,6 +31,10 @@ class RowState:
     visible: str = ""  # text that may be shown (never part of a stop string)
     finished: bool = False
     finish_reason: Optional[str] = None  # "eos", "stop", "length"
+    # with logprobs=True, one entry per token of new_tokens: log_softmax of the raw float logits
+    logprobs: List[float] = field(default_factory=list)
+    # with top_logprobs=k, one list per token of new_tokens: the k best (token id, logprob) pairs
+    top_logprobs: List[List[Tuple[int, float]]] = field(default_factory=list)
 
 
 class GenerationEngine:
@@ -42,16 +51,21 @@ class GenerationEngine:
 
     @torch.inference_mode()
     def run(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
-            sampling: SamplingParams, stop_strings: Sequence[str] = ()) -> Iterator[List[RowState]]:
+            sampling: SamplingParams, stop_strings: Sequence[str] = (), *, logprobs: bool = False,
+            top_logprobs: int = 0) -> Iterator[List[RowState]]:
         """Generate for every prompt; after each decode step yield the list of row states.
 
         ``prompts`` must already fit: ``len(prompt) + max_new_tokens <= the model's context``.
+        ``logprobs`` fills ``RowState.logprobs``; ``top_logprobs=k`` (implies logprobs) also
+        fills ``RowState.top_logprobs`` with the k most likely tokens of each step.
         """
+        logprobs = logprobs or top_logprobs > 0
         device = self.device
         rows = [RowState(len(p), int(n), IncrementalDetokenizer(self.tokenizer))
                 for p, n in zip(prompts, max_new_tokens)]
         matcher = StopStringMatcher(stop_strings)
-        sampler = Sampler(sampling, device)
+        sampler = Sampler(sampling, device, num_rows=len(rows))
+        prompts = [list(p) for p in prompts]
         for row in rows:
             if row.max_new_tokens <= 0:
                 row.finished, row.finish_reason = True, "length"
@@ -71,7 +85,14 @@ class GenerationEngine:
         logits = self.model.forward_tokens(tokens, positions, cache, output_index=last_index)
 
         while True:
-            next_tokens = sampler(logits.float()).tolist()
+            logits = logits.float()
+            contexts = generated = None
+            if sampling.uses_penalties:
+                generated = [rows[i].new_tokens for i in active]
+                contexts = [prompts[i] + rows[i].new_tokens for i in active]
+            next_tokens = sampler(logits, contexts, generated, rows=active).tolist()
+            if logprobs:
+                self._record_logprobs([rows[i] for i in active], logits, next_tokens, top_logprobs)
             for slot, i in enumerate(active):
                 self._advance(rows[i], next_tokens[slot], matcher)
             yield rows
@@ -87,6 +108,22 @@ class GenerationEngine:
             logits = self.model.forward_tokens(step_tokens, step_positions, cache,
                                                output_index=torch.zeros(len(active), dtype=torch.long,
                                                                         device=device))
+
+    def _record_logprobs(self, rows: List[RowState], logits: torch.Tensor, tokens: List[int],
+                         top_k: int) -> None:
+        """Log-probabilities (nats) of the picked tokens under the raw logits; EOS is not recorded,
+        so the lists stay aligned with ``new_tokens``."""
+        log_probs = torch.log_softmax(logits, dim=-1)
+        picked = log_probs.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+        if top_k > 0:
+            best = torch.topk(log_probs, min(top_k, log_probs.shape[-1]), dim=-1)
+            best_ids, best_values = best.indices.tolist(), best.values.tolist()
+        for slot, row in enumerate(rows):
+            if tokens[slot] in self.eos_ids:
+                continue
+            row.logprobs.append(picked[slot])
+            if top_k > 0:
+                row.top_logprobs.append(list(zip(best_ids[slot], best_values[slot])))
 
     def _advance(self, row: RowState, token: int, matcher: StopStringMatcher) -> None:
         if token in self.eos_ids:

@@ -316,39 +316,63 @@ class MetaModel(nn.Module):
                       f"{len(tail)} tokens", stacklevel=3)
         return head + tail, max_gen_len
 
-    def _sampling(self, temperature, top_p, top_k, min_p, seed) -> SamplingParams:
-        return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+    def _sampling(self, temperature, top_p, top_k, min_p, seed, **penalties) -> SamplingParams:
+        """SamplingParams from the face's arguments; ``penalties`` are repetition_penalty,
+        penalty_last_n, presence_penalty and frequency_penalty (see generation/sampling.py)."""
+        return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
+                              **penalties)
 
     @torch.inference_mode()
     def generate(self, prompts: List[str], images=None, max_gen_len: int = 512, temperature: float = 0.0,
                  top_p: float = 0.95, additional_stop_symbols: Iterable[str] = (), *, top_k: int = 0,
-                 min_p: float = 0.0, seed: Optional[int] = None) -> List[str]:
+                 min_p: float = 0.0, seed: Optional[int] = None, repetition_penalty: float = 1.0,
+                 penalty_last_n: int = 64, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 return_logprobs: bool = False, top_logprobs: int = 0) -> List:
         """The new text for each prompt: each row stops at EOS, at a stop symbol (the text before
-        it is returned) or after ``max_gen_len`` new tokens, whichever comes first."""
+        it is returned) or after ``max_gen_len`` new tokens, whichever comes first.
+
+        ``repetition_penalty`` looks at the last ``penalty_last_n`` tokens of prompt + output
+        (-1 = all, 0 = off); ``presence_penalty`` / ``frequency_penalty`` at the output only.
+        With ``return_logprobs=True`` (or ``top_logprobs=k > 0``) each item is instead a dict
+        ``{"text", "tokens", "logprobs", "top_logprobs"}``: the generated token ids, each one's
+        log-probability (nats) under the model's raw distribution, and the k best
+        ``(token id, logprob)`` pairs of each step."""
         if isinstance(prompts, str):
             raise ValueError("generate expects a LIST of prompts, got a str; use [prompt]")
         if images is not None:
             raise NotImplementedError(f"llama_type {self.llama_type!r} takes no images")
         fitted = [self._fit_prompt(self._encode(p), max_gen_len) for p in prompts]
         states = None
+        penalties = dict(repetition_penalty=repetition_penalty, penalty_last_n=penalty_last_n,
+                         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+        return_logprobs = return_logprobs or top_logprobs > 0
         for states in self.engine.run([f[0] for f in fitted], [f[1] for f in fitted],
-                                      self._sampling(temperature, top_p, top_k, min_p, seed),
-                                      list(additional_stop_symbols)):
+                                      self._sampling(temperature, top_p, top_k, min_p, seed, **penalties),
+                                      list(additional_stop_symbols), logprobs=return_logprobs,
+                                      top_logprobs=top_logprobs):
             pass
+        if return_logprobs:
+            return [{"text": row.visible, "tokens": list(row.new_tokens), "logprobs": list(row.logprobs),
+                     "top_logprobs": list(row.top_logprobs)} for row in states]
         return [row.visible for row in states]
 
     @torch.inference_mode()
     def stream_generate(self, prompt: str, image=None, max_gen_len: int = 512, temperature: float = 0.0,
                         top_p: float = 0.95, additional_stop_symbols: Iterable[str] = (), *, top_k: int = 0,
-                        min_p: float = 0.0, seed: Optional[int] = None) -> Iterator[Dict]:
+                        min_p: float = 0.0, seed: Optional[int] = None, repetition_penalty: float = 1.0,
+                        penalty_last_n: int = 64, presence_penalty: float = 0.0,
+                        frequency_penalty: float = 0.0) -> Iterator[Dict]:
         """Yield ``{"text": all text so far, "end_of_content": False}`` as tokens arrive, then the
-        final text with ``end_of_content=True``. The final text equals ``generate``'s."""
+        final text with ``end_of_content=True``. The final text equals ``generate``'s; the
+        penalties mean what they mean there."""
         if image is not None:
             raise NotImplementedError(f"llama_type {self.llama_type!r} takes no images")
         tokens, max_gen_len = self._fit_prompt(self._encode(prompt), max_gen_len)
         last_text = None
+        penalties = dict(repetition_penalty=repetition_penalty, penalty_last_n=penalty_last_n,
+                         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
         for states in self.engine.run([tokens], [max_gen_len],
-                                      self._sampling(temperature, top_p, top_k, min_p, seed),
+                                      self._sampling(temperature, top_p, top_k, min_p, seed, **penalties),
                                       list(additional_stop_symbols)):
             row = states[0]
             if row.finished:
