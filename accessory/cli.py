@@ -6,6 +6,8 @@ Examples::
     accessory chat /path/to/checkpoint --template default
     accessory chat --prompt "What is the capital of France?"
     accessory convert --from gguf model.gguf /path/to/out --dtype bf16
+    accessory convert --from hf /path/to/Llama-2-7b-hf /path/to/out --mp 2
+    accessory convert --to hf /path/to/accessory-checkpoint /path/to/hf-out
 """
 
 import argparse
@@ -91,14 +93,33 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from .errors import AccessoryError
     from .model.meta import resolve_dtype
-    if args.source_format == "gguf":
-        from .checkpoint.gguf import convert_gguf
-        out = convert_gguf(args.src, args.dst, dtype=resolve_dtype(args.dtype))
-        print(f"wrote {out}")
-        return 0
-    print(f"conversion from {args.source_format!r} is not supported", file=sys.stderr)
-    return 2
+    if (args.source_format is None) == (args.target_format is None):
+        print("give exactly one of --from (gguf, hf: into the Accessory layout) or --to (hf: out of it)",
+              file=sys.stderr)
+        return 2
+    dtype = None if args.dtype in (None, "keep") else resolve_dtype(args.dtype)
+    try:
+        if args.source_format == "gguf":
+            from .checkpoint.gguf import convert_gguf
+            out = convert_gguf(args.src, args.dst, dtype=dtype or torch.bfloat16)
+        elif args.source_format == "hf":
+            from .checkpoint.hf import hf_to_accessory
+            out = hf_to_accessory(args.src, args.dst, dtype=dtype, mp=args.mp)
+        elif args.target_format == "hf":
+            from .checkpoint.hf import accessory_to_hf
+            out = accessory_to_hf(args.src, args.dst, dtype=dtype)
+        else:
+            print(f"conversion from {args.source_format!r} is not supported", file=sys.stderr)
+            return 2
+    except AccessoryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,16 +148,28 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     convert = sub.add_parser(
-        "convert", help="convert a checkpoint into the Accessory layout",
+        "convert", help="convert a checkpoint into (or out of) the Accessory layout",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Convert a model file into an Accessory checkpoint directory "
-                    "(consolidated.00-of-01.model.pth, config.json, meta.json, tokenizer files).",
-        epilog="example:\n  accessory convert --from gguf SmolLM2-135M-Instruct.Q4_1.gguf ./smollm2 --dtype bf16")
-    convert.add_argument("--from", dest="source_format", required=True, choices=["gguf"],
-                         help="source format")
-    convert.add_argument("src", help="source file")
+        description="Convert a model into an Accessory checkpoint directory (consolidated.NN-of-MM.model.pth, "
+                    "config.json, meta.json, tokenizer files) with --from, or an Accessory `llama` "
+                    "checkpoint into an HF LlamaForCausalLM directory with --to hf.",
+        epilog="examples:\n"
+               "  accessory convert --from gguf SmolLM2-135M-Instruct.Q4_1.gguf ./smollm2 --dtype bf16\n"
+               "  accessory convert --from hf ./Llama-2-7b-hf ./llama2-7b-accessory\n"
+               "  accessory convert --from hf ./Llama-2-13b-hf ./llama2-13b-mp2 --mp 2 --dtype bf16\n"
+               "  accessory convert --to hf ./llama2-7b-accessory ./Llama-2-7b-hf-again")
+    convert.add_argument("--from", dest="source_format", choices=["gguf", "hf"],
+                         help="source format: gguf (a Llama GGUF file) or hf (an HF LlamaForCausalLM "
+                              "directory with safetensors)")
+    convert.add_argument("--to", dest="target_format", choices=["hf"],
+                         help="target format for an Accessory `llama` checkpoint directory: hf")
+    convert.add_argument("src", help="source file or directory")
     convert.add_argument("dst", help="output directory")
-    convert.add_argument("--dtype", default="bf16", help="weight dtype to write: bf16, fp16 or fp32")
+    convert.add_argument("--dtype", default=None,
+                         help="weight dtype to write: bf16, fp16 or fp32 (default: bf16 for gguf, the "
+                              "stored dtype otherwise)")
+    convert.add_argument("--mp", type=int, default=1,
+                         help="model-parallel shards to write with --from hf (default 1)")
     convert.set_defaults(func=cmd_convert)
     return parser
 
