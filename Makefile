@@ -19,7 +19,7 @@ demo: setup
 	$(PY) -m accessory chat
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest tests
 
 bench: setup
 	$(PIP) install -q -e '.[bench]'

@@ -190,7 +190,9 @@ class Transformer(nn.Module):
                        output_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits for ``tokens`` (batch, seq).
 
-        ``positions`` (batch, seq): absolute positions, default 0..seq-1 for every row.
+        ``positions`` (batch, seq): absolute positions, default 0..seq-1 for every row. Layers
+        share work derived from this tensor by identity: pass a new tensor for each call rather
+        than modifying one in place.
         ``kv_cache``: written at ``positions``, and attended up to each query's position.
         ``output_index`` (batch,): when given, only the logits at that index of each row are
         computed and (batch, vocab) is returned; otherwise (batch, seq, vocab).
