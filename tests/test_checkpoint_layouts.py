@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ckpt_utils
-from ckpt_utils import TINY_LLAMA, prefixed, random_llama_state, split_for_mp, write_checkpoint
+from ckpt_utils import TINY_LLAMA, prefixed, split_for_mp, write_checkpoint
 from accessory.errors import CheckpointError
 from accessory.model.meta import MetaModel
 

@@ -7,7 +7,6 @@ KeyError, AttributeError or RuntimeError) and that the message names the file or
 import json
 import os
 import pickle
-import shutil
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """Generation through the public API: batching, per-row limits, stop strings, streaming."""
 
-import warnings
 
 import pytest
 import torch

@@ -12,7 +12,6 @@
 import json
 import os
 import pathlib
-import sys
 
 import numpy as np
 import pytest

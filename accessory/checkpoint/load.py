@@ -8,7 +8,7 @@ in float32 "just in case", and a shard already in the target dtype is used in pl
 import logging
 import re
 import warnings
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Sequence
 
 import torch
 from torch import nn

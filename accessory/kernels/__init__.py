@@ -62,7 +62,7 @@ def load_library(name: str) -> Optional[ctypes.CDLL]:
 
 def _build_and_load(name: str) -> ctypes.CDLL:
     # libgomp must be the one torch already loaded, so both share one OpenMP thread pool
-    import torch  # noqa: F401
+    import torch  # noqa: F401  (loads torch's libgomp first)
 
     source = _SOURCE_DIR / f"{name}.c"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")

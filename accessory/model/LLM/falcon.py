@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.attention import attend
-from ..layers.kv_cache import KVCache, cache_dtype
+from ..layers.decoder import CausalDecoder
+from ..layers.kv_cache import KVCache
 from ..layers.parallel import COLUMN, REPLICATED, ROW, SplitPlan
 from ..layers.rotary import RotaryEmbedding
 
@@ -184,7 +185,7 @@ def _are_replicas(shards: Sequence[torch.Tensor]) -> bool:
     return all(torch.equal(s, first) for s in shards[1:])
 
 
-class Transformer(nn.Module):
+class Transformer(CausalDecoder):
     """The decoder. ``forward_tokens`` is the one entry point the engine uses."""
 
     split_plan = FalconSplitPlan()  # config-free; each instance gets the exact one below
@@ -214,55 +215,14 @@ class Transformer(nn.Module):
         self.image_words = 0
         self._inference_cache: Optional[KVCache] = None
 
-    def new_kv_cache(self, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None,
-                     device: Optional[torch.device] = None) -> KVCache:
-        """A zeroed cache for ``batch_size`` rows of up to ``max_len`` positions (1 kv head if multi_query)."""
-        weight = self.word_embeddings.weight
-        return KVCache(self.n_layers, batch_size, max_len, self.n_kv_heads, self.head_dim,
-                       dtype or cache_dtype(weight.dtype, weight.device), device or weight.device)
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(tokens)
 
-    def forward_tokens(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                       kv_cache: Optional[KVCache] = None,
-                       output_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits for ``tokens`` (batch, seq).
-
-        ``positions`` (batch, seq): absolute positions, default 0..seq-1 for every row.
-        ``kv_cache``: written at ``positions``, and attended up to each query's position.
-        ``output_index`` (batch,): when given, only the logits at that index of each row are
-        computed and (batch, vocab) is returned; otherwise (batch, seq, vocab).
-        """
-        bsz, seqlen = tokens.shape
-        causal_from_zero = positions is None and kv_cache is None
-        if positions is None:
-            positions = torch.arange(seqlen, device=tokens.device).expand(bsz, seqlen)
-        h = self.word_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, positions, self.rotary, kv_cache, causal_from_zero)
-        if output_index is not None:
-            h = h[torch.arange(bsz, device=h.device), output_index]
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(self.ln_f(h))
 
-    # The original's two entry points, kept for code written against it.
-    def forward(self, examples: torch.Tensor, image=None) -> torch.Tensor:
-        """Logits for every position of ``examples`` (batch, seq), no cache."""
-        if image is not None:
-            raise NotImplementedError("falcon takes no images")
-        return self.forward_tokens(examples)
-
-    @torch.inference_mode()
-    def forward_inference(self, tokens: torch.Tensor, start_pos: int, image=None) -> torch.Tensor:
-        """Last-position logits (batch, vocab) in float32, keeping an internal cache across calls."""
-        if image is not None:
-            raise NotImplementedError("falcon takes no images")
-        bsz, seqlen = tokens.shape
-        cache = self._inference_cache
-        if start_pos == 0 and (cache is None or cache.batch_size != bsz):
-            cache = self._inference_cache = self.new_kv_cache(bsz, self.args.max_seq_len)
-        if cache is None:
-            raise RuntimeError("forward_inference must start at start_pos=0")
-        positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device).expand(bsz, seqlen)
-        last = torch.full((bsz,), seqlen - 1, device=tokens.device)
-        return self.forward_tokens(tokens, positions, cache, output_index=last).float()
+    def _reference_weight(self) -> torch.Tensor:
+        return self.word_embeddings.weight
 
     def get_trainable_params(self):
         return dict(self.named_parameters())

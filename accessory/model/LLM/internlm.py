@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.attention import attend
-from ..layers.kv_cache import KVCache, cache_dtype
+from ..layers.decoder import CausalDecoder
+from ..layers.kv_cache import KVCache
 from ..layers.norm import RMSNorm
 from ..layers.parallel import COLUMN, ROW, SplitPlan
 from ..layers.rotary import RotaryEmbedding
@@ -118,7 +119,7 @@ class PackedFlashBaseLayer1D(nn.Module):
         return residual + self.mlp(self.norm2(residual))
 
 
-class Transformer(nn.Module):
+class Transformer(CausalDecoder):
     """The decoder. ``forward_tokens`` is the one entry point the engine uses."""
 
     # The original's fairscale layers, and so the pieces its model-parallel shards hold:
@@ -153,6 +154,7 @@ class Transformer(nn.Module):
         self.vocab_size = args.vocab_size
         self.n_layers = args.num_layers
         self.head_dim = args.hidden_size // args.num_attention_heads
+        self.n_kv_heads = args.num_attention_heads  # every head has its own keys and values
         self.embedding = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(PackedFlashBaseLayer1D(i, args) for i in range(args.num_layers))
         self.norm = make_norm(args)
@@ -163,55 +165,14 @@ class Transformer(nn.Module):
         self.image_words = 0
         self._inference_cache: Optional[KVCache] = None
 
-    def new_kv_cache(self, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None,
-                     device: Optional[torch.device] = None) -> KVCache:
-        """A zeroed cache for ``batch_size`` rows of up to ``max_len`` positions (every head is a kv head)."""
-        weight = self.embedding.weight
-        return KVCache(self.n_layers, batch_size, max_len, self.args.num_attention_heads, self.head_dim,
-                       dtype or cache_dtype(weight.dtype, weight.device), device or weight.device)
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding(tokens)
 
-    def forward_tokens(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                       kv_cache: Optional[KVCache] = None,
-                       output_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits for ``tokens`` (batch, seq).
-
-        ``positions`` (batch, seq): absolute positions, default 0..seq-1 for every row.
-        ``kv_cache``: written at ``positions``, and attended up to each query's position.
-        ``output_index`` (batch,): when given, only the logits at that index of each row are
-        computed and (batch, vocab) is returned; otherwise (batch, seq, vocab).
-        """
-        bsz, seqlen = tokens.shape
-        causal_from_zero = positions is None and kv_cache is None
-        if positions is None:
-            positions = torch.arange(seqlen, device=tokens.device).expand(bsz, seqlen)
-        h = self.embedding(tokens)
-        for layer in self.layers:
-            h = layer(h, positions, self.rotary, kv_cache, causal_from_zero)
-        if output_index is not None:
-            h = h[torch.arange(bsz, device=h.device), output_index]
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(h))
 
-    # The original's two entry points, kept for code written against it.
-    def forward(self, examples: torch.Tensor, image=None) -> torch.Tensor:
-        """Logits for every position of ``examples`` (batch, seq), no cache."""
-        if image is not None:
-            raise NotImplementedError("internlm takes no images")
-        return self.forward_tokens(examples)
-
-    @torch.inference_mode()
-    def forward_inference(self, tokens: torch.Tensor, start_pos: int, image=None) -> torch.Tensor:
-        """Last-position logits (batch, vocab), keeping an internal cache across calls."""
-        if image is not None:
-            raise NotImplementedError("internlm takes no images")
-        bsz, seqlen = tokens.shape
-        cache = self._inference_cache
-        if start_pos == 0 and (cache is None or cache.batch_size != bsz):
-            cache = self._inference_cache = self.new_kv_cache(bsz, self.args.max_seq_len)
-        if cache is None:
-            raise RuntimeError("forward_inference must start at start_pos=0")
-        positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device).expand(bsz, seqlen)
-        last = torch.full((bsz,), seqlen - 1, device=tokens.device)
-        return self.forward_tokens(tokens, positions, cache, output_index=last)
+    def _reference_weight(self) -> torch.Tensor:
+        return self.embedding.weight
 
     def get_trainable_params(self):
         return dict(self.named_parameters())

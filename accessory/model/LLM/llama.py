@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.attention import attend
-from ..layers.kv_cache import KVCache, cache_dtype
+from ..layers.decoder import CausalDecoder
+from ..layers.kv_cache import KVCache
 from ...kernels.linear import linear as fast_linear
 from ..layers.linear import fuse_linears, make_linear, still_fused
 from ..layers.norm import RMSNorm
@@ -138,7 +139,7 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class Transformer(nn.Module):
+class Transformer(CausalDecoder):
     """The decoder. ``forward_tokens`` is the one entry point the engine uses."""
 
     block_cls = TransformerBlock
@@ -178,62 +179,14 @@ class Transformer(nn.Module):
         self.image_words = 0
         self._inference_cache: Optional[KVCache] = None
 
-    def new_kv_cache(self, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None,
-                     device: Optional[torch.device] = None) -> KVCache:
-        """A zeroed cache for ``batch_size`` rows of up to ``max_len`` positions."""
-        weight = self.tok_embeddings.weight
-        return KVCache(self.n_layers, batch_size, max_len, self.n_kv_heads, self.head_dim,
-                       dtype or cache_dtype(weight.dtype, weight.device), device or weight.device)
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tok_embeddings(tokens)
 
-    def forward_tokens(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                       kv_cache: Optional[KVCache] = None,
-                       output_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits for ``tokens`` (batch, seq).
-
-        ``positions`` (batch, seq): absolute positions, default 0..seq-1 for every row. Layers
-        share work derived from this tensor by identity: pass a new tensor for each call rather
-        than modifying one in place.
-        ``kv_cache``: written at ``positions``, and attended up to each query's position.
-        ``output_index`` (batch,): when given, only the logits at that index of each row are
-        computed and (batch, vocab) is returned; otherwise (batch, seq, vocab).
-        """
-        bsz, seqlen = tokens.shape
-        causal_from_zero = positions is None and kv_cache is None
-        if positions is None:
-            positions = torch.arange(seqlen, device=tokens.device).expand(bsz, seqlen)
-        h = self.run_layers(self.tok_embeddings(tokens), positions, kv_cache, causal_from_zero)
-        if output_index is not None:
-            h = h[torch.arange(bsz, device=h.device), output_index]
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(self.norm(h))
 
-    def run_layers(self, h: torch.Tensor, positions: torch.Tensor, kv_cache: Optional[KVCache],
-                   causal_from_zero: bool) -> torch.Tensor:
-        """The decoder blocks in order over hidden states ``h`` (batch, seq, dim)."""
-        for layer in self.layers:
-            h = layer(h, positions, self.rotary, kv_cache, causal_from_zero)
-        return h
-
-    # The original's two entry points, kept for code written against it.
-    def forward(self, examples: torch.Tensor, image=None) -> torch.Tensor:
-        """Logits for every position of ``examples`` (batch, seq), no cache."""
-        if image is not None:
-            raise NotImplementedError("this llama model was built without a visual encoder")
-        return self.forward_tokens(examples)
-
-    @torch.inference_mode()
-    def forward_inference(self, tokens: torch.Tensor, start_pos: int, image=None) -> torch.Tensor:
-        """Last-position logits (batch, vocab) in float32, keeping an internal cache across calls."""
-        if image is not None:
-            raise NotImplementedError("this llama model was built without a visual encoder")
-        bsz, seqlen = tokens.shape
-        cache = self._inference_cache
-        if start_pos == 0 and (cache is None or cache.batch_size != bsz):
-            cache = self._inference_cache = self.new_kv_cache(bsz, self.args.max_seq_len)
-        if cache is None:
-            raise RuntimeError("forward_inference must start at start_pos=0")
-        positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device).expand(bsz, seqlen)
-        last = torch.full((bsz,), seqlen - 1, device=tokens.device)
-        return self.forward_tokens(tokens, positions, cache, output_index=last).float()
+    def _reference_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight
 
     def fuse_projections(self) -> None:
         """Fuse q/k/v and w1/w3 of every block where the linears allow it (plain, bias-free)."""

@@ -5,7 +5,6 @@ Checkpoint names: ``weight``, ``bias`` (when present), ``lora_a.weight`` (rank, 
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.linear import NativeLinear

@@ -1,0 +1,93 @@
+"""What every causal decoder offers the engine and the original's callers, written once.
+
+An architecture subclasses :class:`CausalDecoder` and provides ``embed_tokens(tokens)``,
+``logits(h)`` (final norm + output projection), ``layers`` (blocks called as
+``layer(h, positions, rotary, kv_cache, causal_from_zero)``), ``rotary``, and the cache geometry
+``n_layers``, ``n_kv_heads`` (as stored: 1 for multi-query) and ``head_dim``.
+"""
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .kv_cache import KVCache, cache_dtype
+
+
+class CausalDecoder(nn.Module):
+    """Shared entry points: ``forward_tokens`` (the engine's), ``forward`` and ``forward_inference``
+    (the original's), ``new_kv_cache`` and ``run_layers``."""
+
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    image_words = 0
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _reference_weight(self) -> torch.Tensor:
+        return next(self.parameters())
+
+    def new_kv_cache(self, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None,
+                     device: Optional[torch.device] = None) -> KVCache:
+        """A zeroed cache for ``batch_size`` rows of up to ``max_len`` positions."""
+        weight = self._reference_weight()
+        return KVCache(self.n_layers, batch_size, max_len, self.n_kv_heads, self.head_dim,
+                       dtype or cache_dtype(weight.dtype, weight.device), device or weight.device)
+
+    def forward_tokens(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                       kv_cache: Optional[KVCache] = None,
+                       output_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits for ``tokens`` (batch, seq).
+
+        ``positions`` (batch, seq): absolute positions, default 0..seq-1 for every row. Layers
+        share work derived from this tensor by identity: pass a new tensor for each call rather
+        than modifying one in place.
+        ``kv_cache``: written at ``positions``, and attended up to each query's position.
+        ``output_index`` (batch,): when given, only the logits at that index of each row are
+        computed and (batch, vocab) is returned; otherwise (batch, seq, vocab).
+        """
+        bsz, seqlen = tokens.shape
+        causal_from_zero = positions is None and kv_cache is None
+        if positions is None:
+            positions = torch.arange(seqlen, device=tokens.device).expand(bsz, seqlen)
+        h = self.run_layers(self.embed_tokens(tokens), positions, kv_cache, causal_from_zero)
+        if output_index is not None:
+            h = h[torch.arange(bsz, device=h.device), output_index]
+        return self.logits(h)
+
+    def run_layers(self, h: torch.Tensor, positions: torch.Tensor, kv_cache: Optional[KVCache],
+                   causal_from_zero: bool) -> torch.Tensor:
+        """The decoder blocks in order over hidden states ``h`` (batch, seq, dim)."""
+        for layer in self.layers:
+            h = layer(h, positions, self.rotary, kv_cache, causal_from_zero)
+        return h
+
+    # The original's two entry points, kept for code written against it.
+    def forward(self, examples: torch.Tensor, image=None) -> torch.Tensor:
+        """Logits for every position of ``examples`` (batch, seq), no cache."""
+        self._refuse_image(image)
+        return self.forward_tokens(examples)
+
+    @torch.inference_mode()
+    def forward_inference(self, tokens: torch.Tensor, start_pos: int, image=None) -> torch.Tensor:
+        """Last-position logits (batch, vocab) in float32, keeping an internal cache across calls."""
+        self._refuse_image(image)
+        bsz, seqlen = tokens.shape
+        cache = getattr(self, "_inference_cache", None)
+        if start_pos == 0 and (cache is None or cache.batch_size != bsz):
+            cache = self._inference_cache = self.new_kv_cache(bsz, self.args.max_seq_len)
+        if cache is None:
+            raise RuntimeError("forward_inference must start at start_pos=0")
+        positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device).expand(bsz, seqlen)
+        last = torch.full((bsz,), seqlen - 1, device=tokens.device)
+        return self.forward_tokens(tokens, positions, cache, output_index=last).float()
+
+    def _refuse_image(self, image) -> None:
+        if image is not None:
+            raise NotImplementedError(
+                f"{type(self).__module__.rsplit('.', 1)[-1]} was built without a visual encoder: it takes no images")
