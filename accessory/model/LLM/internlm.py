@@ -162,7 +162,6 @@ class Transformer(CausalDecoder):
         # The original's table spans 2 * max_seq_len positions.
         self.rotary = RotaryEmbedding(self.head_dim, args.max_seq_len * 2, theta=args.rope_theta,
                                       scaling=args.rope_scaling, style="half")
-        self.image_words = 0
         self._inference_cache: Optional[KVCache] = None
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -173,6 +172,3 @@ class Transformer(CausalDecoder):
 
     def _reference_weight(self) -> torch.Tensor:
         return self.embedding.weight
-
-    def get_trainable_params(self):
-        return dict(self.named_parameters())

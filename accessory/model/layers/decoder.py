@@ -87,6 +87,10 @@ class CausalDecoder(nn.Module):
         last = torch.full((bsz,), seqlen - 1, device=tokens.device)
         return self.forward_tokens(tokens, positions, cache, output_index=last).float()
 
+    def get_trainable_params(self):
+        """The original's name: every parameter trains unless a variant says otherwise."""
+        return dict(self.named_parameters())
+
     def _refuse_image(self, image) -> None:
         if image is not None:
             raise NotImplementedError(
