@@ -151,18 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
         "convert", help="convert a checkpoint into (or out of) the Accessory layout",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Convert a model into an Accessory checkpoint directory (consolidated.NN-of-MM.model.pth, "
-                    "config.json, meta.json, tokenizer files) with --from, or an Accessory `llama` "
-                    "checkpoint into an HF LlamaForCausalLM directory with --to hf.",
+                    "config.json, meta.json, tokenizer files) with --from, or an Accessory `llama`, `mixtral` or "
+                    "`falcon` checkpoint (meta.json's llama_type) into an HF LlamaForCausalLM / "
+                    "MixtralForCausalLM / FalconForCausalLM directory with --to hf. With --from hf the "
+                    "architecture is read from config.json's model_type (llama, mixtral, falcon).",
         epilog="examples:\n"
                "  accessory convert --from gguf SmolLM2-135M-Instruct.Q4_1.gguf ./smollm2 --dtype bf16\n"
                "  accessory convert --from hf ./Llama-2-7b-hf ./llama2-7b-accessory\n"
                "  accessory convert --from hf ./Llama-2-13b-hf ./llama2-13b-mp2 --mp 2 --dtype bf16\n"
+               "  accessory convert --from hf ./Mixtral-8x7B-v0.1 ./mixtral-mp2 --mp 2 --dtype bf16\n"
                "  accessory convert --to hf ./llama2-7b-accessory ./Llama-2-7b-hf-again")
     convert.add_argument("--from", dest="source_format", choices=["gguf", "hf"],
-                         help="source format: gguf (a Llama GGUF file) or hf (an HF LlamaForCausalLM "
+                         help="source format: gguf (a Llama GGUF file) or hf (an HF Llama/Mixtral/Falcon ForCausalLM "
                               "directory with safetensors)")
     convert.add_argument("--to", dest="target_format", choices=["hf"],
-                         help="target format for an Accessory `llama` checkpoint directory: hf")
+                         help="target format for an Accessory llama / mixtral / falcon checkpoint directory: hf")
     convert.add_argument("src", help="source file or directory")
     convert.add_argument("dst", help="output directory")
     convert.add_argument("--dtype", default=None,

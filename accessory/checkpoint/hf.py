@@ -1,6 +1,15 @@
-"""Convert between HF transformers' Llama layout and the Accessory ``llama`` checkpoint layout.
+"""Convert between HF transformers' layouts and Accessory checkpoint layouts.
 
-Covers ``LlamaForCausalLM`` checkpoints (Llama-2/3, Code Llama, TinyLlama and other GQA variants):
+The driver here is shared by every architecture; each one is an :class:`HFArchitecture` (which HF
+tensor becomes which Accessory tensors, the two configs, the model-parallel split plan):
+
+* ``llama`` <-> ``LlamaForCausalLM`` (this file: Llama-2/3, Code Llama, TinyLlama, GQA variants);
+* ``mixtral`` <-> ``MixtralForCausalLM`` (:mod:`.hf_mixtral`);
+* ``falcon`` <-> ``FalconForCausalLM`` (:mod:`.hf_falcon`).
+
+InternLM has no class in transformers (its HF checkpoints run remote code), so it has no converter.
+The architecture is read from config.json's ``model_type`` (HF side) or meta.json's ``llama_type``
+(Accessory side). For llama:
 
 * :func:`hf_to_accessory` reads an HF directory (``config.json`` + ``model.safetensors`` or shards
   listed in ``model.safetensors.index.json``) one tensor at a time and writes
@@ -20,14 +29,15 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..errors import CheckpointError, ConfigError
 from .gguf import ffn_args_for_hidden, ffn_hidden_dim
 
-__all__ = ["hf_to_accessory", "accessory_to_hf", "TOKENIZER_FILES"]
+__all__ = ["hf_to_accessory", "accessory_to_hf", "HFArchitecture", "TensorRule", "TOKENIZER_FILES"]
 
 #: Tokenizer files copied across in both directions (those present).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -84,7 +94,7 @@ def _read_json(path: pathlib.Path, what: str) -> Dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); re-download it") from exc
 
 
-def _hf_rope(hf: Dict[str, Any], path: pathlib.Path) -> Tuple[float, Optional[float]]:
+def _hf_rope(hf: Dict[str, Any], path: pathlib.Path, llama_type: str = "llama") -> Tuple[float, Optional[float]]:
     """(rope_theta, the original's rope_scaling) from an HF config (transformers 4 or 5 spelling)."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
@@ -96,7 +106,7 @@ def _hf_rope(hf: Dict[str, Any], path: pathlib.Path) -> Tuple[float, Optional[fl
     if rope_type == "linear":
         factor = float(spec["factor"])
         return float(theta), (None if factor == 1.0 else 1.0 / factor)
-    raise ConfigError(f"{path}: RoPE scaling type {rope_type!r} is not supported by the `llama` type, which "
+    raise ConfigError(f"{path}: RoPE scaling type {rope_type!r} is not supported by the `{llama_type}` type, which "
                       f"only has linear position interpolation (rope_scaling). Llama 3.1-style 'llama3', "
                       f"'dynamic' and 'yarn' scaling would give different outputs; convert a model without it")
 
@@ -167,31 +177,235 @@ def _hf_weight_files(src: pathlib.Path) -> List[Tuple[pathlib.Path, List[str]]]:
     return result
 
 
-def _accessory_name(hf_name: str, n_layers: int, path: pathlib.Path) -> Optional[str]:
+# ----------------------------------------------------------------------------------------------------------
+# What an architecture declares
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """How one HF tensor becomes Accessory tensors: ``convert(hf_tensor)`` returns one tensor per
+    name in ``names`` (a fused HF projection yields several)."""
+    names: Tuple[str, ...]
+    convert: Callable[[torch.Tensor], Sequence[torch.Tensor]]
+
+
+def renamed(name: str, convert: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> TensorRule:
+    """A rule for a tensor that keeps its values (or gets ``convert``) under a new name."""
+    return TensorRule((name,), lambda tensor: [convert(tensor) if convert else tensor])
+
+
+@dataclass(frozen=True)
+class HFArchitecture:
+    """One Accessory ``llama_type`` <-> one HF ``model_type``, as the shared driver needs it.
+
+    ``accessory_config(hf_config, path)``: the ModelArgs fields (raises for what the type cannot hold).
+    ``check_mp(config, mp, path)``: raises when ``mp`` ranks cannot split the model.
+    ``split_plan(config)``: the model's own :class:`SplitPlan` for that config.
+    ``tensor_rule(hf_name, config)``: a :class:`TensorRule`, or None when the name has no place.
+    ``expected_shapes(config, vocab)``: every Accessory tensor the model needs, with its full shape.
+    ``to_hf(state, config, path)``: (HF state dict, HF config dict) from the merged Accessory state.
+    ``embedding`` / ``output``: the Accessory names of the input embedding and the output head
+    (HF may tie them; the original's checkpoints always hold both).
+    """
+    llama_type: str
+    model_type: str
+    hf_class: str
+    accessory_config: Callable[[Dict[str, Any], pathlib.Path], Dict[str, Any]]
+    check_mp: Callable[[Dict[str, Any], int, pathlib.Path], None]
+    split_plan: Callable[[Dict[str, Any]], Any]
+    tensor_rule: Callable[[str, Dict[str, Any]], Optional[TensorRule]]
+    expected_shapes: Callable[[Dict[str, Any], int], Dict[str, Tuple[int, ...]]]
+    to_hf: Callable[[Dict[str, torch.Tensor], Dict[str, Any], pathlib.Path],
+                    Tuple[Dict[str, torch.Tensor], Dict[str, Any]]]
+    embedding: str = "tok_embeddings.weight"
+    output: str = "output.weight"
+
+
+def _architectures() -> Dict[str, HFArchitecture]:
+    """Every architecture with an HF converter, by ``llama_type``."""
+    from .hf_falcon import FALCON
+    from .hf_mixtral import MIXTRAL
+    return {arch.llama_type: arch for arch in (LLAMA, MIXTRAL, FALCON)}
+
+
+def _supported() -> str:
+    return ", ".join(f"{a.model_type!r} ({a.hf_class})" for a in _architectures().values())
+
+
+def architecture_for_model_type(model_type: Optional[str], path: pathlib.Path) -> HFArchitecture:
+    """The architecture converting HF checkpoints of ``model_type`` (raises for the others)."""
+    for arch in _architectures().values():
+        if arch.model_type == model_type:
+            return arch
+    raise CheckpointError(f"{path}: model_type is {model_type!r}; converting from HF handles {_supported()}")
+
+
+def architecture_for_llama_type(llama_type: str, path: pathlib.Path) -> HFArchitecture:
+    """The architecture converting Accessory checkpoints of ``llama_type`` (raises for the others)."""
+    archs = _architectures()
+    if llama_type not in archs:
+        raise CheckpointError(f"{path}: llama_type is {llama_type!r}; converting to HF handles "
+                              f"{', '.join(repr(t) for t in archs)} checkpoints only")
+    return archs[llama_type]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# llama
+
+
+def split_layer_name(name: str, prefix: str, n_layers: int) -> Optional[Tuple[str, str]]:
+    """``(layer index, rest)`` of ``prefix + "{i}." + rest`` with ``i < n_layers``, else None."""
+    if not name.startswith(prefix):
+        return None
+    layer, _, rest = name[len(prefix):].partition(".")
+    if layer.isdigit() and int(layer) < n_layers:
+        return layer, rest
+    return None
+
+
+def llama_attention_rule(rest: str, layer: str, config: Dict[str, Any]) -> Optional[TensorRule]:
+    """llama's attention and norm tensors of HF layer ``layer`` (shared by llama and mixtral)."""
+    if rest not in _LAYER_NAMES:
+        return None
+    name = f"layers.{layer}.{_LAYER_NAMES[rest]}"
+    if rest == "self_attn.q_proj.weight":
+        return renamed(name, lambda t: rotate_half_to_interleaved(t, config["n_heads"]))
+    if rest == "self_attn.k_proj.weight":
+        return renamed(name, lambda t: rotate_half_to_interleaved(t, config["n_kv_heads"]))
+    return renamed(name)
+
+
+def llama_global_rule(hf_name: str) -> Optional[TensorRule]:
+    """llama's embedding, final norm and head (shared by llama and mixtral); None for other names."""
+    return renamed(_GLOBAL_NAMES[hf_name]) if hf_name in _GLOBAL_NAMES else None
+
+
+def _llama_tensor_rule(hf_name: str, config: Dict[str, Any]) -> Optional[TensorRule]:
     if hf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[hf_name]
-    if hf_name.startswith("model.layers."):
-        layer, _, rest = hf_name[len("model.layers."):].partition(".")
-        if layer.isdigit() and int(layer) < n_layers and rest in _LAYER_NAMES:
-            return f"layers.{layer}.{_LAYER_NAMES[rest]}"
-    if "rotary_emb" in hf_name:
-        return None  # a cached table some old checkpoints store; rebuilt from the config
-    raise CheckpointError(f"{path}: tensor {hf_name!r} has no place in the `llama` type (biases or extra "
-                          f"modules are not supported)")
+        return llama_global_rule(hf_name)
+    where = split_layer_name(hf_name, "model.layers.", config["n_layers"])
+    return llama_attention_rule(where[1], where[0], config) if where else None
 
 
-def _expected_shapes(cfg: Dict[str, Any], vocab: int) -> Dict[str, Tuple[int, ...]]:
+def llama_attention_shapes(cfg: Dict[str, Any], vocab: int) -> Dict[str, Tuple[int, ...]]:
+    """Shapes of llama's embedding, head, norms and attention (everything but the feed-forward)."""
     dim, head_dim = cfg["dim"], cfg["dim"] // cfg["n_heads"]
-    kv, hidden = cfg["n_kv_heads"] * head_dim, ffn_hidden_dim(dim, cfg["multiple_of"], cfg["ffn_dim_multiplier"])
+    kv = cfg["n_kv_heads"] * head_dim
     shapes = {"tok_embeddings.weight": (vocab, dim), "norm.weight": (dim,), "output.weight": (vocab, dim)}
     for i in range(cfg["n_layers"]):
         for name, shape in {"attention.wq.weight": (dim, dim), "attention.wk.weight": (kv, dim),
                             "attention.wv.weight": (kv, dim), "attention.wo.weight": (dim, dim),
-                            "feed_forward.w1.weight": (hidden, dim), "feed_forward.w2.weight": (dim, hidden),
-                            "feed_forward.w3.weight": (hidden, dim), "attention_norm.weight": (dim,),
-                            "ffn_norm.weight": (dim,)}.items():
+                            "attention_norm.weight": (dim,), "ffn_norm.weight": (dim,)}.items():
             shapes[f"layers.{i}.{name}"] = shape
     return shapes
+
+
+def _expected_shapes(cfg: Dict[str, Any], vocab: int) -> Dict[str, Tuple[int, ...]]:
+    dim = cfg["dim"]
+    hidden = ffn_hidden_dim(dim, cfg["multiple_of"], cfg["ffn_dim_multiplier"])
+    shapes = llama_attention_shapes(cfg, vocab)
+    for i in range(cfg["n_layers"]):
+        for name, shape in {"feed_forward.w1.weight": (hidden, dim), "feed_forward.w2.weight": (dim, hidden),
+                            "feed_forward.w3.weight": (hidden, dim)}.items():
+            shapes[f"layers.{i}.{name}"] = shape
+    return shapes
+
+
+def check_heads_divide(config: Dict[str, Any], mp: int, path: pathlib.Path,
+                       counts: Sequence[Tuple[str, int]]) -> None:
+    """Raise ConfigError when one of ``counts`` ((HF field name, count)) is not divisible by ``mp``."""
+    for name, count in counts:
+        if count % mp:
+            raise ConfigError(f"{path}: {name} = {count} cannot be split over mp = {mp} model-parallel ranks")
+
+
+def _llama_check_mp(config: Dict[str, Any], mp: int, path: pathlib.Path) -> None:
+    check_heads_divide(config, mp, path, (("num_attention_heads", config["n_heads"]),
+                                          ("num_key_value_heads", config["n_kv_heads"])))
+
+
+def _llama_split_plan(config: Dict[str, Any]):
+    from ..model.LLM.llama import Transformer
+    return Transformer.split_plan
+
+
+def llama_attention_to_hf(name: str, tensor: torch.Tensor,
+                          config: Dict[str, Any]) -> Optional[Tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for llama's global, attention and norm tensors (None for any other name)."""
+    if name in _GLOBAL_NAMES_BACK:
+        return _GLOBAL_NAMES_BACK[name], tensor
+    where = split_layer_name(name, "layers.", int(config["n_layers"]))
+    if where is None or where[1] not in _LAYER_NAMES_BACK:
+        return None
+    layer, rest = where
+    n_heads = int(config["n_heads"])
+    if rest == "attention.wq.weight":
+        tensor = interleaved_to_rotate_half(tensor, n_heads)
+    elif rest == "attention.wk.weight":
+        tensor = interleaved_to_rotate_half(tensor, int(config.get("n_kv_heads") or n_heads))
+    return f"model.layers.{layer}.{_LAYER_NAMES_BACK[rest]}", tensor
+
+
+def no_place_in_hf(src: pathlib.Path, name: str, hf_class: str) -> CheckpointError:
+    return CheckpointError(f"{src}: weight {name!r} has no place in HF's {hf_class} (a PEFT, adapter or "
+                           f"other llama_type checkpoint?)")
+
+
+def _llama_to_hf(state: Dict[str, torch.Tensor], config: Dict[str, Any], src: pathlib.Path):
+    for key in ("dim", "n_layers", "n_heads"):
+        if key not in config:
+            raise ConfigError(f"{src / 'config.json'} has no {key!r}, which a `llama` config must have")
+    hf_state: Dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        mapped = llama_attention_to_hf(name, tensor, config)
+        if mapped is None:
+            raise no_place_in_hf(src, name, "LlamaForCausalLM")
+        hf_state[mapped[0]] = mapped[1]
+    n_layers = int(config["n_layers"])
+    hidden = hf_state["model.layers.0.mlp.gate_proj.weight"].shape[0] if n_layers else 0
+    if n_layers and hidden != ffn_hidden_dim(int(config["dim"]), int(config.get("multiple_of", 256)),
+                                             config.get("ffn_dim_multiplier")):
+        raise ConfigError(f"{src / 'config.json'}: multiple_of / ffn_dim_multiplier give another FFN width than "
+                          f"the weights' {hidden}")
+    vocab = state["tok_embeddings.weight"].shape[0]
+    return hf_state, _hf_config(config, vocab, hidden)
+
+
+def _hf_config(cfg: Dict[str, Any], vocab: int, hidden: int) -> Dict[str, Any]:
+    """HF LlamaConfig fields for the ``llama`` ModelArgs ``cfg`` (``hidden``: FFN width, in channels)."""
+    n_heads = int(cfg["n_heads"])
+    hf: Dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": vocab, "hidden_size": int(cfg["dim"]), "intermediate_size": hidden,
+        "num_hidden_layers": int(cfg["n_layers"]), "num_attention_heads": n_heads,
+        "num_key_value_heads": int(cfg.get("n_kv_heads") or n_heads),
+        "head_dim": int(cfg["dim"]) // n_heads,
+        "hidden_act": "silu", "rms_norm_eps": float(cfg.get("norm_eps", 1e-5)),
+        "max_position_embeddings": int(cfg.get("max_seq_len") or 4096),
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+        "initializer_range": 0.02, "use_cache": True, "pretraining_tp": 1,
+    }
+    hf.update(hf_rope_fields(cfg))
+    return hf
+
+
+def hf_rope_fields(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """HF ``rope_theta`` / ``rope_scaling`` for the original's ``rope_theta`` / ``rope_scaling`` fields."""
+    fields: Dict[str, Any] = {"rope_theta": float(cfg.get("rope_theta", 10000.0)), "rope_scaling": None}
+    if cfg.get("rope_scaling"):
+        # the original multiplies positions by rope_scaling; HF's linear factor divides them
+        fields["rope_scaling"] = {"rope_type": "linear", "factor": 1.0 / float(cfg["rope_scaling"])}
+    return fields
+
+
+LLAMA = HFArchitecture(
+    llama_type="llama", model_type="llama", hf_class="LlamaForCausalLM",
+    accessory_config=_accessory_config, check_mp=_llama_check_mp, split_plan=_llama_split_plan,
+    tensor_rule=_llama_tensor_rule, expected_shapes=_expected_shapes, to_hf=_llama_to_hf)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# HF -> Accessory (every architecture)
 
 
 def _copy_tokenizer(src: pathlib.Path, out: pathlib.Path) -> List[str]:
@@ -207,21 +421,25 @@ def _shard_file(rank: int, mp: int) -> str:
     return f"consolidated.{rank:02d}-of-{mp:02d}.model.pth"
 
 
+def _is_cached_table(hf_name: str) -> bool:
+    return "rotary_emb" in hf_name or hf_name.endswith(".inv_freq")
+
+
 def hf_to_accessory(src_dir, out_dir, dtype: Optional[torch.dtype] = None, mp: int = 1,
                     progress: bool = True) -> pathlib.Path:
-    """Convert an HF ``LlamaForCausalLM`` directory into an Accessory ``llama`` checkpoint directory.
+    """Convert an HF directory (``LlamaForCausalLM``, ``MixtralForCausalLM`` or ``FalconForCausalLM``,
+    told apart by config.json's ``model_type``) into an Accessory checkpoint directory.
 
     ``dtype``: weight dtype to write (None keeps the stored dtype). ``mp``: model-parallel size; rank
     ``r``'s tensors go to ``consolidated.{r:02d}-of-{mp:02d}.model.pth``, cut as the original cuts
-    them. Tensors are read one at a time from memory-mapped safetensors, so peak memory is about one
-    copy of the converted weights. Tokenizer files present in ``src_dir`` are copied. Returns
-    ``out_dir``. Raises ``CheckpointError`` / ``ConfigError`` for what the ``llama`` type cannot hold
-    (another model_type, biases, non-linear RoPE scaling, head_dim != dim/heads) or missing files.
+    them (the model's own split plan). Tensors are read one at a time from memory-mapped
+    safetensors, so peak memory is about one copy of the converted weights. Writes config.json (the
+    original's ModelArgs fields), meta.json (``llama_type``) and copies the tokenizer files present.
+    Returns ``out_dir``. Raises ``CheckpointError`` / ``ConfigError`` for what the target type
+    cannot hold (another model_type, biases, non-linear RoPE scaling, ...) or missing files.
     """
     from safetensors import safe_open
     from tqdm.auto import tqdm
-
-    from ..model.LLM.llama import Transformer
 
     src, out = pathlib.Path(src_dir), pathlib.Path(out_dir)
     if not src.is_dir():
@@ -229,61 +447,71 @@ def hf_to_accessory(src_dir, out_dir, dtype: Optional[torch.dtype] = None, mp: i
     if mp < 1:
         raise ConfigError(f"mp (model-parallel size) must be >= 1, got {mp}")
     hf = _read_json(src / "config.json", "an HF model directory holds config.json next to its weights")
-    config = _accessory_config(hf, src / "config.json")
-    n_heads, n_kv = config["n_heads"], config["n_kv_heads"]
-    for name, count in (("num_attention_heads", n_heads), ("num_key_value_heads", n_kv)):
-        if count % mp:
-            raise ConfigError(f"{src}: {name} = {count} cannot be split over mp = {mp} model-parallel ranks")
+    arch = architecture_for_model_type(hf.get("model_type"), src / "config.json")
+    config = arch.accessory_config(hf, src / "config.json")
+    arch.check_mp(config, mp, src / "config.json")
     files = _hf_weight_files(src)
 
     # map and check every name before the slow part
-    plan: List[Tuple[pathlib.Path, str, str]] = []
+    plan: List[Tuple[pathlib.Path, str, TensorRule]] = []
     for file, names in files:
         for hf_name in names:
-            name = _accessory_name(hf_name, config["n_layers"], file)
-            if name is not None:
-                plan.append((file, hf_name, name))
-    planned = {name for _, _, name in plan}
-    tied = "output.weight" not in planned
+            rule = arch.tensor_rule(hf_name, config)
+            if rule is None:
+                if _is_cached_table(hf_name):
+                    continue  # a cached table some old checkpoints store; rebuilt from the config
+                raise CheckpointError(f"{file}: tensor {hf_name!r} has no place in the `{arch.llama_type}` "
+                                      f"type (biases or extra modules are not supported)")
+            plan.append((file, hf_name, rule))
+    planned = {name for _, _, rule in plan for name in rule.names}
+    tied = arch.output not in planned
     if tied and not hf.get("tie_word_embeddings", False):
         raise CheckpointError(f"{src}: the weights have no lm_head.weight and tie_word_embeddings is not set; "
                               f"the checkpoint is incomplete")
     vocab = int(hf.get("vocab_size") or 0)
-    expected = _expected_shapes(config, vocab)
-    missing = sorted(n for n in expected if n not in planned and not (tied and n == "output.weight"))
+    expected = arch.expected_shapes(config, vocab)
+    missing = sorted(n for n in expected if n not in planned and not (tied and n == arch.output))
     if missing:
-        raise CheckpointError(f"{src}: the weights lack {len(missing)} tensor(s) a `llama` model needs, e.g. "
-                              f"{', '.join(missing[:5])}")
+        raise CheckpointError(f"{src}: the weights lack {len(missing)} tensor(s) a `{arch.llama_type}` model "
+                              f"needs, e.g. {', '.join(missing[:5])}")
+    extra = sorted(planned - set(expected))
+    if extra:
+        raise CheckpointError(f"{src}: tensors such as {', '.join(extra[:3])} have no place in a "
+                              f"`{arch.llama_type}` model with this config.json")
 
     out.mkdir(parents=True, exist_ok=True)
-    plan_split = Transformer.split_plan
+    split_plan = arch.split_plan(config)
     shards: List[Dict[str, torch.Tensor]] = [{} for _ in range(mp)]
 
     def put(name: str, tensor: torch.Tensor) -> None:
-        for rank, piece in enumerate(plan_split.split(name, tensor, mp)):
-            shards[rank][_PREFIX + name] = piece.clone() if mp > 1 else piece
+        for rank, piece in enumerate(split_plan.split(name, tensor, mp)):
+            if piece is not None:  # None: that rank holds none of it (whole experts)
+                shards[rank][_PREFIX + name] = piece.clone() if mp > 1 else piece
 
-    by_file: Dict[pathlib.Path, List[Tuple[str, str]]] = {}
-    for file, hf_name, name in plan:
-        by_file.setdefault(file, []).append((hf_name, name))
+    by_file: Dict[pathlib.Path, List[Tuple[str, TensorRule]]] = {}
+    for file, hf_name, rule in plan:
+        by_file.setdefault(file, []).append((hf_name, rule))
     bar = tqdm(total=len(plan), desc=f"Converting {src.name}", unit="tensor", disable=not progress)
     for file, entries in by_file.items():
         with safe_open(str(file), framework="pt") as handle:
-            for hf_name, name in entries:
+            for hf_name, rule in entries:
                 tensor = handle.get_tensor(hf_name)
-                if tuple(tensor.shape) != expected[name]:
-                    raise CheckpointError(f"{file}: {hf_name} has shape {tuple(tensor.shape)}, expected "
-                                          f"{expected[name]} from config.json")
                 if dtype is not None:
                     tensor = tensor.to(dtype)
-                if name.endswith("attention.wq.weight"):
-                    tensor = rotate_half_to_interleaved(tensor, n_heads)
-                elif name.endswith("attention.wk.weight"):
-                    tensor = rotate_half_to_interleaved(tensor, n_kv)
-                put(name, tensor)
-                if tied and name == "tok_embeddings.weight":
-                    put("output.weight", tensor.clone())  # the original's checkpoints hold both
-                del tensor
+                try:
+                    pieces = list(rule.convert(tensor))
+                except RuntimeError as exc:  # a view / split that does not fit: a shape off the config
+                    raise CheckpointError(f"{file}: {hf_name} has shape {tuple(tensor.shape)}, which does not "
+                                          f"fit config.json ({exc})") from exc
+                for name, piece in zip(rule.names, pieces):
+                    if tuple(piece.shape) != expected[name]:
+                        raise CheckpointError(f"{file}: {hf_name} has shape {tuple(tensor.shape)}, giving "
+                                              f"{name} of shape {tuple(piece.shape)}; config.json expects "
+                                              f"{expected[name]}")
+                    put(name, piece.contiguous())
+                    if tied and name == arch.embedding:
+                        put(arch.output, piece.clone())  # the original's checkpoints hold both
+                del tensor, pieces
                 bar.update(1)
     bar.close()
 
@@ -291,81 +519,70 @@ def hf_to_accessory(src_dir, out_dir, dtype: Optional[torch.dtype] = None, mp: i
         torch.save({"model": shards[rank]}, out / _shard_file(rank, mp))
         shards[rank] = {}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (out / "meta.json").write_text(json.dumps({"llama_type": "llama"}) + "\n", encoding="utf-8")
+    (out / "meta.json").write_text(json.dumps({"llama_type": arch.llama_type}) + "\n", encoding="utf-8")
     _copy_tokenizer(src, out)
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Accessory -> HF
+# Accessory -> HF (every architecture)
 
 
-def _hf_config(cfg: Dict[str, Any], vocab: int, hidden: int, dtype: torch.dtype, tied: bool) -> Dict[str, Any]:
-    """HF LlamaConfig fields for the ``llama`` ModelArgs ``cfg`` (``hidden``: FFN width, in channels)."""
-    dtype_name = str(dtype).replace("torch.", "")
-    n_heads = int(cfg["n_heads"])
-    hf: Dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": vocab, "hidden_size": int(cfg["dim"]), "intermediate_size": hidden,
-        "num_hidden_layers": int(cfg["n_layers"]), "num_attention_heads": n_heads,
-        "num_key_value_heads": int(cfg.get("n_kv_heads") or n_heads),
-        "head_dim": int(cfg["dim"]) // n_heads,
-        "hidden_act": "silu", "rms_norm_eps": float(cfg.get("norm_eps", 1e-5)),
-        "max_position_embeddings": int(cfg.get("max_seq_len") or 4096),
-        "rope_theta": float(cfg.get("rope_theta", 10000.0)),
-        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
-        "initializer_range": 0.02, "use_cache": True, "pretraining_tp": 1,
-        "tie_word_embeddings": tied, "torch_dtype": dtype_name, "dtype": dtype_name,
-    }
-    hf["rope_scaling"] = None
-    if cfg.get("rope_scaling"):
-        # the original multiplies positions by rope_scaling; HF's linear factor divides them
-        hf["rope_scaling"] = {"rope_type": "linear", "factor": 1.0 / float(cfg["rope_scaling"])}
-    return hf
-
-
-def _load_accessory_config(src: pathlib.Path) -> Dict[str, Any]:
+def _load_accessory_config(src: pathlib.Path) -> Tuple[HFArchitecture, Dict[str, Any]]:
     meta_file = src / "meta.json"
-    if meta_file.is_file():
-        llama_type = _read_json(meta_file, "").get("llama_type", "llama")
-        if llama_type != "llama":
-            raise CheckpointError(f"{meta_file}: llama_type is {llama_type!r}; converting to HF handles "
-                                  f"'llama' checkpoints only")
+    llama_type = _read_json(meta_file, "").get("llama_type", "llama") if meta_file.is_file() else "llama"
+    arch = architecture_for_llama_type(llama_type, meta_file)
     config = _read_json(src / "config.json", "an Accessory checkpoint holds config.json (the ModelArgs "
-                                             "fields dim, n_layers, n_heads, ...) next to its shards")
-    for key in ("dim", "n_layers", "n_heads"):
-        if key not in config:
-            raise ConfigError(f"{src / 'config.json'} has no {key!r}, which a `llama` config must have")
-    return config
+                                             "fields) next to its shards")
+    _check_fields(config, llama_type, src / "config.json")
+    return arch, config
 
 
-def _merged_tensors(src: pathlib.Path) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(name without ``llma.``, full tensor) for each weight of the checkpoint in ``src``."""
-    from ..model.LLM.llama import Transformer
+def _check_fields(config: Dict[str, Any], llama_type: str, path: pathlib.Path) -> None:
+    """Raise when config.json has a field ``llama_type``'s ModelArgs does not take (another type's config)."""
+    import dataclasses
+
+    from ..model.LLM import load_llama_type
+    fields = {f.name for f in dataclasses.fields(load_llama_type(llama_type).ModelArgs)}
+    unknown = sorted(set(config) - fields)
+    if unknown:
+        raise CheckpointError(f"{path}: {', '.join(repr(u) for u in unknown)} is not a field of llama_type "
+                              f"{llama_type!r} (from meta.json); is meta.json's llama_type right?")
+
+
+def _merged_state(src: pathlib.Path, split_plan) -> Dict[str, torch.Tensor]:
+    """{name without ``llma.``: full tensor} of the checkpoint in ``src``, shards merged by ``split_plan``."""
     from .discover import META, find_shards
+    from .load import _ordered_union
     from .reader import read_state_dict
 
     shard_set = find_shards(src)
     if shard_set.is_diff:
         raise CheckpointError(f"{src} holds delta weights (model-diff); apply them to their base model first")
     states = [read_state_dict(f, add_prefix=shard_set.format == META) for f in shard_set.files]
-    for key in states[0]:
+    merged: Dict[str, torch.Tensor] = {}
+    for key in _ordered_union(states):
         if not key.startswith(_PREFIX):
             raise CheckpointError(f"{shard_set.files[0]}: key {key!r} does not start with {_PREFIX!r}")
-        missing = [f.name for f, s in zip(shard_set.files, states) if key not in s]
-        if missing:
-            raise CheckpointError(f"{key} is in {shard_set.files[0].name} but not in {', '.join(missing)}")
         name = key[len(_PREFIX):]
-        yield name, Transformer.split_plan.merge(name, [s[key] for s in states])
+        pieces = [s[key] for s in states if key in s]
+        if len(pieces) != len(states) and split_plan.shard_dim(name) is not None:
+            missing = [f.name for f, s in zip(shard_set.files, states) if key not in s]
+            raise CheckpointError(f"{key} is split across model-parallel ranks but {', '.join(missing)} lack "
+                                  f"it; copy all shards again from one save")
+        # own memory: the shards are memory-mapped
+        merged[name] = split_plan.merge(name, pieces).contiguous().clone()
+    return merged
 
 
 def accessory_to_hf(src_dir, out_dir, dtype: Optional[torch.dtype] = None, progress: bool = True) -> pathlib.Path:
-    """Convert an Accessory ``llama`` checkpoint directory into an HF ``LlamaForCausalLM`` directory.
+    """Convert an Accessory ``llama``, ``mixtral`` or ``falcon`` checkpoint directory (meta.json's
+    ``llama_type``) into an HF ``LlamaForCausalLM`` / ``MixtralForCausalLM`` / ``FalconForCausalLM``
+    directory.
 
-    Model-parallel shards are merged with ``llama.Transformer.split_plan``. Writes ``model.safetensors``,
-    ``config.json`` (LlamaConfig fields; ``tie_word_embeddings`` when output equals the embedding) and
-    copies the tokenizer files. ``dtype``: weight dtype to write (None keeps the stored dtype).
-    Returns ``out_dir``.
+    Model-parallel shards are merged with the model's split plan. Writes ``model.safetensors``,
+    ``config.json`` (``tie_word_embeddings`` when output equals the embedding) and copies the
+    tokenizer files. ``dtype``: weight dtype to write (None keeps the stored dtype). Returns ``out_dir``.
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -377,39 +594,22 @@ def accessory_to_hf(src_dir, out_dir, dtype: Optional[torch.dtype] = None, progr
         raise CheckpointError(f"{src} is an HF model directory (its config.json has model_type), not an "
                               f"Accessory checkpoint; convert it the other way (--from hf)")
     find_shards(src)  # a clear error for a directory without shards, before anything else
-    config = _load_accessory_config(src)
-    n_layers, n_heads = int(config["n_layers"]), int(config["n_heads"])
-    n_kv = int(config.get("n_kv_heads") or n_heads)
-    hf_state: Dict[str, torch.Tensor] = {}
-    for name, tensor in tqdm(_merged_tensors(src), desc=f"Converting {src.name}", unit="tensor",
-                             disable=not progress):
+    arch, config = _load_accessory_config(src)
+    state = _merged_state(src, arch.split_plan(config))
+    for name in tqdm(list(state), desc=f"Converting {src.name}", unit="tensor", disable=not progress):
         if dtype is not None:
-            tensor = tensor.to(dtype)
-        if name in _GLOBAL_NAMES_BACK:
-            hf_name = _GLOBAL_NAMES_BACK[name]
-        else:
-            layer, _, rest = name[len("layers."):].partition(".") if name.startswith("layers.") else ("", "", "")
-            if not layer.isdigit() or int(layer) >= n_layers or rest not in _LAYER_NAMES_BACK:
-                raise CheckpointError(f"{src}: weight {name!r} has no place in HF's LlamaForCausalLM (a PEFT, "
-                                      f"adapter or other llama_type checkpoint?)")
-            hf_name = f"model.layers.{layer}.{_LAYER_NAMES_BACK[rest]}"
-            if rest == "attention.wq.weight":
-                tensor = interleaved_to_rotate_half(tensor, n_heads)
-            elif rest == "attention.wk.weight":
-                tensor = interleaved_to_rotate_half(tensor, n_kv)
-        hf_state[hf_name] = tensor.contiguous().clone()  # own memory: the shards are memory-mapped
-    if "model.embed_tokens.weight" not in hf_state:
-        raise CheckpointError(f"{src}: the checkpoint has no tok_embeddings.weight")
-    embedding = hf_state["model.embed_tokens.weight"]
-    tied = "lm_head.weight" in hf_state and torch.equal(hf_state["lm_head.weight"], embedding)
+            state[name] = state[name].to(dtype)
+    if arch.embedding not in state:
+        raise CheckpointError(f"{src}: the checkpoint has no {arch.embedding}")
+    embedding = state[arch.embedding]
+    tied = arch.output in state and torch.equal(state[arch.output], embedding)
+    hf_state, hf_config = arch.to_hf(state, config, src)
+    del state
     if tied:
         del hf_state["lm_head.weight"]
-    hidden = hf_state["model.layers.0.mlp.gate_proj.weight"].shape[0] if n_layers else 0
-    if n_layers and hidden != ffn_hidden_dim(int(config["dim"]), int(config.get("multiple_of", 256)),
-                                             config.get("ffn_dim_multiplier")):
-        raise ConfigError(f"{src / 'config.json'}: multiple_of / ffn_dim_multiplier give another FFN width than "
-                          f"the weights' {hidden}")
-    hf_config = _hf_config(config, embedding.shape[0], hidden, embedding.dtype, tied)
+    dtype_name = str(embedding.dtype).replace("torch.", "")
+    hf_config.update(tie_word_embeddings=tied, torch_dtype=dtype_name, dtype=dtype_name)
+    hf_state = {k: v.contiguous() for k, v in hf_state.items()}
 
     out.mkdir(parents=True, exist_ok=True)
     save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
