@@ -8,7 +8,7 @@ in float32 "just in case", and a shard already in the target dtype is used in pl
 import logging
 import re
 import warnings
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -46,11 +46,15 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> tor
 
 def load_shard_set(model: nn.Module, shards: ShardSet, split_plan: SplitPlan, dtype: torch.dtype,
                    device: torch.device, loaded: Dict[str, str], unexpected: Dict[str, str],
-                   progress: bool = True) -> None:
+                   progress: bool = True, shard: Optional[Tuple[int, int]] = None) -> None:
     """Load one directory's shards into ``model`` (merging model-parallel pieces).
 
     ``loaded`` maps each parameter set so far to the file it came from; ``unexpected`` collects
     checkpoint keys the model has no parameter for. Delta shards are added onto loaded values.
+    ``shard=(rank, size)``: ``model`` holds only rank ``rank``'s slice of each split parameter
+    (see layers/tensor_parallel.py); a checkpoint of ``size`` shards gives it its own shard, a
+    1-shard one is sliced (memory-mapped: only the slice's bytes are read), any other count is
+    merged, then sliced.
     """
     params = dict(model.named_parameters())
     states = [read_state_dict(f, add_prefix=shards.format == META) for f in shards.files]
@@ -72,15 +76,24 @@ def load_shard_set(model: nn.Module, shards: ShardSet, split_plan: SplitPlan, dt
                 f"{shards.mp_size} shards in {shards.directory} hold it: the shard set is incomplete or "
                 f"mixed from different saves; copy all {shards.mp_size} shards again from one save")
         try:
-            tensor = split_plan.merge(local_name, pieces)
-        except RuntimeError as exc:
+            if shard is None:
+                tensor = split_plan.merge(local_name, pieces)
+            elif shards.mp_size == shard[1] and len(pieces) == len(states):
+                tensor = pieces[shard[0]]
+            else:
+                tensor = split_plan.split(local_name, split_plan.merge(local_name, pieces), shard[1])[shard[0]]
+                if tensor is None:
+                    raise RuntimeError(f"rank {shard[0]} of {shard[1]} holds no piece of it")
+                tensor = tensor.contiguous()  # a column slice: copy it out of the full tensor
+        except (RuntimeError, ValueError) as exc:
             raise CheckpointError(
-                f"cannot merge the {len(pieces)} model-parallel pieces of {key} in {shards.directory} "
+                f"cannot merge{'' if shard is None else ' and slice'} the {len(pieces)} model-parallel pieces of {key} in {shards.directory} "
                 f"(shapes {[tuple(p.shape) for p in pieces]}): {exc}") from exc
         expected = tuple(params[key].shape)
         if tuple(tensor.shape) != expected:
             raise CheckpointError(
-                f"shape mismatch for {key}: checkpoint {source} has {tuple(tensor.shape)}, the model "
+                f"shape mismatch for {key}: checkpoint {source} has {tuple(tensor.shape)}"
+                f"{'' if shard is None else f' for model-parallel rank {shard[0]} of {shard[1]}'}, the model "
                 f"expects {expected}. " + _mismatch_advice(model, key, tuple(tensor.shape), expected))
         if shards.is_diff:
             if key not in loaded:
@@ -115,18 +128,20 @@ def _mismatch_advice(model: nn.Module, key: str, found: tuple, expected: tuple) 
 
 
 def load_pretrained(model: nn.Module, paths: Sequence, split_plan: SplitPlan, dtype: torch.dtype,
-                    device: torch.device, strict: bool = True, progress: bool = True) -> Dict[str, List[str]]:
+                    device: torch.device, strict: bool = True, progress: bool = True,
+                    shard: Optional[Tuple[int, int]] = None) -> Dict[str, List[str]]:
     """Load every checkpoint dir of ``paths`` in order into ``model`` (a meta-device MetaModel).
 
     Later full checkpoints override earlier keys; delta checkpoints add to them. Unexpected keys
     are reported once and dropped. Parameters no checkpoint provided are an error unless
     ``strict=False``, in which case they are initialised by their module (with a warning).
+    ``shard=(rank, size)``: fill only this model-parallel rank's slices (see load_shard_set).
     Returns ``{"missing_keys": [...], "unexpected_keys": [...]}``.
     """
     loaded: Dict[str, str] = {}
     unexpected: Dict[str, str] = {}
     for path in paths:
-        load_shard_set(model, find_shards(path), split_plan, dtype, device, loaded, unexpected, progress)
+        load_shard_set(model, find_shards(path), split_plan, dtype, device, loaded, unexpected, progress, shard)
     if unexpected:
         names = list(unexpected)
         shown = ", ".join(names[:10]) + (f" ... and {len(names) - 10} more" if len(names) > 10 else "")

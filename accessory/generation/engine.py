@@ -9,6 +9,10 @@ The sampler sees each row's prompt + generated tokens (for the penalties) and it
 index (for its seeded generator), both looked up through ``active`` so they stay aligned with the
 logits as finished rows leave. With ``logprobs=True`` each row also records, per generated token,
 its log-probability under the model's raw distribution (before penalties or temperature).
+
+A model cut across a model-parallel group runs one engine per process: with ``sync_group`` the
+tokens picked by the group's first rank are broadcast each step, so every rank feeds the same
+tokens to its slice whatever its random state.
 """
 
 from dataclasses import dataclass, field
@@ -40,10 +44,22 @@ class RowState:
 class GenerationEngine:
     """Drives a model that offers ``new_kv_cache`` and ``forward_tokens`` (see model/LLM/llama.py)."""
 
-    def __init__(self, model, tokenizer, eos_ids: Sequence[int]):
+    def __init__(self, model, tokenizer, eos_ids: Sequence[int], sync_group=None):
+        """``sync_group``: a torch.distributed group whose ranks must pick the same tokens (the
+        model-parallel group), or None."""
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = set(i for i in eos_ids if i is not None)
+        self.sync_group = sync_group
+
+    def _agree(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The first rank's token ids on every rank of ``sync_group`` (unchanged without one)."""
+        if self.sync_group is None:
+            return tokens
+        import torch.distributed as dist
+        tokens = tokens.contiguous()
+        dist.broadcast(tokens, src=dist.get_global_rank(self.sync_group, 0), group=self.sync_group)
+        return tokens
 
     @property
     def device(self) -> torch.device:
@@ -90,7 +106,7 @@ class GenerationEngine:
             if sampling.uses_penalties:
                 generated = [rows[i].new_tokens for i in active]
                 contexts = [prompts[i] + rows[i].new_tokens for i in active]
-            next_tokens = sampler(logits, contexts, generated, rows=active).tolist()
+            next_tokens = self._agree(sampler(logits, contexts, generated, rows=active)).tolist()
             if logprobs:
                 self._record_logprobs([rows[i] for i in active], logits, next_tokens, top_logprobs)
             for slot, i in enumerate(active):

@@ -30,6 +30,7 @@ from ..generation.engine import GenerationEngine
 from ..kernels.linear import use_native_linear
 from ..generation.sampling import SamplingParams
 from .LLM import load_llama_type
+from .layers.tensor_parallel import add_collectives, check_supported, model_parallel_of, shard_meta_model
 from .tokenizer import Tokenizer, probe_tokenizer_path
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ class MetaModel(nn.Module):
                 f"Fix the value in the config file") from exc
         self.split_plan = self.llma.split_plan  # an instance attribute where it depends on the config
         self.is_peft = getattr(self.llma, "is_peft", False)
+        self.mp_group = None  # set by from_pretrained when the weights are cut across a group
         self._engine = None
 
     # ------------------------------------------------------------------ loading
@@ -177,6 +179,13 @@ class MetaModel(nn.Module):
         directory (``meta.json``, ``config.json``, ``tokenizer.model`` or ``tokenizer.json`` +
         ``tokenizer_config.json``). ``device=None`` picks CUDA when available, else CPU.
         ``strict=False`` lets parameters absent from every checkpoint be freshly initialised.
+
+        ``mp_group``: a torch.distributed group of N > 1 processes runs the model tensor-parallel
+        (llama and llama_peft so far): every process of the group calls this, and later every
+        scoring / generation call, with the same arguments; each holds only its 1/N slice of the
+        split weights, read from a checkpoint of any shard count. gloo on CPU, nccl on CUDA
+        (pass each process its own ``device``, e.g. ``f"cuda:{local_rank}"``). ``None`` or a
+        group of size 1: the whole model on this process.
         """
         if isinstance(pretrained_path, (str, Path)):
             paths = [Path(pretrained_path)]
@@ -193,7 +202,7 @@ class MetaModel(nn.Module):
         if quant:
             raise NotImplementedError(
                 "quant=True (low-memory quantized inference) is not available yet; load with quant=False")
-        _check_model_parallel(mp_group)
+        parallel = model_parallel_of(mp_group)
         dtype, device = resolve_dtype(dtype), resolve_device(device)
         last = paths[-1]
 
@@ -207,6 +216,8 @@ class MetaModel(nn.Module):
                 llama_type = json.loads(meta_file.read_text(encoding="utf-8"))["llama_type"]
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
                 raise ConfigError(f"{meta_file} must be a JSON object with a \"llama_type\" key") from exc
+        if parallel is not None:
+            check_supported(llama_type, parallel.size)
         if llama_config is None:
             config_file = last / "config.json"
             if config_file.is_file():
@@ -224,8 +235,20 @@ class MetaModel(nn.Module):
 
         with torch.device("meta"):
             model = cls(llama_type, llama_config, tokenizer_path, with_visual, max_seq_len)
-        result = load_pretrained(model, paths, model.split_plan, dtype, device, strict=strict, progress=progress)
+        shard = None
+        if parallel is not None:
+            try:
+                shard_meta_model(model.llma, model.split_plan, parallel.rank, parallel.size)
+            except ValueError as exc:
+                raise ConfigError(f"llama_type {llama_type!r} cannot be cut over {parallel.size} "
+                                  f"model-parallel ranks: {exc}") from exc
+            shard = (parallel.rank, parallel.size)
+        result = load_pretrained(model, paths, model.split_plan, dtype, device, strict=strict, progress=progress,
+                                 shard=shard)
         model.load_result = result
+        if parallel is not None:
+            add_collectives(model.llma, model.split_plan, parallel)
+            model.mp_group = parallel.group
         if device.type == "cpu":
             use_native_linear(model)
         if hasattr(model.llma, "fuse_projections"):
@@ -298,7 +321,8 @@ class MetaModel(nn.Module):
     @property
     def engine(self) -> GenerationEngine:
         if self._engine is None:
-            self._engine = GenerationEngine(self.llma, self.tokenizer, [self.tokenizer.eos_id])
+            self._engine = GenerationEngine(self.llma, self.tokenizer, [self.tokenizer.eos_id],
+                                            sync_group=self.mp_group)
         return self._engine
 
     def _fit_prompt(self, tokens: List[int], max_gen_len: int) -> (List[int], int):
@@ -385,13 +409,3 @@ class MetaModel(nn.Module):
     def get_image_words(self) -> int:
         return getattr(self.llma, "image_words", 0)
 
-
-def _check_model_parallel(mp_group) -> None:
-    if mp_group is None:
-        return
-    import torch.distributed as dist
-    size = dist.get_world_size(mp_group)
-    if size > 1:
-        raise NotImplementedError(
-            f"model parallelism (mp_group of size {size}) is not available yet; load on one process "
-            f"(mp_group=None): checkpoints of any shard count are merged automatically")

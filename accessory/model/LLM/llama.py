@@ -150,7 +150,7 @@ class Transformer(CausalDecoder):
         (r"\.feed_forward\.(w1|w3)\.weight$", COLUMN),
         (r"\.feed_forward\.w2\.weight$", ROW),
         (r"(^|\.)output\.weight$", COLUMN),
-    ])
+    ], gather=[r"(^|\.)output$"])  # the logits leave the model whole
 
     def __init__(self, args: ModelArgs, with_visual: bool = False, linear: LinearFactory = plain_linear):
         super().__init__()

@@ -15,7 +15,7 @@ from typing import Dict
 from torch import nn
 
 from ..layers.linear import make_linear
-from ..layers.parallel import COLUMN, ROW, SplitPlan
+from ..layers.parallel import COLUMN, ROW
 from . import llama
 
 
@@ -58,7 +58,7 @@ class Transformer(llama.Transformer):
     """llama's decoder built with :func:`peft_linear_factory`."""
 
     is_peft = True
-    split_plan = SplitPlan(llama.Transformer.split_plan.rules + PEFT_SPLIT_RULES)
+    split_plan = llama.Transformer.split_plan.extended(PEFT_SPLIT_RULES)
 
     def __init__(self, args: ModelArgs, with_visual: bool = False):
         if with_visual:

@@ -104,10 +104,27 @@ Rule = Union[Optional[int], Partition]
 
 class SplitPlan:
     """An ordered list of (regex, dim or :class:`Partition`) rules matched against parameter names
-    (first match wins)."""
+    (first match wins).
 
-    def __init__(self, rules: Sequence[Tuple[str, Rule]]):
+    ``gather``: regexes naming the modules whose column-split (dim 0) output must be whole at
+    runtime (the output head: its vocab slices are all-gathered); other column-split outputs stay
+    local and feed a row-split module (see :mod:`accessory.model.layers.tensor_parallel`).
+    """
+
+    def __init__(self, rules: Sequence[Tuple[str, Rule]], gather: Sequence[str] = ()):
         self.rules: List[Tuple[re.Pattern, Rule]] = [(re.compile(p), d) for p, d in rules]
+        self.gather: List[re.Pattern] = [re.compile(p) for p in gather]
+
+    def extended(self, rules: Sequence[Tuple[str, Rule]], gather: Sequence[str] = ()) -> "SplitPlan":
+        """This plan with more rules (and gathered modules) after its own."""
+        plan = SplitPlan([], [])
+        plan.rules = self.rules + [(re.compile(p), d) for p, d in rules]
+        plan.gather = self.gather + [re.compile(p) for p in gather]
+        return plan
+
+    def gathers_output(self, module_name: str) -> bool:
+        """Whether ``module_name``'s column-split output is all-gathered to its full width."""
+        return any(pattern.search(module_name) for pattern in self.gather)
 
     def rule(self, name: str) -> Rule:
         """The dim or :class:`Partition` ``name`` is cut by, or None when it is replicated."""
