@@ -1,0 +1,81 @@
+"""What the demos share: the original's command-line flags and loading the model they name.
+
+A demo never touches a weight: it calls ``MetaModel.from_pretrained`` and then only the model's
+``generate`` / ``stream_generate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+
+def add_model_args(parser: argparse.ArgumentParser, max_seq_len: int) -> None:
+    """The original demos' model flags, plus --host/--port/--share for the web server."""
+    parser.add_argument("--pretrained_path", type=str, nargs="+", default=None,
+                        help="checkpoint directory (several: applied in order, e.g. base then delta); "
+                             "default: the embedded SmolLM2-135M-Instruct demo model")
+    parser.add_argument("--llama_type", type=str, default=None,
+                        help="architecture, e.g. llama (default: read from the checkpoint's meta.json)")
+    parser.add_argument("--llama_config", type=str, nargs="*", default=None,
+                        help="params/config JSON files, merged in order (default: the checkpoint's config.json)")
+    parser.add_argument("--tokenizer_path", type=str, default=None,
+                        help="tokenizer.model or tokenizer.json (default: found in the checkpoint dir)")
+    parser.add_argument("--max_seq_len", type=int, default=max_seq_len,
+                        help=f"context length in tokens (default {max_seq_len})")
+    parser.add_argument("--dtype", type=str, choices=["fp16", "bf16", "fp32"], default="bf16",
+                        help="weight dtype (default bf16)")
+    parser.add_argument("--device", type=str, default=None,
+                        help="cpu or cuda (default: cuda when available, else cpu)")
+    parser.add_argument("--quant", action="store_true", help="load quantized weights (not available yet)")
+    parser.add_argument("--host", type=str, default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free)")
+    parser.add_argument("--share", action="store_true",
+                        help="also open a public gradio.live link (off by default)")
+
+
+def check_single_process(n_processes: int, flag: str) -> None:
+    """Exit with a clear message when more than one model-parallel process is asked for."""
+    if n_processes != 1:
+        sys.exit(f"error: {flag}={n_processes}: model parallelism across several processes is not available "
+                 f"in the demos yet; run with one process (the model runs on one GPU or on the CPU)")
+
+
+def checkpoint_dirs(pretrained_path: Optional[Sequence[str]]) -> List[Path]:
+    """The checkpoint directories to load: the given ones, or the embedded demo model (built on first use)."""
+    if pretrained_path:
+        return [Path(p) for p in pretrained_path]
+    from accessory.checkpoint.demo_model import ensure_demo_model
+    return [ensure_demo_model()]
+
+
+def load_model(args: argparse.Namespace):
+    """``MetaModel.from_pretrained`` with the parsed flags; exits with the reason when loading fails."""
+    from accessory.errors import AccessoryError
+    from accessory.model.meta import MetaModel
+
+    paths = checkpoint_dirs(args.pretrained_path)
+    try:
+        return MetaModel.from_pretrained([str(p) for p in paths], llama_type=args.llama_type,
+                                         llama_config=args.llama_config, tokenizer_path=args.tokenizer_path,
+                                         max_seq_len=args.max_seq_len, dtype=args.dtype, device=args.device,
+                                         quant=args.quant)
+    except NotImplementedError as exc:
+        sys.exit(f"error: {exc}")
+    except AccessoryError as exc:
+        sys.exit(f"error: cannot load {', '.join(map(str, paths))}: {exc}")
+
+
+def torchrun_world_size() -> int:
+    """WORLD_SIZE as torchrun sets it (1 when not launched by torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launch(demo, args: argparse.Namespace, **kwargs):
+    """Queue (one generation at a time: the model is shared) and serve ``demo``."""
+    demo.queue(default_concurrency_limit=1, api_open=True)
+    return demo.launch(server_name=args.host, server_port=args.port, share=args.share, **kwargs)

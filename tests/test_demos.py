@@ -1,0 +1,282 @@
+"""The text demos (accessory/demos): prompt building and generation against MetaModel, the page's
+layout and defaults, a real server asked through gradio_client, and the start.sh launcher."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install 'accessory[demo]')")
+
+from accessory.data.conversation import default_conversation  # noqa: E402
+from accessory.data.system_prompt import format_prompt  # noqa: E402
+from accessory.demos import multi_turn, single_turn  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+GEN = dict(max_gen_len=12, temperature=0.0, top_p=0.75)  # greedy: the demo and generate must agree exactly
+
+
+def _components(demo):
+    return {getattr(block, "label", None): block for block in demo.blocks.values()
+            if getattr(block, "label", None)}
+
+
+def _buttons(demo):
+    return [block.value for block in demo.blocks.values() if isinstance(block, gr.Button)]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------ single turn
+
+def test_single_turn_prompt_is_format_prompt():
+    assert single_turn.build_prompt("Name a fruit.") == format_prompt({"instruction": "Name a fruit."}, "alpaca")
+    assert single_turn.build_prompt("Sum them.", "1 2", "alpaca").endswith(
+        "### Instruction:\nSum them.\n\n### Input:\n1 2\n\n### Response:")
+    assert single_turn.build_prompt("Hi", "", "None") == "Hi"
+
+
+def test_single_turn_answer_equals_generate(tiny_llama_model):
+    prompt = format_prompt({"instruction": "Name a fruit.", "input": ""}, "alpaca")
+    expected = tiny_llama_model.generate([prompt], **GEN)[0].strip()
+    assert expected  # a random model still writes something
+    assert single_turn.answer(tiny_llama_model, "Name a fruit.", "", "alpaca", **GEN) == expected
+
+
+def test_single_turn_page_layout(tiny_llama_model):
+    demo = single_turn.build_demo(tiny_llama_model)
+    assert isinstance(demo, gr.Blocks)
+    parts = _components(demo)
+    assert parts["Question"].lines == 4
+    assert isinstance(parts["Question Input (Optional)"], gr.Textbox)
+    system_prompt = parts["System Prompt"]
+    assert system_prompt.value == "alpaca"
+    assert [c[1] if isinstance(c, tuple) else c for c in system_prompt.choices][:2] == ["alpaca", "None"]
+    assert (parts["Max Length"].minimum, parts["Max Length"].maximum, parts["Max Length"].value) == (1, 512, 128)
+    assert (parts["Temperature"].minimum, parts["Temperature"].maximum, parts["Temperature"].value) == (0, 1, 0.1)
+    assert (parts["Top p"].minimum, parts["Top p"].maximum, parts["Top p"].value) == (0, 1, 0.75)
+    assert parts["Text Out"].lines == 11
+    assert "Run" in _buttons(demo)
+    labels = list(parts)
+    assert labels.index("Question") < labels.index("System Prompt") < labels.index("Max Length") \
+        < labels.index("Text Out")
+
+
+def test_single_turn_served_answer_equals_generate(tiny_llama_model):
+    """Launch the page on a free local port, ask it through gradio_client, compare with generate."""
+    from gradio_client import Client
+
+    demo = single_turn.build_demo(tiny_llama_model)
+    demo.queue(default_concurrency_limit=1)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, share=False, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        served = client.predict("Name a fruit.", "", "alpaca", 12, 0.0, 0.75, api_name="/run")
+    finally:
+        demo.close()
+    prompt = format_prompt({"instruction": "Name a fruit."}, "alpaca")
+    assert served == tiny_llama_model.generate([prompt], **GEN)[0].strip()
+
+
+# ------------------------------------------------------------------ multi turn
+
+def test_multi_turn_prompt_is_default_conversation():
+    qas = [["Hi", "Hello!"], ["Name a fruit.", None]]
+    prompt, stop = multi_turn.build_conversation_prompt(qas)
+    conversation = default_conversation()
+    conversation.load_qas(qas)
+    assert prompt == conversation.get_prompt()
+    assert prompt.endswith("### Human: Name a fruit.\n### Assistant:")
+    assert stop == "\n###"
+    chatml_prompt, chatml_stop = multi_turn.build_conversation_prompt(qas, "chatml")
+    assert chatml_prompt.endswith("<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\n")
+    assert chatml_stop == "<|im_end|>"
+    with pytest.raises(ValueError, match="unknown conversation template"):
+        multi_turn.build_conversation_prompt(qas, "nope")
+
+
+def test_multi_turn_template_from_checkpoint(tmp_path):
+    assert multi_turn.template_for_checkpoint(tmp_path) == "default"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}{% endfor %}"}))
+    assert multi_turn.template_for_checkpoint(tmp_path) == "chatml"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": "You are a helpful AI assistant named SmolLM <|im_start|>"}))
+    assert multi_turn.template_for_checkpoint(tmp_path) == "smollm2"
+
+
+@pytest.mark.parametrize("template", ["default", "chatml"])
+def test_multi_turn_stream_equals_generate(tiny_llama_model, template):
+    qas = [["Hi", "Hello!"], ["Name a fruit.", None]]
+    prompt, stop = multi_turn.build_conversation_prompt(qas, template)
+    expected = tiny_llama_model.generate([prompt], additional_stop_symbols=[stop], **GEN)[0].strip()
+    chunks = list(multi_turn.stream_reply(tiny_llama_model, qas, template, **GEN))
+    assert chunks[-1] == expected
+    assert len(chunks) >= 2  # streamed, not delivered at once
+    assert all(expected.startswith(chunk) for chunk in chunks)
+
+    # the chat window's path: question shown, then the answer growing at the end of the history
+    box, messages = multi_turn.show_user_input("Name a fruit.", [{"role": "user", "content": "Hi"},
+                                                                 {"role": "assistant", "content": "Hello!"}])
+    assert box == ""
+    updates = list(multi_turn.stream_model_output(tiny_llama_model, messages, template, GEN["max_gen_len"],
+                                                  GEN["temperature"], GEN["top_p"]))
+    assert updates[-1][-1] == {"role": "assistant", "content": expected}
+    assert updates[-1][:-1] == messages
+    assert multi_turn.undo(updates[-1]) == messages[:2]
+
+
+def test_multi_turn_stops_at_response_end_signal(tiny_llama_model, monkeypatch):
+    """What the model writes after "\\n###" never reaches the chat window (stream_generate cuts it)."""
+    seen = {}
+
+    def fake_stream(prompt, **kwargs):
+        seen.update(kwargs)
+        yield {"text": " Apple", "end_of_content": False}
+        yield {"text": " Apple.\n", "end_of_content": True}
+
+    monkeypatch.setattr(tiny_llama_model, "stream_generate", fake_stream)
+    chunks = list(multi_turn.stream_reply(tiny_llama_model, [["Name a fruit.", None]], "default", 7, 0.2, 0.5))
+    assert chunks == ["Apple", "Apple."]
+    assert seen == dict(max_gen_len=7, temperature=0.2, top_p=0.5, additional_stop_symbols=["\n###"])
+
+
+def test_multi_turn_messages_to_qas_accepts_content_blocks():
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "More?"}]
+    assert multi_turn.messages_to_qas(messages) == [["Hi", "Hello!"], ["More?", None]]
+
+
+def test_multi_turn_page_layout(tiny_llama_model):
+    demo = multi_turn.build_demo(tiny_llama_model, "smollm2", max_seq_len=2048)
+    parts = _components(demo)
+    assert isinstance(parts["Chat"], gr.Chatbot)
+    assert isinstance(parts["Message"], gr.Textbox)
+    length = parts["Single-turn max response length"]
+    assert (length.minimum, length.maximum, length.value) == (1, 1024, 1024)
+    assert (parts["Temperature"].value, parts["Top-p"].value) == (0.1, 0.75)
+    assert parts["Conversation Template"].value == "smollm2"
+    assert {"Submit", "Stop", "Undo", "Clear"} <= set(_buttons(demo))
+
+
+# ------------------------------------------------------------------ command lines
+
+def test_multi_turn_served_two_turns_equal_generate(tiny_llama_model):
+    """Two chat turns through a launched page's API (/show_user_input then /stream_model_output)."""
+    from gradio_client import Client
+
+    demo = multi_turn.build_demo(tiny_llama_model, "default", max_seq_len=256)
+    demo.queue(default_concurrency_limit=1)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, share=False, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        history = []
+        for question in ("Hi", "Name a fruit."):
+            box, history = client.predict(question, history, api_name="/show_user_input")
+            assert box == ""
+            history = client.predict(history, "default", GEN["max_gen_len"], GEN["temperature"], GEN["top_p"],
+                                     api_name="/stream_model_output")
+    finally:
+        demo.close()
+    qas = multi_turn.messages_to_qas(history)
+    assert [qa[0] for qa in qas] == ["Hi", "Name a fruit."]
+    for turn in range(2):
+        prompt, stop = multi_turn.build_conversation_prompt(qas[:turn] + [[qas[turn][0], None]])
+        assert qas[turn][1] == tiny_llama_model.generate([prompt], additional_stop_symbols=[stop], **GEN)[0].strip()
+
+
+def test_demo_flags():
+    args = single_turn.build_parser().parse_args(
+        ["--pretrained_path", "a", "b", "--llama_config", "c.json", "d.json", "--dtype", "fp32", "--quant"])
+    assert (args.pretrained_path, args.llama_config, args.dtype, args.quant) == (["a", "b"], ["c.json", "d.json"],
+                                                                                 "fp32", True)
+    assert (args.max_seq_len, args.host, args.share) == (4096, "127.0.0.1", False)
+    args = multi_turn.build_parser().parse_args([])
+    assert (args.pretrained_path, args.max_seq_len, args.n_gpus, args.dtype) == (None, 2048, 1, "bf16")
+
+
+def test_quant_and_n_gpus_exit_with_reason(tiny_llama_dir):
+    with pytest.raises(SystemExit, match="quant=True .* is not available yet"):
+        single_turn.main(["--pretrained_path", str(tiny_llama_dir), "--quant", "--dtype", "fp32",
+                          "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--n_gpus=2: model parallelism"):
+        multi_turn.main(["--pretrained_path", str(tiny_llama_dir), "--n_gpus", "2"])
+
+
+def test_demo_runs_as_a_file_help():
+    """`python accessory/demos/single_turn.py --help` works without the package on sys.path."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, str(REPO / "accessory/demos/single_turn.py"), "--help"], cwd="/",
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "--pretrained_path" in out.stdout and "--share" in out.stdout
+
+
+def _start(*flags, **env):
+    return subprocess.run(["bash", str(REPO / "accessory/demos/start.sh"), *flags, "--dry-run"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHON": "python", **env})
+
+
+def test_start_sh_commands(tmp_path):
+    assert _start().stdout.strip() == "python -m accessory.demos.multi_turn --n_gpus 1"
+    out = _start("--scenario", "1", "--pretrained_path", str(tmp_path), "--quant", "--port", "7861")
+    assert out.stdout.strip() == f"python -m accessory.demos.single_turn --pretrained_path {tmp_path} --quant " \
+                                 f"--port 7861"
+    assert _start(SCENARIO="1").stdout.strip() == "python -m accessory.demos.single_turn"
+    missing = _start("--scenario", "3")
+    assert missing.returncode == 2 and "not available yet" in missing.stderr
+    assert "does not exist" in _start("--pretrained_path", str(tmp_path / "nope")).stderr
+    assert "not available in the demos yet" in _start("--nproc", "2").stderr
+
+
+def test_multi_turn_subprocess_on_embedded_model():
+    """As a user starts it: `python -m accessory.demos.multi_turn` on a free port, the embedded SmolLM2."""
+    import time
+
+    import torch
+    from gradio_client import Client
+
+    from accessory.checkpoint.demo_model import DEMO_MODEL_NAME, default_cache_dir
+    from accessory.model.meta import MetaModel
+
+    model_dir = default_cache_dir() / "models" / DEMO_MODEL_NAME
+    if not (model_dir / "config.json").is_file():
+        pytest.skip(f"the embedded demo model is not built yet at {model_dir} (run `accessory chat` once)")
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "accessory.demos.multi_turn", "--port", str(port),
+                               "--dtype", "fp32", "--device", "cpu"], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:
+                if server.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"the demo did not start: {server.stdout.read() if server.poll() is not None else ''}")
+                time.sleep(1)
+        question = "What is the capital of France?"
+        _, history = client.predict(question, [], api_name="/show_user_input")
+        history = client.predict(history, "smollm2", 24, 0.0, 0.75, api_name="/stream_model_output")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    model = MetaModel.from_pretrained(str(model_dir), dtype=torch.float32, device="cpu", progress=False)
+    prompt, stop = multi_turn.build_conversation_prompt([[question, None]], "smollm2")
+    expected = model.generate([prompt], max_gen_len=24, temperature=0.0, additional_stop_symbols=[stop])[0].strip()
+    assert multi_turn.messages_to_qas(history) == [[question, expected]]
+    assert "Paris" in expected
