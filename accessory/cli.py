@@ -1,10 +1,12 @@
-"""The ``accessory`` command: chat with a model in the terminal, convert checkpoints.
+"""The ``accessory`` command: chat in the terminal, generate from prompt files, serve demos, convert.
 
 Examples::
 
     accessory chat                                  # the embedded SmolLM2-135M-Instruct demo model
     accessory chat /path/to/checkpoint --template default
     accessory chat --prompt "What is the capital of France?"
+    accessory generate --file prompts.txt --batch-size 8 > answers.jsonl
+    accessory demo                                  # the multi-turn gradio demo on the embedded model
     accessory convert --from gguf model.gguf /path/to/out --dtype bf16
     accessory convert --from hf /path/to/Llama-2-7b-hf /path/to/out --mp 2
     accessory convert --to hf /path/to/accessory-checkpoint /path/to/hf-out
@@ -14,7 +16,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
+
+from .checkpoint import delta, reshard
 
 
 def _chat_template_for(model_dir: Path, requested: str) -> str:
@@ -26,6 +30,10 @@ def _chat_template_for(model_dir: Path, requested: str) -> str:
         if "<|im_start|>" in str(chat_template):
             return "smollm2" if "SmolLM" in str(chat_template) else "chatml"
     return "default"
+
+
+#: Lines that end `accessory chat` (besides an empty line and Ctrl-D).
+CHAT_EXIT_COMMANDS = ("/exit", "/quit", "/bye")
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -72,8 +80,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         answer(args.prompt)
         return 0
     if interactive:
-        print(f"Chatting with {model_dir} ({template_name} template). Empty line or Ctrl-D quits; "
-              f"/reset clears the history.")
+        print(f"Chatting with {model_dir} ({template_name} template). /exit, an empty line or Ctrl-D quits; "
+              f"/reset clears the history.", flush=True)
     while True:
         try:
             question = input(">>> " if interactive else "")
@@ -84,6 +92,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if interactive:
                 break
             continue
+        if question in CHAT_EXIT_COMMANDS:
+            break
         if question == "/reset":
             history.clear()
             continue
@@ -122,6 +132,206 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ generate: prompts in, JSON lines out
+
+#: --template choices of ``accessory generate``: none = the prompt as given, alpaca = the seed's
+#: instruction format, chatml / default = one conversation turn (stops at the template's end signal),
+#: auto = what ``accessory chat`` would pick for the checkpoint.
+GENERATE_TEMPLATES = ("none", "alpaca", "chatml", "default", "auto")
+
+
+def read_prompts(path: Path) -> List[dict]:
+    """Prompts from a file, as ``{"prompt": str, ...}`` records in file order.
+
+    ``.jsonl``: one JSON object per line with a "prompt" key (other keys, e.g. "id", are carried
+    into the output), or a bare JSON string. Anything else: one prompt per non-empty line.
+    """
+    records: List[dict] = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if path.suffix.lower() != ".jsonl":
+            records.append({"prompt": line})
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not a JSON line ({exc.msg}); expected "
+                             '{"prompt": "..."} or a JSON string') from None
+        if isinstance(item, str):
+            item = {"prompt": item}
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+            raise ValueError(f'{path}:{number}: expected {{"prompt": "..."}} or a JSON string, found {line[:80]!r}')
+        records.append(item)
+    return records
+
+
+def templated_prompt(prompt: str, template_name: str) -> Tuple[str, List[str]]:
+    """(the text the model sees, stop symbols) for one prompt under a resolved template name."""
+    if template_name == "none":
+        return prompt, []
+    if template_name == "alpaca":
+        from .data.system_prompt import format_prompt
+        return format_prompt({"instruction": prompt, "input": ""}, "alpaca"), []
+    from .data.conversation import conv_templates
+    if template_name not in conv_templates:
+        raise ValueError(f"unknown template {template_name!r}; known: {', '.join(GENERATE_TEMPLATES)}, "
+                         f"{', '.join(conv_templates)}")
+    conversation = conv_templates[template_name]()
+    conversation.load_qas([[prompt, None]])
+    return conversation.get_prompt(), [conversation.response_end_signal]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .errors import AccessoryError
+    from .model.meta import MetaModel
+
+    if args.batch_size < 1:
+        print(f"--batch-size must be at least 1, got {args.batch_size}", file=sys.stderr)
+        return 2
+    try:
+        records = ([{"prompt": args.prompt}] if args.prompt is not None else read_prompts(Path(args.file)))
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.path is None:
+        from .checkpoint.demo_model import ensure_demo_model
+        model_dir = ensure_demo_model()
+    else:
+        model_dir = Path(args.path)
+    template_name = _chat_template_for(model_dir, args.template)
+    try:
+        rendered = [templated_prompt(record["prompt"], template_name) for record in records]
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model = MetaModel.from_pretrained(str(model_dir), max_seq_len=args.max_seq_len, dtype=args.dtype,
+                                          device=args.device)
+    except AccessoryError as exc:
+        print(f"error: cannot load {model_dir}: {exc}", file=sys.stderr)
+        return 1
+    stop_symbols = rendered[0][1] if rendered else []  # one template, so the same for every prompt
+    for start in range(0, len(records), args.batch_size):
+        chunk = range(start, min(start + args.batch_size, len(records)))
+        outputs = model.generate([rendered[i][0] for i in chunk], max_gen_len=args.max_gen_len,
+                                 temperature=args.temperature, top_p=args.top_p,
+                                 additional_stop_symbols=stop_symbols, top_k=args.top_k, min_p=args.min_p,
+                                 seed=args.seed, repetition_penalty=args.repetition_penalty,
+                                 return_logprobs=args.logprobs, top_logprobs=args.top_logprobs)
+        for i, output in zip(chunk, outputs):
+            line = dict(records[i])
+            if isinstance(output, dict):
+                line.update(text=output["text"], tokens=output["tokens"], logprobs=output["logprobs"])
+                if args.top_logprobs:
+                    line["top_logprobs"] = [[list(pair) for pair in step] for step in output["top_logprobs"]]
+            else:
+                line["text"] = output
+            sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+def _add_generate_parser(sub) -> None:
+    generate = sub.add_parser(
+        "generate", help="complete one prompt or a file of prompts, JSON lines out",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Complete prompts with MetaModel.generate and print one JSON line per prompt, in order: "
+                    '{"prompt", "text"} (plus "tokens" and "logprobs", nats, with --logprobs). Prompts go '
+                    "through the model --batch-size at a time. Temperature 0 (the default) is greedy.",
+        epilog="examples:\n"
+               "  accessory generate --prompt 'The capital of France is'\n"
+               "  accessory generate /models/llama2-7b --file prompts.txt --batch-size 8 > answers.jsonl\n"
+               "  accessory generate --file prompts.jsonl --template auto --temperature 0.7 --seed 1\n"
+               "  accessory generate --prompt 'Name three fruits.' --template alpaca --logprobs\n"
+               'prompt files: .txt = one prompt per line; .jsonl = {"prompt": "...", ...} per line '
+               "(other keys are copied to the output)")
+    generate.add_argument("path", nargs="?", help="checkpoint directory (default: the embedded SmolLM2 demo model)")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt")
+    source.add_argument("--file", help="a file of prompts: .txt (one per line) or .jsonl")
+    generate.add_argument("--template", default="none",
+                          help="none (the prompt as given, default), alpaca, chatml, default (the seed's '###' "
+                               "conversation), auto (as `accessory chat` picks it), or any conversation template")
+    generate.add_argument("--max-gen-len", type=int, default=256, help="new tokens per prompt (default 256)")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    generate.add_argument("--top-p", type=float, default=0.95)
+    generate.add_argument("--top-k", type=int, default=0, help="0 = off")
+    generate.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    generate.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    generate.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    generate.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (default 1)")
+    generate.add_argument("--logprobs", action="store_true", help="add the token ids and their log-probabilities")
+    generate.add_argument("--top-logprobs", type=int, default=0,
+                          help="also the k most likely (token id, logprob) pairs of each step")
+    generate.add_argument("--max-seq-len", type=int, default=2048)
+    generate.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
+    generate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    generate.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    generate.set_defaults(func=cmd_generate)
+
+
+# ------------------------------------------------------------------ demo: the gradio pages
+
+#: ``accessory demo NAME`` -> the module whose ``main(argv)`` serves it.
+DEMOS = {"single_turn": "accessory.demos.single_turn", "multi_turn": "accessory.demos.multi_turn"}
+DEMOS_LATER = ("single_turn_mm", "multi_turn_mm")
+
+DEMO_HELP = """\
+usage: accessory demo [single_turn|multi_turn] [demo flags...]
+
+Serve a gradio demo in the browser. With no name it starts the multi-turn chat demo; with no
+--pretrained_path it uses the embedded SmolLM2-135M-Instruct demo model (built on first use).
+Everything after the name goes to the demo: `accessory demo multi_turn --help` lists its flags
+(--pretrained_path, --llama_type, --llama_config, --tokenizer_path, --dtype, --max_seq_len,
+--quant, --host, --port, --share, ...).
+
+demos:
+  single_turn   one instruction (plus optional input) in, one answer out (alpaca prompt)
+  multi_turn    chat with history, answers streamed token by token (default)
+
+examples:
+  accessory demo
+  accessory demo multi_turn --pretrained_path /models/llama2-7b-chat --port 7860
+  accessory demo single_turn --pretrained_path /models/llama2-7b --dtype fp16
+  accessory demo --port 8000 --host 0.0.0.0
+"""
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import importlib
+
+    rest = list(args.demo_args)
+    if rest and rest[0] in ("-h", "--help"):
+        sys.stdout.write(DEMO_HELP)
+        return 0
+    name = "multi_turn"
+    if rest and not rest[0].startswith("-"):
+        name = rest.pop(0)
+    if name in DEMOS_LATER:
+        print(f"the {name} demo (multimodal) is not available yet; use single_turn or multi_turn", file=sys.stderr)
+        return 2
+    if name not in DEMOS:
+        print(f"unknown demo {name!r}; one of: {', '.join(DEMOS)} (see `accessory demo --help`)", file=sys.stderr)
+        return 2
+    module = importlib.import_module(DEMOS[name])
+    module.main(rest)
+    return 0
+
+
+def _add_demo_parser(sub) -> None:
+    # "+" as the only prefix: every flag after `demo` is passed through to the demo untouched.
+    demo = sub.add_parser("demo", help="serve a gradio demo (multi-turn chat by default)", add_help=False,
+                          prefix_chars="+", usage="accessory demo [single_turn|multi_turn] [demo flags...]")
+    demo.add_argument("demo_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    demo.set_defaults(func=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accessory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -130,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser(
         "chat", help="chat with a model in the terminal",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Chat with a model in the terminal, streaming its answers.",
+        description="Chat with a model in the terminal, streaming its answers. /exit, an empty line or "
+                    "Ctrl-D quits; /reset clears the history.",
         epilog="examples:\n  accessory chat\n  accessory chat /models/llama2-7b-chat --template default\n"
                "  accessory chat --prompt 'Name three fruits.'\n  echo 'Hi' | accessory chat")
     chat.add_argument("path", nargs="?", help="checkpoint directory (default: the embedded SmolLM2 demo model)")
@@ -174,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--mp", type=int, default=1,
                          help="model-parallel shards to write with --from hf (default 1)")
     convert.set_defaults(func=cmd_convert)
+    _add_generate_parser(sub)
+    _add_demo_parser(sub)
+    reshard.add_parser(sub)
+    delta.add_parser(sub)
     return parser
 
 
