@@ -2,7 +2,7 @@
 
 Tiny random HF models are saved with ``save_pretrained`` (safetensors), converted at mp 1 and 2 and
 loaded with ``MetaModel.from_pretrained``: logits must equal HF's. Converting back must give HF's
-exact tensors; configs ``falcon`` cannot hold must be refused. (InternLM has no transformers class.)
+exact tensors; configs ``falcon`` cannot hold must be refused. (InternLM: tests/test_hf_convert_internlm.py.)
 """
 
 import json
@@ -244,8 +244,8 @@ def test_falcon_mp_must_divide_heads(tmp_path):
 def test_unknown_model_type_lists_supported(tmp_path):
     src = tmp_path / "hf"
     src.mkdir()
-    (src / "config.json").write_text(json.dumps({"model_type": "internlm"}))
-    with pytest.raises(CheckpointError, match="model_type is 'internlm'.*'mixtral'.*'falcon'"):
+    (src / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    with pytest.raises(CheckpointError, match="model_type is 'qwen2'.*'mixtral'.*'falcon'.*'internlm'"):
         hf_to_accessory(src, tmp_path / "out", progress=False)
 
 

@@ -5,9 +5,10 @@ tensor becomes which Accessory tensors, the two configs, the model-parallel spli
 
 * ``llama`` <-> ``LlamaForCausalLM`` (this file: Llama-2/3, Code Llama, TinyLlama, GQA variants);
 * ``mixtral`` <-> ``MixtralForCausalLM`` (:mod:`.hf_mixtral`);
-* ``falcon`` <-> ``FalconForCausalLM`` (:mod:`.hf_falcon`).
+* ``falcon`` <-> ``FalconForCausalLM`` (:mod:`.hf_falcon`);
+* ``internlm`` <-> ``InternLMForCausalLM`` (:mod:`.hf_internlm`; remote code on the HF side, so its
+  layout is written out there rather than checked against a transformers class).
 
-InternLM has no class in transformers (its HF checkpoints run remote code), so it has no converter.
 The architecture is read from config.json's ``model_type`` (HF side) or meta.json's ``llama_type``
 (Accessory side). For llama:
 
@@ -184,9 +185,15 @@ def _hf_weight_files(src: pathlib.Path) -> List[Tuple[pathlib.Path, List[str]]]:
 @dataclass(frozen=True)
 class TensorRule:
     """How one HF tensor becomes Accessory tensors: ``convert(hf_tensor)`` returns one tensor per
-    name in ``names`` (a fused HF projection yields several)."""
+    name in ``names`` (a fused HF projection yields several).
+
+    ``part = (index, count)``: the single output is row block ``index`` of ``count`` of ``names[0]``
+    (several HF tensors make one Accessory tensor, e.g. q, k, v -> Wqkv); the driver joins the
+    blocks along dim 0 once all have arrived.
+    """
     names: Tuple[str, ...]
     convert: Callable[[torch.Tensor], Sequence[torch.Tensor]]
+    part: Optional[Tuple[int, int]] = None
 
 
 def renamed(name: str, convert: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> TensorRule:
@@ -219,13 +226,18 @@ class HFArchitecture:
                     Tuple[Dict[str, torch.Tensor], Dict[str, Any]]]
     embedding: str = "tok_embeddings.weight"
     output: str = "output.weight"
+    # Accessory tensors the HF checkpoint may lack, made from the config and the expected shape
+    # (e.g. zero biases for a model trained without them): (name, shape, config) -> tensor or None.
+    default_tensor: Callable[[str, Tuple[int, ...], Dict[str, Any]], Optional[torch.Tensor]] = \
+        lambda name, shape, config: None
 
 
 def _architectures() -> Dict[str, HFArchitecture]:
     """Every architecture with an HF converter, by ``llama_type``."""
     from .hf_falcon import FALCON
+    from .hf_internlm import INTERNLM
     from .hf_mixtral import MIXTRAL
-    return {arch.llama_type: arch for arch in (LLAMA, MIXTRAL, FALCON)}
+    return {arch.llama_type: arch for arch in (LLAMA, MIXTRAL, FALCON, INTERNLM)}
 
 
 def _supported() -> str:
@@ -427,8 +439,9 @@ def _is_cached_table(hf_name: str) -> bool:
 
 def hf_to_accessory(src_dir, out_dir, dtype: Optional[torch.dtype] = None, mp: int = 1,
                     progress: bool = True) -> pathlib.Path:
-    """Convert an HF directory (``LlamaForCausalLM``, ``MixtralForCausalLM`` or ``FalconForCausalLM``,
-    told apart by config.json's ``model_type``) into an Accessory checkpoint directory.
+    """Convert an HF directory (``LlamaForCausalLM``, ``MixtralForCausalLM``, ``FalconForCausalLM`` or
+    ``InternLMForCausalLM``, told apart by config.json's ``model_type``) into an Accessory checkpoint
+    directory.
 
     ``dtype``: weight dtype to write (None keeps the stored dtype). ``mp``: model-parallel size; rank
     ``r``'s tensors go to ``consolidated.{r:02d}-of-{mp:02d}.model.pth``, cut as the original cuts
@@ -470,7 +483,22 @@ def hf_to_accessory(src_dir, out_dir, dtype: Optional[torch.dtype] = None, mp: i
                               f"the checkpoint is incomplete")
     vocab = int(hf.get("vocab_size") or 0)
     expected = arch.expected_shapes(config, vocab)
+    parts_planned: Dict[str, set] = {}
+    for _, _, rule in plan:
+        if rule.part is not None:
+            parts_planned.setdefault(rule.names[0], set()).add(rule.part)
+    for name, parts in parts_planned.items():
+        count = next(iter(parts))[1]
+        if len(parts) != count:
+            raise CheckpointError(f"{src}: {name} is built from {count} HF tensors but the checkpoint has "
+                                  f"{len(parts)} of them; it is incomplete")
     missing = sorted(n for n in expected if n not in planned and not (tied and n == arch.output))
+    defaults: Dict[str, torch.Tensor] = {}
+    for name in missing:
+        value = arch.default_tensor(name, expected[name], config)
+        if value is not None:
+            defaults[name] = value
+    missing = [n for n in missing if n not in defaults]
     if missing:
         raise CheckpointError(f"{src}: the weights lack {len(missing)} tensor(s) a `{arch.llama_type}` model "
                               f"needs, e.g. {', '.join(missing[:5])}")
@@ -488,6 +516,17 @@ def hf_to_accessory(src_dir, out_dir, dtype: Optional[torch.dtype] = None, mp: i
             if piece is not None:  # None: that rank holds none of it (whole experts)
                 shards[rank][_PREFIX + name] = piece.clone() if mp > 1 else piece
 
+    pending: Dict[str, Dict[int, torch.Tensor]] = {}  # row blocks of names made from several HF tensors
+    written_dtype = dtype or torch.float32
+
+    def put_checked(name: str, piece: torch.Tensor, source: str) -> None:
+        if tuple(piece.shape) != expected[name]:
+            raise CheckpointError(f"{source} gives {name} of shape {tuple(piece.shape)}; config.json expects "
+                                  f"{expected[name]}")
+        put(name, piece.contiguous())
+        if tied and name == arch.embedding:
+            put(arch.output, piece.clone())  # the original's checkpoints hold both
+
     by_file: Dict[pathlib.Path, List[Tuple[str, TensorRule]]] = {}
     for file, hf_name, rule in plan:
         by_file.setdefault(file, []).append((hf_name, rule))
@@ -503,17 +542,23 @@ def hf_to_accessory(src_dir, out_dir, dtype: Optional[torch.dtype] = None, mp: i
                 except RuntimeError as exc:  # a view / split that does not fit: a shape off the config
                     raise CheckpointError(f"{file}: {hf_name} has shape {tuple(tensor.shape)}, which does not "
                                           f"fit config.json ({exc})") from exc
-                for name, piece in zip(rule.names, pieces):
-                    if tuple(piece.shape) != expected[name]:
-                        raise CheckpointError(f"{file}: {hf_name} has shape {tuple(tensor.shape)}, giving "
-                                              f"{name} of shape {tuple(piece.shape)}; config.json expects "
-                                              f"{expected[name]}")
-                    put(name, piece.contiguous())
-                    if tied and name == arch.embedding:
-                        put(arch.output, piece.clone())  # the original's checkpoints hold both
+                if rule.part is not None:
+                    index, count = rule.part
+                    blocks = pending.setdefault(rule.names[0], {})
+                    blocks[index] = pieces[0]
+                    if len(blocks) == count:
+                        joined = torch.cat([blocks[i] for i in range(count)], dim=0)
+                        put_checked(rule.names[0], joined, f"{file}: {hf_name} (block {index + 1} of {count})")
+                        del pending[rule.names[0]]
+                else:
+                    for name, piece in zip(rule.names, pieces):
+                        put_checked(name, piece, f"{file}: {hf_name} of shape {tuple(tensor.shape)}")
+                written_dtype = pieces[0].dtype
                 del tensor, pieces
                 bar.update(1)
     bar.close()
+    for name, value in defaults.items():  # in the dtype the converted weights have
+        put_checked(name, value.to(written_dtype), "the config")
 
     for rank in range(mp):
         torch.save({"model": shards[rank]}, out / _shard_file(rank, mp))
