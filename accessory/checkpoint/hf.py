@@ -28,6 +28,7 @@ The converters permute those rows; every other weight is copied as it is.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 from dataclasses import dataclass
@@ -615,9 +616,46 @@ def _merged_state(src: pathlib.Path, split_plan) -> Dict[str, torch.Tensor]:
             missing = [f.name for f, s in zip(shard_set.files, states) if key not in s]
             raise CheckpointError(f"{key} is split across model-parallel ranks but {', '.join(missing)} lack "
                                   f"it; copy all shards again from one save")
-        # own memory: the shards are memory-mapped
-        merged[name] = split_plan.merge(name, pieces).contiguous().clone()
+        # a single piece stays a memory-mapped view of its shard: no second copy of the model
+        merged[name] = split_plan.merge(name, pieces).contiguous()
     return merged
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(path: pathlib.Path, tensors: Dict[str, torch.Tensor],
+                      metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write a .safetensors file one tensor at a time.
+
+    ``safetensors.torch.save_file`` turns every tensor into bytes before writing, holding a second
+    copy of the whole model; here only one tensor's bytes exist at a time (tensors that are
+    memory-mapped views of a checkpoint are read straight from it).
+    """
+    header: Dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{name}: dtype {tensor.dtype} cannot be written to safetensors")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for tensor in tensors.values():
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            if flat.numel():
+                f.write(memoryview(flat.view(torch.uint8).numpy()))
+    os.replace(tmp, path)
 
 
 def accessory_to_hf(src_dir, out_dir, dtype: Optional[torch.dtype] = None, progress: bool = True) -> pathlib.Path:
@@ -629,7 +667,6 @@ def accessory_to_hf(src_dir, out_dir, dtype: Optional[torch.dtype] = None, progr
     ``config.json`` (``tie_word_embeddings`` when output equals the embedding) and copies the
     tokenizer files. ``dtype``: weight dtype to write (None keeps the stored dtype). Returns ``out_dir``.
     """
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from .discover import find_shards
@@ -654,10 +691,8 @@ def accessory_to_hf(src_dir, out_dir, dtype: Optional[torch.dtype] = None, progr
         del hf_state["lm_head.weight"]
     dtype_name = str(embedding.dtype).replace("torch.", "")
     hf_config.update(tie_word_embeddings=tied, torch_dtype=dtype_name, dtype=dtype_name)
-    hf_state = {k: v.contiguous() for k, v in hf_state.items()}
-
     out.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(out / "model.safetensors", hf_state, metadata={"format": "pt"})
     del hf_state
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
     _copy_tokenizer(src, out)
