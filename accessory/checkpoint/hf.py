@@ -113,6 +113,28 @@ def _hf_rope(hf: Dict[str, Any], path: pathlib.Path, llama_type: str = "llama") 
                       f"'dynamic' and 'yarn' scaling would give different outputs; convert a model without it")
 
 
+def hf_int(hf: Dict[str, Any], key: str, path: pathlib.Path, llama_type: str) -> int:
+    """``int(hf[key])``, or a CheckpointError naming the missing field."""
+    if key not in hf:
+        raise CheckpointError(f"{path}: the config has no {key!r}, which an HF config for `{llama_type}` must have")
+    return int(hf[key])
+
+
+def hf_attention_sizes(hf: Dict[str, Any], path: pathlib.Path, llama_type: str) -> Tuple[int, int, int, int]:
+    """(hidden_size, layers, heads, kv heads) of a llama-style HF config; refuses head sizes that
+    ``dim // n_heads`` (what the original's attention assumes) does not give."""
+    dim, n_layers, n_heads = (hf_int(hf, key, path, llama_type)
+                              for key in ("hidden_size", "num_hidden_layers", "num_attention_heads"))
+    n_kv = int(hf.get("num_key_value_heads") or n_heads)
+    if dim % n_heads or n_heads % n_kv:
+        raise CheckpointError(f"{path}: hidden_size {dim} / {n_heads} heads / {n_kv} KV heads do not divide")
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and int(head_dim) != dim // n_heads:
+        raise CheckpointError(f"{path}: head_dim = {head_dim} differs from hidden_size / num_attention_heads = "
+                              f"{dim // n_heads}, which the `{llama_type}` type assumes")
+    return dim, n_layers, n_heads, n_kv
+
+
 def _accessory_config(hf: Dict[str, Any], path: pathlib.Path) -> Dict[str, Any]:
     """The ``llama`` ModelArgs fields for an HF LlamaConfig dict (checks what ``llama`` cannot express)."""
     model_type = hf.get("model_type")
@@ -126,18 +148,8 @@ def _accessory_config(hf: Dict[str, Any], path: pathlib.Path) -> Dict[str, Any]:
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise CheckpointError(f"{path}: hidden_act = {act!r}; the `llama` type's feed-forward uses silu")
-    try:
-        dim, n_layers, n_heads = int(hf["hidden_size"]), int(hf["num_hidden_layers"]), int(hf["num_attention_heads"])
-        hidden = int(hf["intermediate_size"])
-    except KeyError as exc:
-        raise CheckpointError(f"{path}: the config has no {exc.args[0]!r}, which a Llama config must have") from exc
-    n_kv = int(hf.get("num_key_value_heads") or n_heads)
-    if dim % n_heads or n_heads % n_kv:
-        raise CheckpointError(f"{path}: hidden_size {dim} / {n_heads} heads / {n_kv} KV heads do not divide")
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and int(head_dim) != dim // n_heads:
-        raise CheckpointError(f"{path}: head_dim = {head_dim} differs from hidden_size / num_attention_heads = "
-                              f"{dim // n_heads}, which the `llama` type assumes")
+    dim, n_layers, n_heads, n_kv = hf_attention_sizes(hf, path, "llama")
+    hidden = hf_int(hf, "intermediate_size", path, "llama")
     theta, rope_scaling = _hf_rope(hf, path)
     multiple_of, ffn_dim_multiplier = ffn_args_for_hidden(dim, hidden)
     config: Dict[str, Any] = {

@@ -17,7 +17,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ..errors import CheckpointError
-from .hf import (HFArchitecture, TensorRule, _hf_rope, check_heads_divide, hf_rope_fields, llama_global_rule,
+from .hf import (HFArchitecture, TensorRule, _hf_rope, check_heads_divide, hf_attention_sizes, hf_int,
+                 hf_rope_fields, llama_global_rule,
                  llama_attention_rule, llama_attention_shapes, llama_attention_to_hf, no_place_in_hf,
                  renamed, split_layer_name)
 
@@ -29,19 +30,9 @@ def _accessory_config(hf: Dict[str, Any], path: pathlib.Path) -> Dict[str, Any]:
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise CheckpointError(f"{path}: hidden_act = {act!r}; the `mixtral` type's experts use silu")
-    try:
-        dim, n_layers, n_heads = int(hf["hidden_size"]), int(hf["num_hidden_layers"]), int(hf["num_attention_heads"])
-        hidden, num_experts = int(hf["intermediate_size"]), int(hf["num_local_experts"])
-        top_k = int(hf["num_experts_per_tok"])
-    except KeyError as exc:
-        raise CheckpointError(f"{path}: the config has no {exc.args[0]!r}, which a Mixtral config must have") from exc
-    n_kv = int(hf.get("num_key_value_heads") or n_heads)
-    if dim % n_heads or n_heads % n_kv:
-        raise CheckpointError(f"{path}: hidden_size {dim} / {n_heads} heads / {n_kv} KV heads do not divide")
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and int(head_dim) != dim // n_heads:
-        raise CheckpointError(f"{path}: head_dim = {head_dim} differs from hidden_size / num_attention_heads = "
-                              f"{dim // n_heads}, which the `mixtral` type assumes")
+    dim, n_layers, n_heads, n_kv = hf_attention_sizes(hf, path, "mixtral")
+    hidden, num_experts, top_k = (hf_int(hf, key, path, "mixtral")
+                                  for key in ("intermediate_size", "num_local_experts", "num_experts_per_tok"))
     theta, rope_scaling = _hf_rope(hf, path, "mixtral")
     config: Dict[str, Any] = {
         "dim": dim, "hidden_dim": hidden, "head_dim": dim // n_heads, "n_layers": n_layers, "n_heads": n_heads,
