@@ -277,3 +277,17 @@ def write_checkpoint(directory: PathLike, state: Mapping[str, torch.Tensor], cfg
 def prefixed(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """``state`` with ``llma.`` before every key, as ``MetaModel.state_dict()`` names them."""
     return {PREFIX + k: v for k, v in state.items()}
+
+
+# --------------------------------------------------------------------------- scoring
+
+def expected_evaluation(logits: torch.Tensor, ids: List[int], context_len: int) -> Dict[str, object]:
+    """What the original's ``evaluate_examples`` gives for one example, from reference ``logits``
+    (seq, vocab): tokens after the context scored with cross entropy (ignore_index 0);
+    ``ppl`` is the MEAN negative log-likelihood, as the original names it."""
+    start = context_len - 1
+    scored = logits[start:-1].double()
+    labels = torch.tensor(ids[start + 1:])
+    nll = torch.nn.functional.cross_entropy(scored, labels, reduction="none", ignore_index=0)
+    return {"log_likelihood": -nll.sum().item(), "ppl": nll.mean().item(),
+            "max_equal": bool((scored.argmax(-1) == labels).all())}

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from accessory.model.meta import MetaModel  # noqa: E402
 
-from ckpt_utils import llama_ffn_dim, random_llama_state, write_checkpoint  # noqa: E402
+from ckpt_utils import expected_evaluation, llama_ffn_dim, random_llama_state, write_checkpoint  # noqa: E402
 
 
 def permute_to_rotate_half(w, n_heads):
@@ -111,3 +111,18 @@ def test_cached_decode_matches_full_forward(pair):
     for pos in range(split, len(ids)):
         step = ours.llma.forward_tokens(torch.tensor([[ids[pos]]]), torch.tensor([[pos]]), cache)
         torch.testing.assert_close(step[0, 0].float(), full[pos], atol=1e-5, rtol=0)
+
+
+def test_evaluate_examples_match_hf(pair):
+    ours, hf = pair
+    contexts = ["The quick brown fox", "Once upon a time,"]
+    examples = [TEXTS[0], TEXTS[2]]
+    result = ours.evaluate_examples(examples, contexts=contexts)
+    for i, (example, context) in enumerate(zip(examples, contexts)):
+        ids = ours.tokenizer.encode(example, bos=True, eos=False)
+        n_context = len(ours.tokenizer.encode(context, bos=True, eos=False))
+        with torch.no_grad():
+            expected = expected_evaluation(hf(torch.tensor([ids])).logits[0], ids, n_context)
+        assert result["log_likelihood"][i] == pytest.approx(expected["log_likelihood"], abs=1e-3)
+        assert result["ppl"][i] == pytest.approx(expected["ppl"], abs=1e-4)
+        assert result["max_equal"][i] == expected["max_equal"]

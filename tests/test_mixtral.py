@@ -326,6 +326,20 @@ def test_greedy_generation_matches_hf(mixtral_model, hf):
         assert text == mixtral_model.tokenizer.decode(new)
 
 
+def test_evaluate_examples_match_hf(mixtral_model, hf):
+    from ckpt_utils import expected_evaluation
+    examples, contexts = [TEXTS[0], TEXTS[2]], ["The quick brown fox", "Once upon a time,"]
+    result = mixtral_model.evaluate_examples(examples, contexts=contexts)
+    for i, (example, context) in enumerate(zip(examples, contexts)):
+        ids = mixtral_model.tokenizer.encode(example, bos=True, eos=False)
+        n_context = len(mixtral_model.tokenizer.encode(context, bos=True, eos=False))
+        with torch.no_grad():
+            expected = expected_evaluation(hf(torch.tensor([ids])).logits[0], ids, n_context)
+        assert result["log_likelihood"][i] == pytest.approx(expected["log_likelihood"], abs=1e-3)
+        assert result["ppl"][i] == pytest.approx(expected["ppl"], abs=1e-4)
+        assert result["max_equal"][i] == expected["max_equal"]
+
+
 def test_forward_returns_logits_and_losses(mixtral_model):
     ids = torch.tensor([mixtral_model.tokenizer.encode(TEXTS[0], bos=True, eos=False)])
     logits, additional = mixtral_model.llma(ids)
