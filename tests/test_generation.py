@@ -10,7 +10,7 @@ from accessory.generation.stopping import StopStringMatcher
 from accessory.model.meta import MetaModel
 from accessory.model.tokenizer import Tokenizer
 
-from ckpt_utils import TINY_LLAMA, llama_spm_tokenizer, random_llama_state, write_checkpoint
+from ckpt_utils import TINY_LLAMA, random_llama_state, tokenizer_fixture, write_checkpoint
 
 PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog and then", "1 2 3"]
 
@@ -123,10 +123,15 @@ def test_stop_matcher_holds_back_partial_symbols():
     assert matcher.check("a # b") == (False, 5)
 
 
-def test_incremental_detokenizer_is_utf8_safe(tmp_path):
-    tokenizer = Tokenizer(str(llama_spm_tokenizer()))
+@pytest.mark.parametrize("fixture", ["llama-spm/tokenizer.model", "llama-spm", "gpt-2", "llama-bpe", "qwen2"])
+def test_incremental_detokenizer_is_utf8_safe(fixture):
+    """SentencePiece byte fallback and byte-level BPE both split characters over tokens."""
+    name, _, file = fixture.partition("/")
+    path = tokenizer_fixture(name) / file if file else tokenizer_fixture(name)
+    tokenizer = Tokenizer(str(path))
     text = "Grüße 🦙 日本語 — naïve café 👍🏽 end"
     ids = tokenizer.encode(text, bos=False, eos=False)
+    assert len(ids) > len(text.split())  # characters really are spread over tokens
     detok = IncrementalDetokenizer(tokenizer)
     seen = []
     for token in ids:
