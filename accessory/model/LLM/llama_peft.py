@@ -41,8 +41,9 @@ PEFT_SPLIT_RULES = [
 ]
 
 
-def peft_linear_factory(args: ModelArgs) -> llama.LinearFactory:
-    """The linear factory giving every linear a bias and/or LoRA as ``args`` asks."""
+def peft_linear_factory(args) -> llama.LinearFactory:
+    """The linear factory giving every linear a bias and/or LoRA as ``args`` (any ModelArgs with
+    ``bias_tuning`` and ``lora_rank``: llama_peft's, mixtral_peft's) asks."""
     def linear(name: str, in_features: int, out_features: int) -> nn.Module:
         return make_linear(in_features, out_features, bias=args.bias_tuning, lora_rank=args.lora_rank)
     return linear

@@ -15,10 +15,9 @@ from typing import Dict
 
 from torch import nn
 
-from ..layers.linear import make_linear
 from ..layers.parallel import COLUMN, ROW, SplitPlan
 from . import mixtral
-from .llama import LinearFactory
+from .llama_peft import peft_linear_factory, trainable_by_name
 
 
 @dataclass
@@ -37,13 +36,6 @@ PEFT_SPLIT_RULES = [
     (r"\.attention\.(wq|wk|wv)\.lora_b\.weight$", COLUMN),
     (r"\.attention\.wo\.lora_a\.weight$", ROW),
 ]
-
-
-def peft_linear_factory(args: ModelArgs) -> LinearFactory:
-    """The linear factory giving attention and expert linears a bias and/or LoRA as ``args`` asks."""
-    def linear(name: str, in_features: int, out_features: int) -> nn.Module:
-        return make_linear(in_features, out_features, bias=args.bias_tuning, lora_rank=args.lora_rank)
-    return linear
 
 
 class Transformer(mixtral.Transformer):
@@ -65,5 +57,4 @@ class Transformer(mixtral.Transformer):
         ``only_save_trainable`` holds."""
         key_words = ((["lora"] if self.args.lora_rank > 0 else []) + (["bias"] if self.args.bias_tuning else [])
                      + (["norm"] if self.args.norm_tuning else []))
-        return {name: param for name, param in self.named_parameters()
-                if not name.startswith("clip.") and any(word in name for word in key_words)}
+        return trainable_by_name(self, key_words, exclude_prefixes=("clip.",))
