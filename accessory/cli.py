@@ -105,31 +105,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
-    from .errors import AccessoryError
-    from .model.meta import resolve_dtype
+    from .tools import dtype_option, run_writer
     if (args.source_format is None) == (args.target_format is None):
         print("give exactly one of --from (gguf, hf: into the Accessory layout) or --to (hf: out of it)",
               file=sys.stderr)
         return 2
-    dtype = None if args.dtype in (None, "keep") else resolve_dtype(args.dtype)
-    try:
-        if args.source_format == "gguf":
-            from .checkpoint.gguf import convert_gguf
-            out = convert_gguf(args.src, args.dst, dtype=dtype or torch.bfloat16)
-        elif args.source_format == "hf":
-            from .checkpoint.hf import hf_to_accessory
-            out = hf_to_accessory(args.src, args.dst, dtype=dtype, mp=args.mp)
-        elif args.target_format == "hf":
-            from .checkpoint.hf import accessory_to_hf
-            out = accessory_to_hf(args.src, args.dst, dtype=dtype)
-        else:
-            print(f"conversion from {args.source_format!r} is not supported", file=sys.stderr)
-            return 2
-    except AccessoryError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
+    dtype = dtype_option(args.dtype)
+    if args.source_format == "gguf":
+        from .checkpoint.gguf import convert_gguf
+        return run_writer(lambda: convert_gguf(args.src, args.dst, dtype=dtype or torch.bfloat16))
+    if args.source_format == "hf":
+        from .checkpoint.hf import hf_to_accessory
+        return run_writer(lambda: hf_to_accessory(args.src, args.dst, dtype=dtype, mp=args.mp))
+    if args.target_format == "hf":
+        from .checkpoint.hf import accessory_to_hf
+        return run_writer(lambda: accessory_to_hf(args.src, args.dst, dtype=dtype))
+    print(f"conversion from {args.source_format!r} is not supported", file=sys.stderr)
+    return 2
 
 
 # ------------------------------------------------------------------ generate: prompts in, JSON lines out

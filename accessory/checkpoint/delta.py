@@ -15,7 +15,6 @@ config.json, meta.json and the tokenizer files are copied into the output.
 """
 
 import argparse
-import sys
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -173,21 +172,10 @@ tokenizer of the delta / fine-tuned directory (else of the base)."""
 
 
 def cmd_delta(args: argparse.Namespace) -> int:
-    from ..errors import AccessoryError
-    from ..model.meta import resolve_dtype
-    dtype = None if args.dtype in (None, "keep") else resolve_dtype(args.dtype)
+    from ..tools import dtype_option, run_writer
     function = apply_delta if args.operation == "apply" else extract_delta
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            out = function(args.base, args.other, args.out, mp=args.mp, dtype=dtype, progress=not args.quiet)
-        for warning in caught:
-            print(f"note: {warning.message}", file=sys.stderr)
-    except AccessoryError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
+    return run_writer(lambda: function(args.base, args.other, args.out, mp=args.mp,
+                                       dtype=dtype_option(args.dtype), progress=not args.quiet), notes=True)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

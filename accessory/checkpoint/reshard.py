@@ -13,7 +13,6 @@ The split plan comes from the model itself, built on the meta device from the ch
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -225,16 +224,9 @@ EXAMPLES = """examples:
 
 
 def cmd_reshard(args: argparse.Namespace) -> int:
-    from ..errors import AccessoryError
-    from ..model.meta import resolve_dtype
-    dtype = None if args.dtype in (None, "keep") else resolve_dtype(args.dtype)
-    try:
-        out = reshard(args.src, args.dst, args.mp, dtype=dtype, progress=not args.quiet)
-    except AccessoryError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
+    from ..tools import dtype_option, run_writer
+    return run_writer(lambda: reshard(args.src, args.dst, args.mp, dtype=dtype_option(args.dtype),
+                                      progress=not args.quiet))
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
