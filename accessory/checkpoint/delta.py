@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 from ..errors import CheckpointError, ConfigError
 from .discover import DIFF, FULL, META, ShardSet, find_shards
+from .load import merged_tensor
 from .reader import PREFIX
-from .reshard import (ShardWriter, check_mp, copy_side_files, merged_tensor, meta_model_for, open_shards,
+from .reshard import (ShardWriter, check_mp, copy_side_files, meta_model_for, open_shards,
                       ordered_keys, prepare_output)
 
 

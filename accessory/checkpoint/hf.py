@@ -611,7 +611,7 @@ def _check_fields(config: Dict[str, Any], llama_type: str, path: pathlib.Path) -
 def _merged_state(src: pathlib.Path, split_plan) -> Dict[str, torch.Tensor]:
     """{name without ``llma.``: full tensor} of the checkpoint in ``src``, shards merged by ``split_plan``."""
     from .discover import META, find_shards
-    from .load import _ordered_union
+    from .load import _ordered_union, merged_tensor
     from .reader import read_state_dict
 
     shard_set = find_shards(src)
@@ -622,14 +622,8 @@ def _merged_state(src: pathlib.Path, split_plan) -> Dict[str, torch.Tensor]:
     for key in _ordered_union(states):
         if not key.startswith(_PREFIX):
             raise CheckpointError(f"{shard_set.files[0]}: key {key!r} does not start with {_PREFIX!r}")
-        name = key[len(_PREFIX):]
-        pieces = [s[key] for s in states if key in s]
-        if len(pieces) != len(states) and split_plan.shard_dim(name) is not None:
-            missing = [f.name for f, s in zip(shard_set.files, states) if key not in s]
-            raise CheckpointError(f"{key} is split across model-parallel ranks but {', '.join(missing)} lack "
-                                  f"it; copy all shards again from one save")
         # a single piece stays a memory-mapped view of its shard: no second copy of the model
-        merged[name] = split_plan.merge(name, pieces).contiguous()
+        merged[key[len(_PREFIX):]] = merged_tensor(key, states, shard_set, split_plan).contiguous()
     return merged
 
 

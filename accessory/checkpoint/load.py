@@ -44,6 +44,33 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> tor
     return tensor.to(device=device)
 
 
+def model_parallel_pieces(key: str, states: Sequence[Mapping[str, torch.Tensor]], shards: ShardSet,
+                          split_plan: SplitPlan) -> List[torch.Tensor]:
+    """The per-rank pieces of ``key`` (``llma.``-prefixed) in ``states``; a CheckpointError when
+    a split parameter is missing from some shards."""
+    pieces = [state[key] for state in states if key in state]
+    name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    if len(pieces) != len(states) and split_plan.shard_dim(name) is not None:
+        having = [f.name for f, state in zip(shards.files, states) if key in state]
+        raise CheckpointError(
+            f"{key} is split across model-parallel ranks but only {', '.join(having)} of the "
+            f"{shards.mp_size} shards in {shards.directory} hold it: the shard set is incomplete or "
+            f"mixed from different saves; copy all {shards.mp_size} shards again from one save")
+    return pieces
+
+
+def merged_tensor(key: str, states: Sequence[Mapping[str, torch.Tensor]], shards: ShardSet,
+                  split_plan: SplitPlan) -> torch.Tensor:
+    """The full tensor of ``key`` (``llma.``-prefixed) joined from its model-parallel pieces."""
+    pieces = model_parallel_pieces(key, states, shards, split_plan)
+    name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    try:
+        return split_plan.merge(name, pieces)
+    except (RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"cannot merge the {len(pieces)} model-parallel pieces of {key} in "
+                              f"{shards.directory} (shapes {[tuple(p.shape) for p in pieces]}): {exc}") from exc
+
+
 def load_shard_set(model: nn.Module, shards: ShardSet, split_plan: SplitPlan, dtype: torch.dtype,
                    device: torch.device, loaded: Dict[str, str], unexpected: Dict[str, str],
                    progress: bool = True, shard: Optional[Tuple[int, int]] = None) -> None:
@@ -67,14 +94,8 @@ def load_shard_set(model: nn.Module, shards: ShardSet, split_plan: SplitPlan, dt
         if key not in params:
             unexpected.setdefault(key, source)
             continue
-        pieces = [state[key] for state in states if key in state]
+        pieces = model_parallel_pieces(key, states, shards, split_plan)
         local_name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        if len(pieces) != len(states) and split_plan.shard_dim(local_name) is not None:
-            having = [f.name for f, state in zip(shards.files, states) if key in state]
-            raise CheckpointError(
-                f"{key} is split across model-parallel ranks but only {', '.join(having)} of the "
-                f"{shards.mp_size} shards in {shards.directory} hold it: the shard set is incomplete or "
-                f"mixed from different saves; copy all {shards.mp_size} shards again from one save")
         try:
             if shard is None:
                 tensor = split_plan.merge(local_name, pieces)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ..errors import CheckpointError, ConfigError
 from ..model.layers.parallel import SplitPlan
 from .discover import DIFF, META, ShardSet, find_shards
+from .load import merged_tensor
 from .reader import PREFIX, read_state_dict
 
 #: Files copied next to the shards (those present).
@@ -109,23 +110,6 @@ def ordered_keys(states: Sequence[Mapping], model: Optional[nn.Module] = None) -
     order = {PREFIX + name: i for i, (name, _) in enumerate(model.named_parameters())}
     known = sorted((k for k in seen if k in order), key=order.__getitem__)
     return known + [k for k in seen if k not in order]
-
-
-def merged_tensor(key: str, states: Sequence[Mapping[str, torch.Tensor]], shards: ShardSet,
-                  plan: SplitPlan) -> torch.Tensor:
-    """The full tensor of ``key`` (``llma.``-prefixed) from its model-parallel pieces."""
-    name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-    pieces = [state[key] for state in states if key in state]
-    if len(pieces) != len(states) and plan.shard_dim(name) is not None:
-        having = [f.name for f, state in zip(shards.files, states) if key in state]
-        raise CheckpointError(
-            f"{key} is split across model-parallel ranks but only {', '.join(having)} of the {shards.mp_size} "
-            f"shards in {shards.directory} hold it: the shard set is incomplete or mixed from different saves")
-    try:
-        return plan.merge(name, pieces)
-    except (RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"cannot merge the {len(pieces)} pieces of {key} in {shards.directory} "
-                              f"(shapes {[tuple(p.shape) for p in pieces]}): {exc}") from exc
 
 
 class ShardWriter:
