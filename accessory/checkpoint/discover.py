@@ -8,12 +8,13 @@ Recognised names (``NN`` = rank, ``MM`` = model-parallel size, both two digits):
 * the same names ending in ``.safetensors`` instead of ``.pth`` (a flat state dict)
 """
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 
 FULL = "consolidated"
 DIFF = "consolidated_diff"
@@ -108,3 +109,15 @@ def _shard_name(fmt: str, rank: int, mp_size: int, suffix: str) -> str:
         return f"consolidated.{rank:02d}{suffix}"
     kind = "model-diff" if fmt == DIFF else "model"
     return f"consolidated.{rank:02d}-of-{mp_size:02d}.{kind}{suffix}"
+
+
+def read_llama_type(directory, how_to_fix: str) -> str:
+    """``llama_type`` from ``directory``'s meta.json; a ConfigError (ending with ``how_to_fix``
+    when the file is missing) otherwise."""
+    meta_file = Path(directory) / "meta.json"
+    if not meta_file.is_file():
+        raise ConfigError(f"cannot tell the architecture: {meta_file} does not exist. {how_to_fix}")
+    try:
+        return json.loads(meta_file.read_text(encoding="utf-8"))["llama_type"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{meta_file} must be a JSON object with a \"llama_type\" key") from exc

@@ -11,7 +11,6 @@ The split plan comes from the model itself, built on the meta device from the ch
 """
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from ..errors import CheckpointError, ConfigError
 from ..model.layers.parallel import SplitPlan
-from .discover import DIFF, META, ShardSet, find_shards
+from .discover import DIFF, META, ShardSet, find_shards, read_llama_type
 from .load import merged_tensor
 from .reader import PREFIX, read_state_dict
 
@@ -47,14 +46,7 @@ def meta_model_for(directory, llama_type: Optional[str] = None) -> Tuple[str, nn
 
     directory = Path(directory)
     if llama_type is None:
-        meta_file = directory / "meta.json"
-        if not meta_file.is_file():
-            raise ConfigError(f"cannot tell the architecture of {directory}: {meta_file} does not exist. "
-                              f"Write {{\"llama_type\": \"llama\"}} (or the right type) into it")
-        try:
-            llama_type = json.loads(meta_file.read_text(encoding="utf-8"))["llama_type"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{meta_file} must be a JSON object with a \"llama_type\" key") from exc
+        llama_type = read_llama_type(directory, "Write {\"llama_type\": \"llama\"} (or the right type) into it")
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"{config_file} does not exist: the split plan (which weight is cut along which "

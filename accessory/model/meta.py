@@ -23,7 +23,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..checkpoint.discover import find_shards
+from ..checkpoint.discover import find_shards, read_llama_type
 from ..checkpoint.load import load_pretrained
 from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..generation.engine import GenerationEngine
@@ -207,15 +207,8 @@ class MetaModel(nn.Module):
         last = paths[-1]
 
         if llama_type is None:
-            meta_file = last / "meta.json"
-            if not meta_file.is_file():
-                raise ConfigError(
-                    f"cannot tell the architecture: {meta_file} does not exist. Pass llama_type= "
-                    f"(e.g. 'llama') or write {{\"llama_type\": \"llama\"}} into {meta_file}")
-            try:
-                llama_type = json.loads(meta_file.read_text(encoding="utf-8"))["llama_type"]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-                raise ConfigError(f"{meta_file} must be a JSON object with a \"llama_type\" key") from exc
+            llama_type = read_llama_type(last, f"Pass llama_type= (e.g. 'llama') or write "
+                                               f"{{\"llama_type\": \"llama\"}} into {last / 'meta.json'}")
         if parallel is not None:
             check_supported(llama_type, parallel.size)
         if llama_config is None:
