@@ -68,10 +68,10 @@ def test_fused_linears_are_views_and_give_the_same_outputs():
     expected = [m(x) for m in (wq, wk, wv)]
     state = {n: m.weight.detach().clone() for n, m in zip("qkv", (wq, wk, wv))}
     fused = fuse_linears(wq, wk, wv)
-    assert fused.shape == (32, 16)
-    assert wq.weight.data_ptr() == fused.data_ptr() and still_fused(fused, wq)
+    assert fused.weight.shape == (32, 16) and fused.sizes == [16, 8, 8]
+    assert wq.weight.data_ptr() == fused.weight.data_ptr() and still_fused(fused, wq)
     assert all(torch.equal(m.weight, state[n]) for n, m in zip("qkv", (wq, wk, wv)))
-    got = F.linear(x, fused).split([16, 8, 8], dim=-1)
+    got = fused(x).split(fused.sizes, dim=-1)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)
     wq.to(torch.float64)  # moving a module un-fuses it: the caller must notice

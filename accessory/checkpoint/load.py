@@ -8,7 +8,7 @@ in float32 "just in case", and a shard already in the target dtype is used in pl
 import logging
 import re
 import warnings
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -73,7 +73,8 @@ def merged_tensor(key: str, states: Sequence[Mapping[str, torch.Tensor]], shards
 
 def load_shard_set(model: nn.Module, shards: ShardSet, split_plan: SplitPlan, dtype: torch.dtype,
                    device: torch.device, loaded: Dict[str, str], unexpected: Dict[str, str],
-                   progress: bool = True, shard: Optional[Tuple[int, int]] = None) -> None:
+                   progress: bool = True, shard: Optional[Tuple[int, int]] = None,
+                   after_load: Optional[Callable[[str], List[str]]] = None) -> None:
     """Load one directory's shards into ``model`` (merging model-parallel pieces).
 
     ``loaded`` maps each parameter set so far to the file it came from; ``unexpected`` collects
@@ -82,6 +83,8 @@ def load_shard_set(model: nn.Module, shards: ShardSet, split_plan: SplitPlan, dt
     (see layers/tensor_parallel.py); a checkpoint of ``size`` shards gives it its own shard, a
     1-shard one is sliced (memory-mapped: only the slice's bytes are read), any other count is
     merged, then sliced.
+    ``after_load(name)`` is called after each parameter is set (not for deltas); it may replace
+    the module (quantization) and returns the names of the parameters that now stand for it.
     """
     params = dict(model.named_parameters())
     states = [read_state_dict(f, add_prefix=shards.format == META) for f in shards.files]
@@ -124,10 +127,15 @@ def load_shard_set(model: nn.Module, shards: ShardSet, split_plan: SplitPlan, dt
             base = params[key]
             value = (base.float() + tensor.to(device=base.device).float()).to(base.dtype)
         else:
-            value = _cast(tensor, dtype, device)
+            # packed (quantized) tensors keep their storage dtype; everything else gets ``dtype``
+            value = _cast(tensor, params[key].dtype if getattr(params[key], "keep_dtype", False) else dtype,
+                          device)
         _set_parameter(model, key, value)
         params[key] = value
         loaded[key] = source
+        if after_load is not None and not shards.is_diff:
+            for name in after_load(key):
+                loaded[name] = source
     bar.close()
 
 
@@ -150,19 +158,22 @@ def _mismatch_advice(model: nn.Module, key: str, found: tuple, expected: tuple) 
 
 def load_pretrained(model: nn.Module, paths: Sequence, split_plan: SplitPlan, dtype: torch.dtype,
                     device: torch.device, strict: bool = True, progress: bool = True,
-                    shard: Optional[Tuple[int, int]] = None) -> Dict[str, List[str]]:
+                    shard: Optional[Tuple[int, int]] = None,
+                    after_load: Optional[Callable[[str], List[str]]] = None) -> Dict[str, List[str]]:
     """Load every checkpoint dir of ``paths`` in order into ``model`` (a meta-device MetaModel).
 
     Later full checkpoints override earlier keys; delta checkpoints add to them. Unexpected keys
     are reported once and dropped. Parameters no checkpoint provided are an error unless
     ``strict=False``, in which case they are initialised by their module (with a warning).
     ``shard=(rank, size)``: fill only this model-parallel rank's slices (see load_shard_set).
+    ``after_load``: see load_shard_set (quantization while loading).
     Returns ``{"missing_keys": [...], "unexpected_keys": [...]}``.
     """
     loaded: Dict[str, str] = {}
     unexpected: Dict[str, str] = {}
     for path in paths:
-        load_shard_set(model, find_shards(path), split_plan, dtype, device, loaded, unexpected, progress, shard)
+        load_shard_set(model, find_shards(path), split_plan, dtype, device, loaded, unexpected, progress, shard,
+                       after_load)
     if unexpected:
         names = list(unexpected)
         shown = ", ".join(names[:10]) + (f" ... and {len(names) - 10} more" if len(names) > 10 else "")

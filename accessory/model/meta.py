@@ -29,6 +29,8 @@ from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..generation.engine import GenerationEngine
 from ..kernels.linear import use_native_linear
 from ..generation.sampling import SamplingParams
+from ..quant import Quantizer, eligible_linears, make_shells, resolve_scheme
+from ..quant.checkpoint import read_quantization
 from .LLM import load_llama_type
 from .layers.tensor_parallel import add_collectives, check_supported, model_parallel_of, shard_meta_model
 from .tokenizer import Tokenizer, probe_tokenizer_path
@@ -135,6 +137,22 @@ def _value_fits(value, annotation) -> bool:
     return True  # anything else (Any, custom types): let the architecture judge
 
 
+def _quant_plan(quant, device: torch.device, paths: Sequence[Path]):
+    """(scheme, prequantized): the quantization asked for, or the one the checkpoint was saved in."""
+    saved = read_quantization(paths[-1])
+    if saved is None:
+        return resolve_scheme(quant, device), False
+    if len(paths) > 1:
+        raise CheckpointError(f"{paths[-1]} is a pre-quantized checkpoint: load it alone (a base or "
+                              f"delta listed with it cannot be added to packed weights)")
+    asked = resolve_scheme(quant, device) if quant is not True else None
+    if asked is not None and asked != saved:
+        raise ConfigError(f"{paths[-1]} was saved quantized as {saved.to_json()}, but quant={quant!r} "
+                          f"asks for {asked.to_json()}: pass quant=True (or leave quant out) to use the "
+                          f"saved format, or re-quantize from the full-precision checkpoint")
+    return saved, True
+
+
 class MetaModel(nn.Module):
     """A language model (``self.llma``) with its tokenizer and the original's inference API."""
 
@@ -186,6 +204,11 @@ class MetaModel(nn.Module):
         split weights, read from a checkpoint of any shard count. gloo on CPU, nccl on CUDA
         (pass each process its own ``device``, e.g. ``f"cuda:{local_rank}"``). ``None`` or a
         group of size 1: the whole model on this process.
+
+        ``quant``: weight-only quantization of the linear layers while loading (see accessory/quant):
+        ``"int8"`` (per-channel), ``"int4"`` (group-wise, ``"int4-g64"`` for groups of 64), ``"nf4"``,
+        or ``True`` for 4-bit (int4 on the CPU, nf4 on CUDA). A checkpoint saved pre-quantized
+        (``accessory quantize``) loads in its own format.
         """
         if isinstance(pretrained_path, (str, Path)):
             paths = [Path(pretrained_path)]
@@ -199,12 +222,15 @@ class MetaModel(nn.Module):
                     f"{path}: hf:// paths need a model hub, which Accessory does not download from yet; "
                     f"download the repo yourself and pass its local directory")
             find_shards(path)  # fail early, with the reason, before anything is built
-        if quant:
-            raise NotImplementedError(
-                "quant=True (low-memory quantized inference) is not available yet; load with quant=False")
         parallel = model_parallel_of(mp_group)
         dtype, device = resolve_dtype(dtype), resolve_device(device)
         last = paths[-1]
+        scheme, prequantized = _quant_plan(quant, device, paths)
+        if prequantized and parallel is not None:
+            raise CheckpointError(
+                f"{last} is a pre-quantized checkpoint, which loads on one process only; for model "
+                f"parallelism load the full-precision checkpoint with quant={scheme.name!r}: each rank "
+                f"quantizes its own slice")
 
         if llama_type is None:
             llama_type = read_llama_type(last, f"Pass llama_type= (e.g. 'llama') or write "
@@ -228,6 +254,15 @@ class MetaModel(nn.Module):
 
         with torch.device("meta"):
             model = cls(llama_type, llama_config, tokenizer_path, with_visual, max_seq_len)
+        quantizer = None
+        if prequantized:
+            make_shells(model, scheme, eligible_linears(model, scheme, model.get_quant_blocklist()))
+        elif scheme is not None:
+            quantizer = Quantizer(model, scheme, model.get_quant_blocklist())
+        # Pack each weight as it is read (peak memory near the packed size), except where values
+        # still change after loading: deltas add onto the base, ranks > 0 zero some biases.
+        pack_while_loading = quantizer is not None and parallel is None and \
+            not any(find_shards(p).is_diff for p in paths)
         shard = None
         if parallel is not None:
             try:
@@ -237,11 +272,14 @@ class MetaModel(nn.Module):
                                   f"model-parallel ranks: {exc}") from exc
             shard = (parallel.rank, parallel.size)
         result = load_pretrained(model, paths, model.split_plan, dtype, device, strict=strict, progress=progress,
-                                 shard=shard)
+                                 shard=shard, after_load=quantizer.after_load if pack_while_loading else None)
         model.load_result = result
         if parallel is not None:
             add_collectives(model.llma, model.split_plan, parallel)
             model.mp_group = parallel.group
+        if quantizer is not None:
+            quantizer.finish()  # what was not packed while loading (hooks move to the packed layers)
+        model.quant_scheme = scheme
         if device.type == "cpu":
             use_native_linear(model)
         if hasattr(model.llma, "fuse_projections"):
@@ -398,6 +436,11 @@ class MetaModel(nn.Module):
             if row.visible != last_text:
                 last_text = row.visible
                 yield {"text": row.visible, "end_of_content": False}
+
+    def get_quant_blocklist(self) -> List[str]:
+        """Modules ``quant`` leaves in full precision beyond the defaults (visual encoders and their
+        projections): the type's ``quant_blocklist``, ``llma.``-prefixed, as the original."""
+        return ["llma." + name for name in getattr(self.llma, "quant_blocklist", ())]
 
     def get_image_words(self) -> int:
         return getattr(self.llma, "image_words", 0)

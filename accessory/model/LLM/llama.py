@@ -15,7 +15,6 @@ from torch import nn
 from ..layers.attention import attend
 from ..layers.decoder import CausalDecoder
 from ..layers.kv_cache import KVCache
-from ...kernels.linear import linear as fast_linear
 from ..layers.linear import fuse_linears, make_linear, still_fused
 from ..layers.norm import RMSNorm
 from ..layers.parallel import COLUMN, ROW, SplitPlan
@@ -76,8 +75,7 @@ class Attention(nn.Module):
 
     def project_qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if still_fused(self._wqkv, self.wq):
-            q_rows, kv_rows = self.wq.weight.shape[0], self.wk.weight.shape[0]
-            return fast_linear(x, self._wqkv).split([q_rows, kv_rows, kv_rows], dim=-1)
+            return self._wqkv(x).split(self._wqkv.sizes, dim=-1)
         return self.wq(x), self.wk(x), self.wv(x)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
@@ -115,7 +113,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if still_fused(self._w13, self.w1):
-            gate, up = fast_linear(x, self._w13).chunk(2, dim=-1)
+            gate, up = self._w13(x).chunk(2, dim=-1)
             return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from ...kernels.linear import NativeLinear
 from ...kernels.linear import linear as fast_linear
+from ...quant.linear import fuse_quant_linears
 
 _FUSABLE = (nn.Linear, NativeLinear)
 
@@ -62,13 +63,33 @@ def make_linear(in_features: int, out_features: int, bias: bool = False, lora_ra
     return LoraLinear(in_features, out_features, bias=bias, lora_rank=lora_rank)
 
 
-def fuse_linears(*linears: nn.Linear) -> "torch.Tensor | None":
-    """Put the weights of bias-free plain linears sharing one input into one (sum(out), in) tensor.
+class FusedLinear:
+    """Bias-free plain linears sharing one input, as one (sum(out), in) matrix product."""
 
-    Each module's ``weight`` becomes a view of its rows, so names, checkpoints and
-    ``state_dict()`` are unchanged while one matrix product replaces several. Returns the fused
-    tensor, or None when the modules cannot be fused (biases, LoRA, different inputs or dtypes).
+    def __init__(self, weight: torch.Tensor, sizes):
+        self.weight, self.sizes = weight, list(sizes)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return fast_linear(x, self.weight)
+
+    def backs(self, first: nn.Module) -> bool:
+        weight = getattr(first, "weight", None)
+        return weight is not None and weight.data_ptr() == self.weight.data_ptr() and \
+            weight.device == self.weight.device
+
+
+def fuse_linears(*linears: nn.Module):
+    """One product for several bias-free linears sharing one input: a :class:`FusedLinear` (or,
+    for quantized layers, a ``quant.linear.FusedQuantLinear``) called as ``fused(x)``, whose
+    ``sizes`` give each module's share of the output's last dim.
+
+    Each module's weight becomes a view of its rows, so names, checkpoints and ``state_dict()``
+    are unchanged. Returns None when the modules cannot be fused (biases, LoRA, different inputs
+    or dtypes).
     """
+    quantized = fuse_quant_linears(linears)
+    if quantized is not None:
+        return quantized
     if any(type(m) not in _FUSABLE or m.bias is not None for m in linears):
         return None
     weights = [m.weight for m in linears]
@@ -80,10 +101,9 @@ def fuse_linears(*linears: nn.Linear) -> "torch.Tensor | None":
         rows = weight.shape[0]
         module.weight = nn.Parameter(fused[start:start + rows], requires_grad=weight.requires_grad)
         start += rows
-    return fused
+    return FusedLinear(fused, [w.shape[0] for w in weights])
 
 
-def still_fused(fused: "torch.Tensor | None", first: nn.Linear) -> bool:
-    """Whether ``fused`` still backs ``first.weight`` (a ``.to()`` or a reload replaces it)."""
-    return fused is not None and first.weight.data_ptr() == fused.data_ptr() and \
-        first.weight.device == fused.device
+def still_fused(fused, first: nn.Module) -> bool:
+    """Whether ``fused`` still backs ``first``'s weight (a ``.to()`` or a reload replaces it)."""
+    return fused is not None and fused.backs(first)

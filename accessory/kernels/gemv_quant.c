@@ -1,0 +1,325 @@
+/* Matrix-vector products with quantized weights for small batches on x86-64 (AVX2 + FMA + F16C).
+ *
+ * y[m, o] = sum_i x[m, i] * w(o, i) for m < M (a few decode streams), accumulated in float32, where
+ * the weight matrix (O, I) is stored in one of the formats of accessory/quant/formats.py:
+ *
+ *   int8: q (O, I) int8, scale (O) float32;                       w = q * scale[o]
+ *   int4: packed (O, I/2) uint8, scale and offset (O, I/G) fp16; w = q * scale[o, g] + offset[o, g]
+ *   nf4:  packed (O, I/2) uint8, scale (O, I/G) fp16;            w = NF4[q] * scale[o, g]
+ *
+ * 4-bit codes are packed per block of 32 inputs: byte j (0..15) holds code j in its low nibble and
+ * code j + 16 in its high nibble. G is a multiple of 32.
+ *
+ * Decoding reads every weight once per token, so these loops are built to stream the packed bytes:
+ * each block is expanded to float32 in registers and applied to every activation row while it is
+ * there; nothing is ever dequantized to memory. Rows are spread over OpenMP threads (torch's
+ * libgomp, so no second thread pool competes for the cores).
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <math.h>
+#include <string.h>
+
+#define TILE 4 /* activation rows handled per pass over a weight row */
+
+static inline float hsum(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    return _mm_cvtss_f32(lo);
+}
+
+static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even, NaN kept quiet */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* Activation and result element types. */
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+static void load_activations(const void *x, int dtype, float *x_f32, int64_t n) {
+    if (dtype == F32) {
+        memcpy(x_f32, x, (size_t)n * sizeof(float));
+    } else if (dtype == BF16) {
+        const uint16_t *s = (const uint16_t *)x;
+        for (int64_t k = 0; k < n; ++k) {
+            uint32_t u = (uint32_t)s[k] << 16;
+            memcpy(&x_f32[k], &u, 4);
+        }
+    } else {
+        const uint16_t *s = (const uint16_t *)x;
+        for (int64_t k = 0; k < n; ++k) x_f32[k] = half_to_float(s[k]);
+    }
+}
+
+static inline void store(void *y, int dtype, int64_t index, float value) {
+    if (dtype == F32) ((float *)y)[index] = value;
+    else if (dtype == BF16) ((uint16_t *)y)[index] = float_to_bf16(value);
+    else ((uint16_t *)y)[index] = _cvtss_sh(value, _MM_FROUND_TO_NEAREST_INT);
+}
+
+/* ------------------------------------------------------------------------------------------ int8 */
+
+/* One weight row against `mt` activation rows; `mt` is a compile-time constant at every call
+ * site (see the switch below), so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void int8_tile(const int8_t *w, float scale, const float *x,
+                                                            void *y, int dtype, int64_t O, int64_t I,
+                                                            int64_t o, int64_t m0, const int mt) {
+    const int64_t I16 = I & ~(int64_t)15;
+    __m256 acc[TILE][2];
+    for (int j = 0; j < mt; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i < I16; i += 16) {
+        __m128i raw = _mm_loadu_si128((const __m128i *)(w + i));
+        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8)));
+        for (int j = 0; j < mt; ++j) {
+            const float *xr = x + (m0 + j) * I + i;
+            acc[j][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[j][0]);
+            acc[j][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[j][1]);
+        }
+    }
+    for (int j = 0; j < mt; ++j) {
+        float s = hsum(_mm256_add_ps(acc[j][0], acc[j][1]));
+        const float *xr = x + (m0 + j) * I;
+        for (int64_t k = i; k < I; ++k) s += (float)w[k] * xr[k];
+        store(y, dtype, (m0 + j) * O + o, s * scale);
+    }
+}
+
+static void int8_rows(const int8_t *W, const float *scale, const float *x, void *y, int dtype,
+                      int64_t M, int64_t O, int64_t I, int64_t o_begin, int64_t o_end) {
+    for (int64_t o = o_begin; o < o_end; ++o) {
+        for (int64_t m0 = 0; m0 < M; m0 += TILE) {
+            switch ((M - m0) < TILE ? (M - m0) : TILE) {
+                case 1: int8_tile(W + o * I, scale[o], x, y, dtype, O, I, o, m0, 1); break;
+                case 2: int8_tile(W + o * I, scale[o], x, y, dtype, O, I, o, m0, 2); break;
+                case 3: int8_tile(W + o * I, scale[o], x, y, dtype, O, I, o, m0, 3); break;
+                default: int8_tile(W + o * I, scale[o], x, y, dtype, O, I, o, m0, 4); break;
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ 4-bit */
+
+/* The 16 NF4 levels (QLoRA's normal-float table), split for two 8-lane permutes. */
+static const float NF4_LEVELS[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+/* 8 codes (low bytes of `codes`) to 8 floats: the code itself, or its NF4 level. */
+static inline __m256 expand8(__m128i codes, int nf4, __m256 lut_lo, __m256 lut_hi) {
+    __m256i idx = _mm256_cvtepu8_epi32(codes);
+    if (!nf4) return _mm256_cvtepi32_ps(idx);
+    __m256 lo = _mm256_permutevar8x32_ps(lut_lo, idx);
+    __m256 hi = _mm256_permutevar8x32_ps(lut_hi, idx);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+/* One weight row against `mt` activation rows (a compile-time constant, as in int8_tile).
+ * offset == NULL: symmetric codes (nf4). xsum: (M, I/G) per-group sums of x (int4 only). */
+static inline __attribute__((always_inline)) void q4_tile(
+        const uint8_t *p, const uint16_t *s, const uint16_t *z, const int nf4, const float *x,
+        const float *xsum, void *y, int dtype, int64_t O, int64_t I, int64_t G, int64_t o, int64_t m0,
+        const int mt) {
+    const int64_t n_groups = I / G, blocks_per_group = G / 32;
+    const __m128i low_nibbles = _mm_set1_epi8(0x0F);
+    const __m256 lut_lo = _mm256_loadu_ps(NF4_LEVELS), lut_hi = _mm256_loadu_ps(NF4_LEVELS + 8);
+    __m256 total[TILE];
+    float offsets[TILE];
+    for (int j = 0; j < mt; ++j) { total[j] = _mm256_setzero_ps(); offsets[j] = 0.0f; }
+    for (int64_t g = 0; g < n_groups; ++g) {
+        __m256 acc[TILE][2];
+        for (int j = 0; j < mt; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < blocks_per_group; ++b) {
+            const int64_t block = g * blocks_per_group + b;
+            __m128i raw = _mm_loadu_si128((const __m128i *)(p + block * 16));
+            __m128i lo = _mm_and_si128(raw, low_nibbles);
+            __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low_nibbles);
+            __m256 w0 = expand8(lo, nf4, lut_lo, lut_hi);
+            __m256 w1 = expand8(_mm_srli_si128(lo, 8), nf4, lut_lo, lut_hi);
+            __m256 w2 = expand8(hi, nf4, lut_lo, lut_hi);
+            __m256 w3 = expand8(_mm_srli_si128(hi, 8), nf4, lut_lo, lut_hi);
+            for (int j = 0; j < mt; ++j) {
+                const float *xr = x + (m0 + j) * I + block * 32;
+                acc[j][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[j][0]);
+                acc[j][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[j][1]);
+                acc[j][0] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), acc[j][0]);
+                acc[j][1] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), acc[j][1]);
+            }
+        }
+        const __m256 group_scale = _mm256_set1_ps(half_to_float(s[g]));
+        for (int j = 0; j < mt; ++j)
+            total[j] = _mm256_fmadd_ps(group_scale, _mm256_add_ps(acc[j][0], acc[j][1]), total[j]);
+        if (z) {
+            const float group_offset = half_to_float(z[g]);
+            for (int j = 0; j < mt; ++j) offsets[j] += group_offset * xsum[(m0 + j) * n_groups + g];
+        }
+    }
+    for (int j = 0; j < mt; ++j) store(y, dtype, (m0 + j) * O + o, hsum(total[j]) + offsets[j]);
+}
+
+static void q4_rows(const uint8_t *P, const uint16_t *scale, const uint16_t *offset, int nf4,
+                    const float *x, const float *xsum, void *y, int dtype,
+                    int64_t M, int64_t O, int64_t I, int64_t G, int64_t o_begin, int64_t o_end) {
+    const int64_t n_groups = I / G;
+    for (int64_t o = o_begin; o < o_end; ++o) {
+        const uint8_t *p = P + o * (I / 2);
+        const uint16_t *s = scale + o * n_groups;
+        const uint16_t *z = offset ? offset + o * n_groups : NULL;
+        for (int64_t m0 = 0; m0 < M; m0 += TILE) {
+            const int64_t mt = (M - m0) < TILE ? (M - m0) : TILE;
+            /* nf4 and the row count are constants inside each instance */
+            if (nf4) {
+                switch (mt) {
+                    case 1: q4_tile(p, s, z, 1, x, xsum, y, dtype, O, I, G, o, m0, 1); break;
+                    case 2: q4_tile(p, s, z, 1, x, xsum, y, dtype, O, I, G, o, m0, 2); break;
+                    case 3: q4_tile(p, s, z, 1, x, xsum, y, dtype, O, I, G, o, m0, 3); break;
+                    default: q4_tile(p, s, z, 1, x, xsum, y, dtype, O, I, G, o, m0, 4); break;
+                }
+            } else {
+                switch (mt) {
+                    case 1: q4_tile(p, s, z, 0, x, xsum, y, dtype, O, I, G, o, m0, 1); break;
+                    case 2: q4_tile(p, s, z, 0, x, xsum, y, dtype, O, I, G, o, m0, 2); break;
+                    case 3: q4_tile(p, s, z, 0, x, xsum, y, dtype, O, I, G, o, m0, 3); break;
+                    default: q4_tile(p, s, z, 0, x, xsum, y, dtype, O, I, G, o, m0, 4); break;
+                }
+            }
+        }
+    }
+}
+
+/* int4 codes against activations quantized to int8 per block of 32 (xq, one float step dx per
+ * block): the products are summed with integer multiply-adds, four times fewer instructions
+ * than expanding each code to float, which is what keeps the 4-bit path at the memory's pace.
+ * sum_i w_i x_i = scale * sum_blocks dx * sum_i q_i xq_i + offset * sum_i x_i (xsum, exact). */
+static inline __attribute__((always_inline)) __m256 int4_block_dot(__m256i codes, const int8_t *xq) {
+    const __m256i xv = _mm256_loadu_si256((const __m256i *)xq);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), _mm256_set1_epi16(1)));
+}
+
+static inline __attribute__((always_inline)) __m256i int4_block_codes(const uint8_t *packed) {
+    /* bytes 0..15: codes 0..15 (low nibbles), bytes 16..31: codes 16..31 (high nibbles) */
+    const __m128i raw = _mm_loadu_si128((const __m128i *)packed);
+    return _mm256_and_si256(_mm256_insertf128_si256(_mm256_castsi128_si256(raw), _mm_srli_epi16(raw, 4), 1),
+                            _mm256_set1_epi8(0x0F));
+}
+
+/* group_shift: log2(G / 32). Blocks are taken two at a time into two accumulators per row. */
+static inline __attribute__((always_inline)) void int4_tile(
+        const uint8_t *p, const uint16_t *s, const uint16_t *z, const int8_t *xq, const float *dx,
+        const float *xsum, void *y, int dtype, int64_t O, int64_t I, int group_shift, int64_t o,
+        int64_t m0, const int mt) {
+    const int64_t n_blocks = I / 32, n_groups = n_blocks >> group_shift;
+    __m256 total[TILE][2];
+    for (int j = 0; j < mt; ++j) total[j][0] = total[j][1] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 1 < n_blocks; k += 2) {
+        const __m256i c0 = int4_block_codes(p + k * 16), c1 = int4_block_codes(p + k * 16 + 16);
+        const float s0 = half_to_float(s[k >> group_shift]), s1 = half_to_float(s[(k + 1) >> group_shift]);
+        for (int j = 0; j < mt; ++j) {
+            const int8_t *xr = xq + (m0 + j) * I + k * 32;
+            const float *d = dx + (m0 + j) * n_blocks + k;
+            total[j][0] = _mm256_fmadd_ps(int4_block_dot(c0, xr), _mm256_set1_ps(s0 * d[0]), total[j][0]);
+            total[j][1] = _mm256_fmadd_ps(int4_block_dot(c1, xr + 32), _mm256_set1_ps(s1 * d[1]), total[j][1]);
+        }
+    }
+    if (k < n_blocks) {
+        const __m256i c0 = int4_block_codes(p + k * 16);
+        const float s0 = half_to_float(s[k >> group_shift]);
+        for (int j = 0; j < mt; ++j)
+            total[j][0] = _mm256_fmadd_ps(int4_block_dot(c0, xq + (m0 + j) * I + k * 32),
+                                          _mm256_set1_ps(s0 * dx[(m0 + j) * n_blocks + k]), total[j][0]);
+    }
+    for (int j = 0; j < mt; ++j) {
+        float offset = 0.0f;
+        const float *xs = xsum + (m0 + j) * n_groups;
+        for (int64_t g = 0; g < n_groups; ++g) offset += half_to_float(z[g]) * xs[g];
+        store(y, dtype, (m0 + j) * O + o, hsum(_mm256_add_ps(total[j][0], total[j][1])) + offset);
+    }
+}
+
+static void int4_rows(const uint8_t *P, const uint16_t *scale, const uint16_t *offset, const int8_t *xq,
+                      const float *dx, const float *xsum, void *y, int dtype,
+                      int64_t M, int64_t O, int64_t I, int64_t G, int64_t o_begin, int64_t o_end) {
+    const int64_t n_groups = I / G;
+    int group_shift = 0;
+    while ((32 << group_shift) < G) ++group_shift; /* G is 32, 64 or 128 */
+    for (int64_t o = o_begin; o < o_end; ++o) {
+        const uint8_t *p = P + o * (I / 2);
+        const uint16_t *s = scale + o * n_groups, *z = offset + o * n_groups;
+        for (int64_t m0 = 0; m0 < M; m0 += TILE) {
+            switch ((M - m0) < TILE ? (M - m0) : TILE) {
+                case 1: int4_tile(p, s, z, xq, dx, xsum, y, dtype, O, I, group_shift, o, m0, 1); break;
+                case 2: int4_tile(p, s, z, xq, dx, xsum, y, dtype, O, I, group_shift, o, m0, 2); break;
+                case 3: int4_tile(p, s, z, xq, dx, xsum, y, dtype, O, I, group_shift, o, m0, 3); break;
+                default: int4_tile(p, s, z, xq, dx, xsum, y, dtype, O, I, group_shift, o, m0, 4); break;
+            }
+        }
+    }
+}
+
+/* Each block of 32 activations as int8 codes and one float step (round to nearest). */
+static void quantize_activations(const float *x, int8_t *xq, float *dx, int64_t n_blocks) {
+    for (int64_t blk = 0; blk < n_blocks; ++blk) {
+        const float *v = x + blk * 32;
+        float amax = 0.0f;
+        for (int k = 0; k < 32; ++k) amax = fabsf(v[k]) > amax ? fabsf(v[k]) : amax;
+        const float step = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+        dx[blk] = step;
+        for (int k = 0; k < 32; ++k) xq[blk * 32 + k] = (int8_t)lrintf(v[k] * inverse);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ entry points */
+
+#define ROWS_PER_TASK 16 /* small enough to balance two threads, big enough to amortise a task */
+
+/* y (M, O) = x (M, I) @ W^T with int8 W. scratch: M * I floats. */
+void accessory_gemv_int8(const int8_t *W, const float *scale, const void *x, void *y, int dtype,
+                         float *scratch, int64_t M, int64_t O, int64_t I) {
+    load_activations(x, dtype, scratch, M * I);
+    const int64_t n_tasks = (O + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < n_tasks; ++t) {
+        const int64_t end = (t + 1) * ROWS_PER_TASK < O ? (t + 1) * ROWS_PER_TASK : O;
+        int8_rows(W, scale, scratch, y, dtype, M, O, I, t * ROWS_PER_TASK, end);
+    }
+}
+
+/* y (M, O) = x (M, I) @ W^T with 4-bit W (offset NULL: nf4 levels, else int4 codes).
+ * scratch: M * I + M * I / G + M * I / 32 + M * I / 4 floats. */
+void accessory_gemv_q4(const uint8_t *P, const uint16_t *scale, const uint16_t *offset, int nf4,
+                       const void *x, void *y, int dtype, float *scratch,
+                       int64_t M, int64_t O, int64_t I, int64_t G) {
+    float *x_f32 = scratch, *xsum = scratch + M * I, *dx = xsum + M * (I / G);
+    int8_t *xq = (int8_t *)(dx + M * (I / 32));
+    const int64_t n_groups = I / G;
+    load_activations(x, dtype, x_f32, M * I);
+    if (offset) {
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t g = 0; g < n_groups; ++g) {
+                float s = 0.0f;
+                const float *xr = x_f32 + m * I + g * G;
+                for (int64_t k = 0; k < G; ++k) s += xr[k];
+                xsum[m * n_groups + g] = s;
+            }
+        quantize_activations(x_f32, xq, dx, M * (I / 32));
+    }
+    const int64_t n_tasks = (O + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < n_tasks; ++t) {
+        const int64_t end = (t + 1) * ROWS_PER_TASK < O ? (t + 1) * ROWS_PER_TASK : O;
+        if (offset) int4_rows(P, scale, offset, xq, dx, xsum, y, dtype, M, O, I, G, t * ROWS_PER_TASK, end);
+        else q4_rows(P, scale, NULL, 1, x_f32, NULL, y, dtype, M, O, I, G, t * ROWS_PER_TASK, end);
+    }
+}

@@ -1,0 +1,77 @@
+"""ctypes bindings of gemv_quant.c: products of a few activation rows with packed weights.
+
+``quant_gemv(x, tensors, scheme)`` returns ``x @ W.T`` for the quantized ``W`` without ever
+expanding it in memory, or None when the native kernel does not apply (not on the CPU, more than
+``MAX_ROWS`` rows, kernels disabled or not buildable); callers then use their fallback.
+"""
+
+import ctypes
+import threading
+from typing import Dict, Optional
+
+import torch
+
+from . import load_library
+
+MAX_ROWS = 16
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+_state = threading.local()
+_functions = None
+_loaded = False
+
+
+def _kernels():
+    global _functions, _loaded
+    if not _loaded:
+        library = load_library("gemv_quant")
+        if library is not None:
+            int8 = library.accessory_gemv_int8
+            int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 3
+            int8.restype = None
+            q4 = library.accessory_gemv_q4
+            q4.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int,
+                           ctypes.c_void_p] + [ctypes.c_int64] * 4)
+            q4.restype = None
+            _functions = (int8, q4)
+        _loaded = True
+    return _functions
+
+
+def native_quant_available() -> bool:
+    return _kernels() is not None
+
+
+def _scratch(n_floats: int) -> torch.Tensor:
+    buffer = getattr(_state, "buffer", None)
+    if buffer is None or buffer.numel() < n_floats:
+        buffer = _state.buffer = torch.empty(max(n_floats, 1 << 16), dtype=torch.float32)
+    return buffer
+
+
+def quant_gemv(x: torch.Tensor, tensors: Dict[str, torch.Tensor], scheme, out_features: int,
+               in_features: int) -> Optional[torch.Tensor]:
+    """``x (..., in) @ W.T`` for the quantized W in ``tensors``; None when the kernel does not apply."""
+    if x.device.type != "cpu" or x.dtype not in _DTYPE_CODES or x.requires_grad:
+        return None
+    rows = x.numel() // in_features if x.dim() else 0
+    if not 0 < rows <= MAX_ROWS:
+        return None
+    kernels = _kernels()
+    if kernels is None:
+        return None
+    x2 = x.reshape(rows, in_features).contiguous()
+    y = torch.empty((rows, out_features), dtype=x.dtype)
+    code = _DTYPE_CODES[x.dtype]
+    qweight, scales = tensors["qweight"], tensors["scales"]
+    if scheme.name == "int8":
+        kernels[0](qweight.data_ptr(), scales.data_ptr(), x2.data_ptr(), y.data_ptr(), code,
+                   _scratch(rows * in_features).data_ptr(), rows, out_features, in_features)
+    else:
+        offsets = tensors.get("offsets")
+        groups = in_features // scheme.group_size
+        kernels[1](qweight.data_ptr(), scales.data_ptr(), None if offsets is None else offsets.data_ptr(),
+                   int(scheme.name == "nf4"), x2.data_ptr(), y.data_ptr(), code,
+                   _scratch(rows * (in_features + groups + in_features // 32 + in_features // 4 + 1)).data_ptr(), rows, out_features, in_features,
+                   scheme.group_size)
+    return y.view(*x.shape[:-1], out_features)

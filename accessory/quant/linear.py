@@ -1,0 +1,151 @@
+"""``QuantLinear``: a linear layer whose weight is stored packed (int8 / int4 / nf4).
+
+The packed tensors are parameters (``requires_grad=False``) named ``qweight``, ``scales`` and, for
+int4, ``offsets``, so a quantized model's ``state_dict()`` is its pre-quantized checkpoint and the
+loader fills them like any other weight. A bias and the original's LoRA path (``lora_a``,
+``lora_b``) stay in full precision beside them, under their usual names.
+
+Products: on the CPU, up to ``kernels.quant.MAX_ROWS`` token rows (decoding) go through the native
+kernels, which read the packed bytes directly; longer inputs (prompt prefill), CUDA and CPUs
+without the kernels expand the matrix once per call, in row blocks, into the activation dtype and
+use torch's matmul, a cost shared by all the rows of the call.
+"""
+
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.quant import quant_gemv
+from .formats import QuantScheme, dequantize, quantize
+
+_EXPAND_ROWS = 4096  # rows expanded at a time by the fallback, to bound its temporary memory
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, bias: bool = False,
+                 device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        dtypes = scheme.dtypes()
+        for name, shape in scheme.shapes(out_features, in_features).items():
+            self.register_parameter(name, _frozen(torch.empty(shape, dtype=dtypes[name], device=device)))
+        self.bias = _frozen(torch.zeros(out_features, device=device), keep_dtype=False) if bias else None
+        self.lora_a = self.lora_b = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme) -> "QuantLinear":
+        """Quantize ``linear``'s weight; its bias and LoRA modules (if any) are kept as they are."""
+        weight = linear.weight.detach()
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.in_features, module.out_features, module.scheme = weight.shape[1], weight.shape[0], scheme
+        for name, tensor in quantize(weight, scheme).items():
+            module.register_parameter(name, _frozen(tensor.contiguous()))
+        module.bias = linear.bias
+        module.lora_a = getattr(linear, "lora_a", None)
+        module.lora_b = getattr(linear, "lora_b", None)
+        return module
+
+    @classmethod
+    def shell_of(cls, linear: nn.Linear, scheme: QuantScheme) -> "QuantLinear":
+        """An empty (meta-device) quantized layer with ``linear``'s shape, bias and LoRA modules:
+        what a pre-quantized checkpoint is loaded into."""
+        out_features, in_features = linear.weight.shape
+        module = cls(in_features, out_features, scheme, bias=False, device="meta")
+        module.bias = linear.bias
+        module.lora_a = getattr(linear, "lora_a", None)
+        module.lora_b = getattr(linear, "lora_b", None)
+        return module
+
+    def reset_parameters(self) -> None:
+        """What ``strict=False`` gives parameters a checkpoint lacks: a zero bias (as the original's
+        tuned biases start), and a zero weight if the packed tensors themselves are missing."""
+        with torch.no_grad():
+            for name in self.scheme.tensor_names():
+                getattr(self, name).zero_()
+            if self.bias is not None:
+                self.bias.zero_()
+
+    @property
+    def packed(self) -> Dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.scheme.tensor_names()}
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.packed, self.scheme, dtype)
+
+    # ------------------------------------------------------------------ compute
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = quantized_matmul(x, self.packed, self.scheme, self.out_features, self.in_features)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        if self.lora_a is not None:
+            out = out + self.lora_b(self.lora_a(x))
+        return out
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.scheme.group_size}" if self.scheme.group_size else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"scheme={self.scheme.name}{group}, bias={self.bias is not None}")
+
+
+def _frozen(tensor: torch.Tensor, keep_dtype: bool = True) -> nn.Parameter:
+    """A parameter the loader fills in its own dtype (packed codes and scales are never cast)."""
+    param = nn.Parameter(tensor, requires_grad=False)
+    param.keep_dtype = keep_dtype
+    return param
+
+
+def quantized_matmul(x: torch.Tensor, packed: Dict[str, torch.Tensor], scheme: QuantScheme,
+                     out_features: int, in_features: int) -> torch.Tensor:
+    """``x @ W.T`` for the packed W: the native kernel when it applies, else row-block expansion."""
+    out = quant_gemv(x, packed, scheme, out_features, in_features)
+    if out is not None:
+        return out
+    compute_dtype = x.dtype if x.is_floating_point() else torch.float32
+    if out_features <= _EXPAND_ROWS:
+        return F.linear(x, dequantize(packed, scheme, compute_dtype))
+    pieces = []
+    for start in range(0, out_features, _EXPAND_ROWS):
+        rows = {name: t[start:start + _EXPAND_ROWS] for name, t in packed.items()}
+        pieces.append(F.linear(x, dequantize(rows, scheme, compute_dtype)))
+    return torch.cat(pieces, dim=-1)
+
+
+class FusedQuantLinear:
+    """Several QuantLinears sharing one input, concatenated by rows into one packed matrix; each
+    original module's tensors become views of its rows (see ``layers.linear.fuse_linears``)."""
+
+    def __init__(self, modules: Sequence[QuantLinear]):
+        scheme = modules[0].scheme
+        self.scheme, self.in_features = scheme, modules[0].in_features
+        self.sizes = [m.out_features for m in modules]
+        self.out_features = sum(self.sizes)
+        self.packed = {}
+        for name in scheme.tensor_names():
+            fused = torch.cat([getattr(m, name).detach() for m in modules], dim=0)
+            self.packed[name] = fused
+            start = 0
+            for module, rows in zip(modules, self.sizes):
+                setattr(module, name, _frozen(fused[start:start + rows]))
+                start += rows
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_matmul(x, self.packed, self.scheme, self.out_features, self.in_features)
+
+    def backs(self, first: QuantLinear) -> bool:
+        mine = self.packed["qweight"]
+        return first.qweight.data_ptr() == mine.data_ptr() and first.qweight.device == mine.device
+
+
+def fuse_quant_linears(modules: Sequence[nn.Module]) -> Optional[FusedQuantLinear]:
+    """A :class:`FusedQuantLinear` over ``modules`` when all are bias- and LoRA-free QuantLinears of
+    one scheme and input size on one device; else None."""
+    if not all(type(m) is QuantLinear and m.bias is None and m.lora_a is None for m in modules):
+        return None
+    if len({(m.scheme, m.in_features, m.qweight.device) for m in modules}) != 1 or \
+            any(m.qweight.is_meta for m in modules):
+        return None
+    return FusedQuantLinear(modules)

@@ -1,0 +1,324 @@
+"""Weight-only quantization (accessory/quant): formats, native kernels, quantized models, checkpoints.
+
+Tolerances, per scheme, for the quantized model's logits against the full-precision model's (RMS
+deviation relative to the logits' RMS, on the random tiny llama, whose Gaussian weights are a worst
+case for 4 bits: measured int8 1.2%, int4 17%): int8 2%, int4 25%, nf4 30%. Against a model whose
+weights are *replaced by their dequantized values* the match is much tighter, which checks that the
+code computes exactly the format's arithmetic: 1e-4 of the logits' spread at worst, except the int4
+decode kernel, which rounds activations to int8 per block of 32 as llama.cpp's Q4 x Q8 product does
+(5% RMS; measured 2.4%, and it leaves the error against full precision unchanged: 17.0% vs 17.0%).
+Real-model quality (perplexity on SmolLM2) is measured by benchmarks/quant.py.
+"""
+
+import json
+
+import pytest
+import torch
+
+from ckpt_utils import TINY_LLAMA, random_llama_state, write_checkpoint
+
+import accessory.kernels.quant as kq
+from accessory.errors import CheckpointError, ConfigError
+from accessory.model.meta import MetaModel
+from accessory.quant import QuantLinear, QuantScheme, dequantize, eligible_linears, quantize, resolve_scheme
+from accessory.quant.checkpoint import read_quantization, save_quantized
+from accessory.quant.formats import NF4_LEVELS
+from accessory.model.layers.linear import still_fused
+from accessory.quant.linear import FusedQuantLinear, quantized_matmul
+
+SCHEMES = [QuantScheme("int8"), QuantScheme("int4"), QuantScheme("int4", 64), QuantScheme("nf4")]
+LOGIT_TOLERANCE = {"int8": 0.02, "int4": 0.25, "nf4": 0.30}
+
+
+def _ids(scheme):
+    return f"{scheme.name}-g{scheme.group_size}" if scheme.group_size else scheme.name
+
+
+# --------------------------------------------------------------------------- formats
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=_ids)
+def test_dequantize_inverts_quantize_within_the_format_step(scheme):
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(0))
+    packed = quantize(w, scheme)
+    assert {k: tuple(v.shape) for k, v in packed.items()} == scheme.shapes(48, 256)
+    assert {k: v.dtype for k, v in packed.items()} == {k: scheme.dtypes()[k] for k in packed}
+    back = dequantize(packed, scheme)
+    if scheme.name == "int8":
+        step = w.abs().amax(dim=1, keepdim=True) / 127  # half a step at most, per row
+        assert ((back - w).abs() <= step / 2 + 1e-6).all()
+    elif scheme.name == "int4":
+        groups = w.view(48, -1, scheme.group_size)
+        step = (groups.amax(-1) - groups.amin(-1)) / 15
+        err = (back - w).view(48, -1, scheme.group_size).abs().amax(-1)
+        assert (err <= step * 0.51 + 1e-3).all()  # half a step, plus fp16 rounding of scale/offset
+    else:
+        groups = w.view(48, -1, scheme.group_size)
+        absmax = groups.abs().amax(-1, keepdim=True)
+        widest_gap = (NF4_LEVELS[1:] - NF4_LEVELS[:-1]).max()
+        err = (back.view_as(groups) - groups).abs()
+        assert (err <= absmax * widest_gap / 2 + 1e-3).all()
+    # a dequantized matrix is a fixed point: quantizing it again gives the same codes
+    again = quantize(back, scheme)
+    assert torch.equal(dequantize(again, scheme), back)
+
+
+def test_int4_codes_use_the_full_range_and_pack_per_block_of_32():
+    w = torch.arange(64, dtype=torch.float32).repeat(2, 1)  # one group of 32 rising values, twice
+    packed = quantize(w, QuantScheme("int4", 32))
+    first_block = packed["qweight"][0, :16]
+    low, high = first_block & 0x0F, first_block >> 4
+    assert low[0] == 0 and high[-1] == 15  # minimum -> 0, maximum -> 15
+    assert torch.equal(low, torch.round(torch.arange(16) * 15 / 31).to(torch.uint8))
+
+
+def test_schemes_parse_and_refuse_bad_input():
+    assert resolve_scheme(False) is None and resolve_scheme(None) is None
+    assert resolve_scheme(True, torch.device("cpu")) == QuantScheme("int4", 32)
+    assert resolve_scheme(True, torch.device("cuda")) == QuantScheme("nf4", 64)
+    assert resolve_scheme("int4-g128") == QuantScheme("int4", 128)
+    assert resolve_scheme("INT8") == QuantScheme("int8")
+    with pytest.raises(ValueError, match="int8, int4, nf4"):
+        resolve_scheme("int3")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        resolve_scheme("int4-g48")
+    with pytest.raises(ValueError, match="multiple of it"):
+        quantize(torch.randn(4, 48), QuantScheme("int4", 32))
+
+
+# --------------------------------------------------------------------------- kernels
+
+needs_kernels = pytest.mark.skipif(not kq.native_quant_available(), reason="native quant kernels unavailable "
+                                   "(no C compiler or no AVX2/FMA/F16C on this CPU)")
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", SCHEMES, ids=_ids)
+@pytest.mark.parametrize("rows", [1, 3, 5, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_native_kernel_computes_the_formats_product(scheme, rows, dtype):
+    gen = torch.Generator().manual_seed(rows)
+    out_features, in_features = 37, 256 if scheme.name != "int8" else 200  # odd rows; int8: a tail
+    w = torch.randn(out_features, in_features, generator=gen) * 0.05
+    packed = quantize(w, scheme)
+    x = torch.randn(rows, in_features, generator=gen).to(dtype)
+    y = kq.quant_gemv(x, packed, scheme, out_features, in_features)
+    assert y is not None and y.dtype == dtype and y.shape == (rows, out_features)
+    reference = x.double() @ dequantize(packed, scheme, torch.float64).T
+    scale = reference.abs().max()
+    tolerance = {"int4": 2e-2}.get(scheme.name, 1e-5 if dtype == torch.float32 else 1e-2)
+    assert ((y.double() - reference).abs().max() / scale) < tolerance
+
+
+def test_kernel_declines_what_it_does_not_handle():
+    scheme = QuantScheme("int8")
+    packed = quantize(torch.randn(8, 64), scheme)
+    assert kq.quant_gemv(torch.randn(17, 64), packed, scheme, 8, 64) is None  # prefill-sized: fallback
+    x = torch.randn(20, 64)
+    assert torch.allclose(quantized_matmul(x, packed, scheme, 8, 64), x @ dequantize(packed, scheme).T,
+                          atol=1e-5)
+
+
+def test_fallback_without_native_kernels_gives_the_same_products(monkeypatch):
+    scheme = QuantScheme("int4", 32)
+    packed = quantize(torch.randn(40, 128), scheme)
+    x = torch.randn(2, 128)
+    monkeypatch.setattr(kq, "_kernels", lambda: None)
+    assert kq.quant_gemv(x, packed, scheme, 40, 128) is None
+    assert torch.allclose(quantized_matmul(x, packed, scheme, 40, 128), x @ dequantize(packed, scheme).T,
+                          atol=1e-5)
+
+
+# --------------------------------------------------------------------------- models
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    state = random_llama_state(TINY_LLAMA, vocab_size=32000, seed=3)
+    return write_checkpoint(tmp_path_factory.mktemp("q") / "llama", state, TINY_LLAMA)
+
+
+def _load(path, **kw):
+    kw.setdefault("dtype", torch.float32)
+    return MetaModel.from_pretrained(path, max_seq_len=128, device="cpu", progress=False, **kw)
+
+
+PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away"]
+
+
+LONG = "Once upon a time, in a land far away, there lived a king who had three daughters and an old dog"
+
+
+def _logits(model, text=LONG):
+    """Whole-prompt logits: more than kernels.quant.MAX_ROWS tokens, so the expansion path."""
+    tokens = torch.tensor([model.tokenizer.encode(text, bos=True, eos=False)])
+    assert tokens.shape[1] > kq.MAX_ROWS
+    with torch.inference_mode():
+        return model.llma.forward_tokens(tokens).float()
+
+
+def _decode_logits(model, text=PROMPTS[1]):
+    """Logits of each position computed one token at a time through the KV cache (the kernels' path)."""
+    tokens = model.tokenizer.encode(text, bos=True, eos=False)
+    cache = model.llma.new_kv_cache(1, len(tokens), dtype=torch.float32, device="cpu")
+    rows = []
+    with torch.inference_mode():
+        for pos, tok in enumerate(tokens):
+            rows.append(model.llma.forward_tokens(torch.tensor([[tok]]), positions=torch.tensor([[pos]]),
+                                                  kv_cache=cache)[0, -1].float())
+    return torch.stack(rows)[None]
+
+
+@pytest.fixture(scope="module")
+def full_model(tiny_ckpt):
+    return _load(tiny_ckpt)
+
+
+def _rel(a, b):
+    """Largest deviation, relative to the logits' spread."""
+    return ((a - b).abs().max() / b.std()).item()
+
+
+def _rms(a, b):
+    """Root-mean-square deviation, relative to the logits' root-mean-square."""
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=_ids)
+def test_quantized_model_is_close_to_full_precision_and_exact_to_its_format(tiny_ckpt, full_model, scheme):
+    model = _load(tiny_ckpt, quant=scheme.name if scheme.name == "int8" else f"{scheme.name}-g{scheme.group_size}")
+    assert model.quant_scheme == scheme
+    packed = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    # every linear of every block and the output head; never the embedding
+    assert len(packed) == 2 * 7 + 1 and "llma.output" in packed
+    assert type(model.llma.tok_embeddings.weight) is torch.nn.Parameter
+    attention, ffn = model.llma.layers[0].attention, model.llma.layers[0].feed_forward
+    assert isinstance(attention._wqkv, FusedQuantLinear) and still_fused(attention._wqkv, attention.wq)
+    assert isinstance(ffn._w13, FusedQuantLinear) and still_fused(ffn._w13, ffn.w1)
+    assert model.llma.tok_embeddings.weight.dtype == torch.float32
+    assert not any(n.endswith(".weight") and "layers" in n and "norm" not in n
+                   for n, _ in model.named_parameters())
+
+    reference = full_model.llma
+    for name in packed:  # the full model with each weight replaced by its dequantized value
+        module = model.get_submodule(name)
+        ref_module = reference.get_submodule(name[len("llma."):])
+        ref_module.__dict__.setdefault("_saved_weight", ref_module.weight.data.clone())
+        ref_module.weight.data = module.dequantized_weight(torch.float32)
+    try:
+        for logits_of in (_logits, _decode_logits):  # prefill (expansion) and decode (kernels)
+            exact = logits_of(full_model)
+            if scheme.name == "int4" and logits_of is _decode_logits:  # int8-rounded activations
+                assert _rms(logits_of(model), exact) < 0.05
+            else:
+                assert _rel(logits_of(model), exact) < 1e-4, logits_of.__name__
+    finally:
+        for name in packed:
+            ref_module = reference.get_submodule(name[len("llma."):])
+            ref_module.weight.data = ref_module.__dict__.pop("_saved_weight")
+    assert _rms(_decode_logits(model), _decode_logits(full_model)) < LOGIT_TOLERANCE[scheme.name]
+
+
+def test_int8_greedy_text_equals_full_precision(tiny_ckpt, full_model):
+    model = _load(tiny_ckpt, quant="int8")
+    assert model.generate(PROMPTS, max_gen_len=12) == full_model.generate(PROMPTS, max_gen_len=12)
+    # Longer runs of a random model meet near-ties; there, along the full model's greedy path, int8
+    # picks the same token at every step whose top-2 logit margin exceeds int8's deviation.
+    for prompt in PROMPTS:
+        prefix = full_model.tokenizer.encode(prompt, bos=True, eos=False)
+        tokens = prefix + full_model.tokenizer.encode(full_model.generate([prompt], max_gen_len=32)[0],
+                                                      bos=False, eos=False)
+        with torch.inference_mode():
+            full = full_model.llma.forward_tokens(torch.tensor([tokens]))[0, len(prefix) - 1:-1]
+            quant = model.llma.forward_tokens(torch.tensor([tokens]))[0, len(prefix) - 1:-1]
+        top2 = full.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 0.1 * full.std()
+        assert clear.sum() >= len(clear) // 2
+        assert torch.equal(full.argmax(-1)[clear], quant.argmax(-1)[clear])
+
+
+def test_bf16_quantized_model_generates_and_streams_the_same_text(tiny_ckpt):
+    model = _load(tiny_ckpt, quant="int4", dtype=torch.bfloat16)
+    text = model.generate([PROMPTS[0]], max_gen_len=16)[0]
+    streamed = list(model.stream_generate(PROMPTS[0], max_gen_len=16))
+    assert text and streamed[-1]["text"] == text
+
+
+def test_seed_api_quant_true(tiny_ckpt):
+    model = MetaModel.from_pretrained(str(tiny_ckpt), max_seq_len=64, quant=True, device="cpu", progress=False)
+    assert model.quant_scheme == QuantScheme("int4", 32)
+    assert isinstance(model.generate(["Hi"], images=None, max_gen_len=4)[0], str)
+
+
+def test_lora_bias_and_norms_stay_full_precision(tmp_path):
+    cfg = dict(TINY_LLAMA, lora_rank=8, bias_tuning=True)
+    from ckpt_utils import llama_shapes
+    gen = torch.Generator().manual_seed(0)
+    state = random_llama_state(TINY_LLAMA, vocab_size=32000)
+    for key, shape in llama_shapes(TINY_LLAMA, 32000).items():
+        if key.startswith("layers.") and key.endswith(("wq.weight", "w1.weight")):
+            base = key[: -len("weight")]
+            state[base + "lora_a.weight"] = torch.randn(8, shape[1], generator=gen) * 0.1
+            state[base + "lora_b.weight"] = torch.randn(shape[0], 8, generator=gen) * 0.1
+            state[base + "bias"] = torch.randn(shape[0], generator=gen) * 0.1
+    ckpt = write_checkpoint(tmp_path / "peft", state, cfg, llama_type="llama_peft")
+    full, quantized = _load(ckpt, strict=False), _load(ckpt, strict=False, quant="int8")
+    wq = quantized.llma.layers[0].attention.wq
+    assert isinstance(wq, QuantLinear) and wq.lora_a.weight.dtype == torch.float32
+    assert torch.equal(wq.lora_a.weight, full.llma.layers[0].attention.wq.lora_a.weight)
+    assert torch.equal(wq.bias, full.llma.layers[0].attention.wq.bias)
+    assert "llma.layers.0.attention.wq.lora_b.weight" in quantized.state_dict()
+    for name, module in quantized.named_modules():  # LoRA and biases apply on top of the format's weight
+        if isinstance(module, QuantLinear):
+            full.get_submodule(name).weight.data = module.dequantized_weight(torch.float32)
+    assert _rel(_decode_logits(quantized), _decode_logits(full)) < 1e-4
+
+
+def test_blocklist_and_routers_are_not_quantized():
+    from accessory.model.LLM import load_llama_type
+    module = load_llama_type("mixtral")
+    args = module.ModelArgs(dim=64, hidden_dim=96, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=256,
+                            moe={"num_experts": 4, "num_experts_per_tok": 2})
+    with torch.device("meta"):
+        model = module.Transformer(args)
+    names = eligible_linears(model, QuantScheme("int8"), blocklist=["output"])
+    assert names and not any(n.endswith(".gate") for n in names) and "output" not in names
+    assert any(".experts." in n or "experts" in n for n in names)
+
+
+# --------------------------------------------------------------------------- pre-quantized checkpoints
+
+@pytest.mark.parametrize("quant", ["int8", "int4", "nf4"])
+def test_saved_quantized_checkpoint_loads_exactly(tiny_ckpt, tmp_path, quant):
+    model = _load(tiny_ckpt, quant=quant, dtype=torch.bfloat16)
+    out = save_quantized(model, tmp_path / "q", sources=[tiny_ckpt])
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["llama_type"] == "llama" and meta["quantization"]["scheme"] == quant
+    assert read_quantization(out) == model.quant_scheme
+    assert (out / "tokenizer.model").is_file() and (out / "config.json").is_file()
+    saved = torch.load(out / "consolidated.00-of-01.model.pth", weights_only=True)["model"]
+    packed_bytes = sum(t.numel() * t.element_size() for k, t in saved.items()
+                       if k.endswith((".qweight", ".scales", ".offsets")))
+    bf16_bytes = sum(m.in_features * m.out_features * 2 for m in model.modules() if isinstance(m, QuantLinear))
+    # 8 bits + a float32 scale per (here short, 64-input) row; 4 bits + fp16 scale (and offset) per group
+    assert packed_bytes <= bf16_bytes * (0.6 if quant == "int8" else 0.33)
+
+    again = _load(out, dtype=torch.bfloat16)  # no quant argument: the saved format is used
+    assert again.quant_scheme == model.quant_scheme
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(_decode_logits(again), _decode_logits(model))
+    assert again.generate([PROMPTS[0]], max_gen_len=8) == model.generate([PROMPTS[0]], max_gen_len=8)
+    assert _load(out, dtype=torch.bfloat16, quant=True).quant_scheme == model.quant_scheme
+
+
+def test_pre_quantized_checkpoint_errors(tiny_ckpt, tmp_path):
+    out = save_quantized(_load(tiny_ckpt, quant="int8"), tmp_path / "q8", sources=[tiny_ckpt])
+    with pytest.raises(ConfigError, match="saved quantized as"):
+        _load(out, quant="int4")
+    with pytest.raises(CheckpointError, match="load it alone"):
+        _load([tiny_ckpt, out])
+    with pytest.raises(ValueError, match="not quantized"):
+        save_quantized(_load(tiny_ckpt), tmp_path / "x", sources=[tiny_ckpt])
+    (out / "meta.json").write_text(json.dumps({"llama_type": "llama", "quantization": {"scheme": "int2"}}))
+    with pytest.raises(CheckpointError, match="scheme int8, int4 or nf4"):
+        _load(out)
