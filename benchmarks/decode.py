@@ -12,6 +12,7 @@ Prints a table with accessory / HF ratios.
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -33,7 +34,8 @@ SHAPES = {
     "S": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, multiple_of=256, norm_eps=1e-5),
 }
 VOCAB = 32000
-TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tokenizers" / "llama-spm"
+TOKENIZER = Path(os.environ.get("ACCESSORY_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "fixtures" / \
+    "tokenizers" / "llama-spm"
 
 
 def build_checkpoint(shape: str, root: Path) -> Path:

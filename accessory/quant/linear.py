@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.quant import quant_gemv
+from .cuda import cuda_matmul
 from .formats import QuantScheme, dequantize, quantize
 
 _EXPAND_ROWS = 4096  # rows expanded at a time by the fallback, to bound its temporary memory
@@ -33,6 +34,7 @@ class QuantLinear(nn.Module):
             self.register_parameter(name, _frozen(torch.empty(shape, dtype=dtypes[name], device=device)))
         self.bias = _frozen(torch.zeros(out_features, device=device), keep_dtype=False) if bias else None
         self.lora_a = self.lora_b = None
+        self._cuda_cache = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -42,6 +44,7 @@ class QuantLinear(nn.Module):
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module.in_features, module.out_features, module.scheme = weight.shape[1], weight.shape[0], scheme
+        module._cuda_cache = {}
         for name, tensor in quantize(weight, scheme).items():
             module.register_parameter(name, _frozen(tensor.contiguous()))
         module.bias = linear.bias
@@ -78,7 +81,8 @@ class QuantLinear(nn.Module):
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = quantized_matmul(x, self.packed, self.scheme, self.out_features, self.in_features)
+        out = quantized_matmul(x, self.packed, self.scheme, self.out_features, self.in_features,
+                               self._cuda_cache)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         if self.lora_a is not None:
@@ -99,8 +103,13 @@ def _frozen(tensor: torch.Tensor, keep_dtype: bool = True) -> nn.Parameter:
 
 
 def quantized_matmul(x: torch.Tensor, packed: Dict[str, torch.Tensor], scheme: QuantScheme,
-                     out_features: int, in_features: int) -> torch.Tensor:
-    """``x @ W.T`` for the packed W: the native kernel when it applies, else row-block expansion."""
+                     out_features: int, in_features: int, cuda_cache: Optional[dict] = None) -> torch.Tensor:
+    """``x @ W.T`` for the packed W: the native CPU kernel or a CUDA kernel when one applies (see
+    quant/cuda.py; ``cuda_cache`` holds its converted weights), else row-block expansion."""
+    if x.device.type == "cuda" and cuda_cache is not None:
+        out = cuda_matmul(x, packed, scheme, cuda_cache)
+        if out is not None:
+            return out
     out = quant_gemv(x, packed, scheme, out_features, in_features)
     if out is not None:
         return out
@@ -132,8 +141,11 @@ class FusedQuantLinear:
                 setattr(module, name, _frozen(fused[start:start + rows]))
                 start += rows
 
+        self._cuda_cache = {}
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return quantized_matmul(x, self.packed, self.scheme, self.out_features, self.in_features)
+        return quantized_matmul(x, self.packed, self.scheme, self.out_features, self.in_features,
+                                self._cuda_cache)
 
     def backs(self, first: QuantLinear) -> bool:
         mine = self.packed["qweight"]
