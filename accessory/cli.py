@@ -10,6 +10,8 @@ Examples::
     accessory convert --from gguf model.gguf /path/to/out --dtype bf16
     accessory convert --from hf /path/to/Llama-2-7b-hf /path/to/out --mp 2
     accessory convert --to hf /path/to/accessory-checkpoint /path/to/hf-out
+    accessory quantize /path/to/checkpoint /path/to/out-int4 --quant int4
+    accessory chat /path/to/checkpoint --quant int8
 """
 
 import argparse
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from .checkpoint import delta, reshard
+from .quant import cli as quant_cli
 
 
 def _chat_template_for(model_dir: Path, requested: str) -> str:
@@ -50,7 +53,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = MetaModel.from_pretrained(str(model_dir), max_seq_len=args.max_seq_len, dtype=args.dtype,
-                                      device=args.device)
+                                      device=args.device, quant=args.quant)
     template_name = _chat_template_for(model_dir, args.template)
     if template_name not in conv_templates:
         print(f"unknown template {template_name!r}; known: {', '.join(conv_templates)}", file=sys.stderr)
@@ -204,7 +207,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         model = MetaModel.from_pretrained(str(model_dir), max_seq_len=args.max_seq_len, dtype=args.dtype,
-                                          device=args.device)
+                                          device=args.device, quant=args.quant)
     except AccessoryError as exc:
         print(f"error: cannot load {model_dir}: {exc}", file=sys.stderr)
         return 1
@@ -265,6 +268,7 @@ def _add_generate_parser(sub) -> None:
     generate.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
     generate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     generate.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    quant_cli.add_quant_flag(generate)
     generate.set_defaults(func=cmd_generate)
 
 
@@ -348,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
     chat.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     chat.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    quant_cli.add_quant_flag(chat)
     chat.set_defaults(func=cmd_chat)
 
     convert = sub.add_parser(
@@ -381,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_parser(sub)
     reshard.add_parser(sub)
     delta.add_parser(sub)
+    quant_cli.add_parser(sub)
     return parser
 
 

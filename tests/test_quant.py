@@ -322,3 +322,33 @@ def test_pre_quantized_checkpoint_errors(tiny_ckpt, tmp_path):
     (out / "meta.json").write_text(json.dumps({"llama_type": "llama", "quantization": {"scheme": "int2"}}))
     with pytest.raises(CheckpointError, match="scheme int8, int4 or nf4"):
         _load(out)
+
+
+# --------------------------------------------------------------------------- command line
+
+def test_quantize_command_then_generate_and_demo_flag(tiny_ckpt, tmp_path, capsys):
+    from accessory.cli import main
+    out = tmp_path / "int8"
+    assert main(["quantize", str(tiny_ckpt), str(out), "--quant", "int8", "--dtype", "fp32"]) == 0
+    assert read_quantization(out) == QuantScheme("int8")
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", PROMPTS[0], "--max-gen-len", "8", "--dtype", "fp32"]) == 0
+    from_saved = json.loads(capsys.readouterr().out)["text"]
+    assert main(["generate", str(tiny_ckpt), "--prompt", PROMPTS[0], "--max-gen-len", "8", "--dtype", "fp32",
+                 "--quant", "int8"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == from_saved
+    assert main(["quantize", str(tiny_ckpt), str(out), "--quant", "int8"]) == 1  # output already holds shards
+    assert "already holds weight shards" in capsys.readouterr().err
+    assert main(["generate", str(tiny_ckpt), "--prompt", "x", "--quant", "int3"]) == 1
+    assert "int8, int4, nf4" in capsys.readouterr().err
+
+
+def test_demo_quant_flag_parses_bare_and_with_a_scheme():
+    import argparse
+    from accessory.demos.common import add_model_args
+    parser = argparse.ArgumentParser()
+    add_model_args(parser, max_seq_len=2048)
+    assert parser.parse_args([]).quant is False
+    assert parser.parse_args(["--quant"]).quant is True
+    assert parser.parse_args(["--quant", "--port", "1"]).quant is True
+    assert parser.parse_args(["--quant", "int8"]).quant == "int8"

@@ -30,7 +30,9 @@ def add_model_args(parser: argparse.ArgumentParser, max_seq_len: int) -> None:
                         help="weight dtype (default bf16)")
     parser.add_argument("--device", type=str, default=None,
                         help="cpu or cuda (default: cuda when available, else cpu)")
-    parser.add_argument("--quant", action="store_true", help="load quantized weights (not available yet)")
+    parser.add_argument("--quant", nargs="?", const=True, default=False, metavar="SCHEME",
+                        help="weight-only quantization: bare --quant = 4-bit as the original (int4 on CPU, nf4 "
+                             "on CUDA), or int8, int4, int4-g64, nf4")
     parser.add_argument("--host", type=str, default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free)")

@@ -139,14 +139,17 @@ def _value_fits(value, annotation) -> bool:
 
 def _quant_plan(quant, device: torch.device, paths: Sequence[Path]):
     """(scheme, prequantized): the quantization asked for, or the one the checkpoint was saved in."""
+    try:
+        asked = resolve_scheme(quant, device)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
     saved = read_quantization(paths[-1])
     if saved is None:
-        return resolve_scheme(quant, device), False
+        return asked, False
     if len(paths) > 1:
         raise CheckpointError(f"{paths[-1]} is a pre-quantized checkpoint: load it alone (a base or "
                               f"delta listed with it cannot be added to packed weights)")
-    asked = resolve_scheme(quant, device) if quant is not True else None
-    if asked is not None and asked != saved:
+    if quant is not True and asked is not None and asked != saved:
         raise ConfigError(f"{paths[-1]} was saved quantized as {saved.to_json()}, but quant={quant!r} "
                           f"asks for {asked.to_json()}: pass quant=True (or leave quant out) to use the "
                           f"saved format, or re-quantize from the full-precision checkpoint")
