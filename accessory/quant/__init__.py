@@ -13,7 +13,10 @@ experts run), the modules a model lists in ``get_quant_blocklist()`` (visual enc
 projections), and matrices whose input size the format cannot group.
 """
 
+import ctypes
 import logging
+import mmap
+import sys
 from typing import Iterable, List, Optional, Sequence
 
 import torch
@@ -97,6 +100,42 @@ def quantize_model(model: nn.Module, scheme: QuantScheme, blocklist: Sequence[st
     return count
 
 
+_MADV_DONTNEED = 4
+
+
+def release_file_pages(tensor: torch.Tensor) -> bool:
+    """Drop this process's pages of ``tensor`` when it is a read-only view of a memory-mapped
+    checkpoint file (the loader's zero-copy case), so a weight read only to be packed does not stay
+    resident; the file is untouched and the pages would simply be read again if used. Tensors in
+    ordinary (anonymous) memory are never touched. Returns whether pages were released."""
+    if tensor.device.type != "cpu" or not sys.platform.startswith("linux") or not tensor.is_contiguous():
+        return False
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                low, high = (int(v, 16) for v in fields[0].split("-"))
+                if low <= start and end <= high:
+                    path = fields[5].strip() if len(fields) == 6 else ""
+                    # a file mapping (the loader never writes into it, so its pages are the file's)
+                    if not path.startswith("/") or path.endswith(" (deleted)"):
+                        return False
+                    break
+            else:
+                return False
+    except OSError:
+        return False
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if last <= first:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(first, last - first, _MADV_DONTNEED) == 0
+
+
 def make_shells(model: nn.Module, scheme: QuantScheme, names: Iterable[str]) -> None:
     """Turn the (meta-device) linear layers ``names`` into empty QuantLinears: the shape a
     pre-quantized checkpoint is loaded into."""
@@ -120,7 +159,9 @@ class Quantizer:
         module_name, _, attr = key.rpartition(".")
         if attr != "weight" or module_name not in self.targets:
             return []
+        weight = self.model.get_submodule(module_name).weight
         self.count += quantize_model(self.model, self.scheme, names=[module_name])
+        release_file_pages(weight)
         return [f"{module_name}.{name}" for name in self.scheme.tensor_names()]
 
     def finish(self) -> int:
