@@ -316,21 +316,34 @@ def test_prompt_longer_than_the_context_is_refused(server, tiny_llama_model):
 
 # ------------------------------------------------------------------ concurrency and disconnects
 
-def test_concurrent_requests_are_all_answered_correctly(server, tiny_llama_model):
-    prompts = [f"Question number {i}:" for i in range(4)]
+def test_requests_waiting_together_run_as_one_batch(server, tiny_llama_model):
+    """While one long answer runs, five requests arrive: the four with equal settings run as one batch
+    after it, the one with other settings on its own; every answer equals generate's for its prompt."""
+    sizes = server.service.scheduler.batch_sizes
+    before = len(sizes)
     results = {}
 
-    def ask(prompt):
-        results[prompt] = _post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 8, **GREEDY})
+    def ask(key, body):
+        results[key] = _post(server, "/v1/completions", dict(body, **GREEDY))
 
-    threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
+    long_one = threading.Thread(target=ask, args=("long", {"prompt": "Long", "max_tokens": 150}))
+    long_one.start()
+    while len(sizes) == before:  # the long answer is running
+        time.sleep(0.005)
+    prompts = [f"Question number {i}:" for i in range(4)] + ["With a stop string:"]
+    threads = [threading.Thread(target=ask, args=(p, {"prompt": p, "max_tokens": 8, **({"stop": "zz"} if "stop" in p
+                                                                                          else {})}))
+               for p in prompts]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    for thread in threads + [long_one]:
+        thread.join(timeout=300)
+    assert sorted(sizes[before:]) == [1, 1, 4], sizes[before:]
     for prompt in prompts:
-        assert results[prompt]["choices"][0]["text"] == tiny_llama_model.generate([prompt], max_gen_len=8,
-                                                                                  **GREEDY)[0]
+        stops = ["zz"] if "stop" in prompt else []
+        expected = tiny_llama_model.generate([prompt], max_gen_len=8, additional_stop_symbols=stops, **GREEDY)[0]
+        assert results[prompt]["choices"][0]["text"] == expected
+    assert results["long"]["usage"]["completion_tokens"] == 150
 
 
 def test_a_client_leaving_a_stream_frees_the_model(server):
@@ -423,3 +436,38 @@ def test_accessory_serve_subprocess_on_embedded_model():
     assert reply["choices"][0]["message"]["content"] == expected.lstrip()
     assert "Paris" in expected
     assert reply["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_cancelled_job_leaves_its_batch_and_the_others_go_on(tiny_llama_model):
+    """Two jobs in one batch: cancelling the first stops its row; the second still gets generate's text."""
+    from accessory.generation.sampling import SamplingParams
+    from accessory.serve.batching import BatchScheduler, Job
+
+    first_row_tokens = []
+
+    def run(*args, **kwargs):
+        for states in tiny_llama_model.engine.run(*args, **kwargs):
+            if len(states) == 2:
+                first_row_tokens.append(len(states[0].new_tokens))
+            yield states
+
+    scheduler = BatchScheduler(run)
+    encode = lambda text: tiny_llama_model.tokenizer.encode(text, bos=True, eos=False)  # noqa: E731
+    greedy = SamplingParams()
+    # other stop strings: it runs alone, while a and b queue up behind it
+    blocker = scheduler.submit(Job([encode("Wait")], [60], greedy, ["zz"], False, 0))
+    a = scheduler.submit(Job([encode("First")], [100], greedy, [], False, 0))
+    b = scheduler.submit(Job([encode("Second")], [40], greedy, [], False, 0))
+    list(blocker)
+    steps_a = iter(a)
+    seen_a = [next(steps_a) for _ in range(5)]
+    a.cancel()
+    states_b = list(b)
+    seen_a += list(steps_a)  # what the worker sent before it saw the cancel, then the end
+    assert scheduler.batch_sizes == [1, 2]
+    assert states_b[-1][0].visible == tiny_llama_model.generate(["Second"], max_gen_len=40, **GREEDY)[0]
+    assert len(states_b) == len(first_row_tokens) == 40  # the batch went on for b
+    tokens_a = max(first_row_tokens)
+    assert tokens_a < 100 and not seen_a[-1][0].finished
+    assert tokens_a - len(seen_a) in (0, 1)  # a's row stopped at the step the worker saw the cancel
+    assert first_row_tokens[-1] == tokens_a

@@ -6,13 +6,13 @@ cannot serve. ``accessory/serve/http.py`` puts it behind a web server.
 
 Generation goes straight through ``model.engine`` (the loop ``MetaModel.generate`` runs), so the text
 is what ``generate`` returns for the same prompt and sampling settings, and each choice also gets the
-engine's finish reason, token count and log-probabilities. One request generates at a time (a lock);
-the choices of one request (``n`` > 1, or several prompts to /v1/completions) run as one batch.
+engine's finish reason, token count and log-probabilities. The choices of one request (``n`` > 1,
+or several prompts to /v1/completions) run as one batch, and so do requests that wait for the model
+together with the same sampling settings (see batching.py).
 """
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,6 +20,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..data.conversation import conv_templates
 from ..generation.sampling import SamplingParams
+from .batching import BatchScheduler, Job
 
 #: The most choices (``n`` times the number of prompts) one request may ask for.
 MAX_CHOICES = 16
@@ -204,15 +205,20 @@ class _Choice:
 
 
 class OpenAIService:
-    """Serves the OpenAI endpoints for one model; thread-safe (one generation at a time)."""
+    """Serves the OpenAI endpoints for one model; thread-safe (one worker thread runs the model).
 
-    def __init__(self, model, model_name: str, template_name: str):
+    ``max_batch``: the most rows (choices of waiting requests) run together; one request may always
+    have up to ``MAX_CHOICES``.
+    """
+
+    def __init__(self, model, model_name: str, template_name: str, max_batch: int = MAX_CHOICES):
         if template_name not in conv_templates:
             raise ValueError(f"unknown conversation template {template_name!r}; known: {', '.join(conv_templates)}")
         self.model = model
         self.model_name = model_name
         self.template_name = template_name
-        self.lock = threading.Lock()
+        self.scheduler = BatchScheduler(lambda *args, **kwargs: self.model.engine.run(*args, **kwargs),
+                                        max_rows=max(max_batch, MAX_CHOICES))
         self.created = int(time.time())
 
     @property
@@ -334,12 +340,10 @@ class OpenAIService:
                        code="invalid_type" if not isinstance(prompt, list) else "invalid_value")
 
     # -------------------------------------------------------------- generation
-    def _run(self, plan: Plan):
-        """The engine's row states after each step (the caller holds the lock)."""
-        prompts = [plan.prompts[p] for p in plan.rows]
-        budgets = [plan.max_tokens[p] for p in plan.rows]
-        yield from self.model.engine.run(prompts, budgets, plan.sampling, plan.stops, logprobs=plan.logprobs,
-                                         top_logprobs=plan.top_logprobs)
+    def _job(self, plan: Plan) -> Job:
+        """The request's rows, queued for the model; iterate it for their states after each step."""
+        return self.scheduler.submit(Job([plan.prompts[p] for p in plan.rows], [plan.max_tokens[p] for p in plan.rows],
+                                         plan.sampling, plan.stops, plan.logprobs, plan.top_logprobs))
 
     def _token_text(self, context: Sequence[int], token: int) -> str:
         """The text ``token`` adds after ``context`` (a few earlier tokens give it its leading space)."""
@@ -407,10 +411,13 @@ class OpenAIService:
         ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         if plan.stream:
             return self._stream(plan, ident)
-        with self.lock:
-            states = None
-            for states in self._run(plan):
+        states = None
+        job = self._job(plan)
+        try:
+            for states in job:
                 pass
+        finally:
+            job.cancel()  # a no-op once it ran to its end
         choices = []
         for index, row in enumerate(states):
             choice = _Choice(index)
@@ -448,10 +455,11 @@ class OpenAIService:
                 return {"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             return {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
-        with self.lock:
-            choices = [_Choice(i) for i in range(len(plan.rows))]
-            states = None
-            for states in self._run(plan):
+        choices = [_Choice(i) for i in range(len(plan.rows))]
+        states = None
+        job = self._job(plan)
+        try:
+            for states in job:
                 out = []
                 for choice, row in zip(choices, states):
                     if choice.sent_text is None:  # finished and reported
@@ -474,8 +482,10 @@ class OpenAIService:
                         choice.sent_text = None
                 if out:
                     yield chunk(out)
-            if plan.include_usage:
-                yield chunk([], self._usage(plan, states))
+        finally:
+            job.cancel()  # the client left, or a no-op once the job ran to its end
+        if plan.include_usage:
+            yield chunk([], self._usage(plan, states))
 
 
 def _token_entry(text: str, logprob: float) -> Dict:

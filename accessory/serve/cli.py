@@ -15,7 +15,8 @@ endpoints:
   POST /v1/chat/completions      messages -> the conversation template's prompt -> the answer
   POST /v1/completions           the raw prompt continued
   both take stream, max_tokens, temperature, top_p, top_k, min_p, seed, stop, presence_penalty,
-  frequency_penalty, repetition_penalty, n, logprobs (top_logprobs); one generation runs at a time.
+  frequency_penalty, repetition_penalty, n, logprobs (top_logprobs). Requests that wait for the model
+  together with equal sampling settings run as one batch (up to --max_batch rows).
 
 examples:
   accessory serve                                          # the embedded SmolLM2 demo model on :8000
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--template", default="auto",
                         help="conversation template for /v1/chat/completions: auto (from the tokenizer's chat "
                              f"template, as `accessory chat` picks it), or one of {', '.join(conv_templates)}")
+    parser.add_argument("--max_batch", "--max-batch", dest="max_batch", type=int, default=16,
+                        help="most rows (choices of waiting requests) generated together (default 16)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="do not log each request")
     return parser
@@ -48,6 +51,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.share:
         print("error: --share is a gradio option; `accessory serve` listens on --host/--port only", file=sys.stderr)
+        return 2
+    if args.max_batch < 1:
+        print(f"error: --max_batch must be at least 1, got {args.max_batch}", file=sys.stderr)
         return 2
     if args.template != "auto" and args.template not in conv_templates:
         print(f"error: unknown --template {args.template!r}; known: auto, {', '.join(conv_templates)}",
@@ -69,7 +75,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     model = load_model(args)
     name = args.model_name or last.resolve().name
     try:
-        server = OpenAIServer(OpenAIService(model, name, template_name), args.host, args.port, quiet=args.quiet)
+        server = OpenAIServer(OpenAIService(model, name, template_name, max_batch=args.max_batch), args.host, args.port, quiet=args.quiet)
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc}; pick another --port", file=sys.stderr)
         return 1

@@ -3,7 +3,8 @@
 Routes: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``,
 ``POST /v1/completions``, ``GET /health``. Streams are Server-Sent Events (``data: {...}`` blocks,
 then ``data: [DONE]``) sent with chunked transfer encoding. Errors are OpenAI-shaped JSON. Each
-connection has its own thread; generation itself is serialised by the service's lock.
+connection has its own thread; the model runs on the service's one worker thread, which batches
+the requests waiting for it (see batching.py).
 """
 
 from __future__ import annotations
