@@ -419,7 +419,8 @@ def test_accessory_serve_subprocess_on_embedded_model():
                 break
             except OSError:
                 if server.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"the server did not start: {server.stdout.read() if server.poll() is not None else ''}")
+                    output = server.stdout.read() if server.poll() is not None else ""
+                    pytest.fail(f"the server did not start: {output}")
                 time.sleep(1)
         assert [m["id"] for m in models["data"]] == [DEMO_MODEL_NAME]
         request = urllib.request.Request(url + "/v1/chat/completions", method="POST", data=json.dumps(

@@ -75,7 +75,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     model = load_model(args)
     name = args.model_name or last.resolve().name
     try:
-        server = OpenAIServer(OpenAIService(model, name, template_name, max_batch=args.max_batch), args.host, args.port, quiet=args.quiet)
+        service = OpenAIService(model, name, template_name, max_batch=args.max_batch)
+        server = OpenAIServer(service, args.host, args.port, quiet=args.quiet)
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc}; pick another --port", file=sys.stderr)
         return 1
