@@ -207,8 +207,8 @@ class _Choice:
 class OpenAIService:
     """Serves the OpenAI endpoints for one model; thread-safe (one worker thread runs the model).
 
-    ``max_batch``: the most rows (choices of waiting requests) run together; one request may always
-    have up to ``MAX_CHOICES``.
+    ``max_batch``: the most rows (choices of waiting requests) run together; one request's own rows
+    (up to ``MAX_CHOICES``) always run together.
     """
 
     def __init__(self, model, model_name: str, template_name: str, max_batch: int = MAX_CHOICES):
@@ -218,7 +218,7 @@ class OpenAIService:
         self.model_name = model_name
         self.template_name = template_name
         self.scheduler = BatchScheduler(lambda *args, **kwargs: self.model.engine.run(*args, **kwargs),
-                                        max_rows=max(max_batch, MAX_CHOICES))
+                                        max_rows=max_batch)
         self.created = int(time.time())
 
     @property

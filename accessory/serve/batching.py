@@ -19,27 +19,48 @@ import dataclasses
 import itertools
 import queue
 import threading
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Callable, Iterator, List, Optional, Tuple
 
 from ..generation.sampling import SamplingParams
 
 _END = object()
 
 
+class _Prefix(Sequence):
+    """The first ``n`` items of a list that only ever grows (the engine appends, never rewrites)."""
+
+    __slots__ = ("_items", "_n")
+
+    def __init__(self, items: list):
+        self._items, self._n = items, len(items)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self._items[slice(*index.indices(self._n))]
+        if not -self._n <= index < self._n:
+            raise IndexError(index)
+        return self._items[index % self._n]
+
+
 @dataclasses.dataclass(frozen=True)
 class RowSnapshot:
-    """One row's state after a step, copied out of the engine's (which goes on changing)."""
+    """One row's state after a step. The engine goes on changing its own row, so this keeps the
+    strings and flags, and views of the token lists as long as they were then (O(1) per step)."""
     visible: str
     finished: bool
     finish_reason: Optional[str]
-    new_tokens: Tuple[int, ...]
-    logprobs: Tuple[float, ...]
-    top_logprobs: Tuple[Tuple[Tuple[int, float], ...], ...]
+    new_tokens: Sequence[int]
+    logprobs: Sequence[float]
+    top_logprobs: Sequence[Sequence[Tuple[int, float]]]
 
     @classmethod
     def of(cls, row) -> "RowSnapshot":
-        return cls(row.visible, row.finished, row.finish_reason, tuple(row.new_tokens), tuple(row.logprobs),
-                   tuple(tuple(step) for step in row.top_logprobs))
+        return cls(row.visible, row.finished, row.finish_reason, _Prefix(row.new_tokens), _Prefix(row.logprobs),
+                   _Prefix(row.top_logprobs))
 
 
 class Job:
