@@ -7,6 +7,7 @@ Examples::
     accessory chat --prompt "What is the capital of France?"
     accessory generate --file prompts.txt --batch-size 8 > answers.jsonl
     accessory demo                                  # the multi-turn gradio demo on the embedded model
+    accessory serve --port 8000                     # an OpenAI-compatible API on the embedded model
     accessory convert --from gguf model.gguf /path/to/out --dtype bf16
     accessory convert --from hf /path/to/Llama-2-7b-hf /path/to/out --mp 2
     accessory convert --to hf /path/to/accessory-checkpoint /path/to/hf-out
@@ -328,6 +329,19 @@ def _add_demo_parser(sub) -> None:
     demo.set_defaults(func=cmd_demo)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.cli import main as serve_main
+    return serve_main(list(args.serve_args))
+
+
+def _add_serve_parser(sub) -> None:
+    # like `demo`: every flag after `serve` goes to accessory.serve's own parser (`accessory serve --help`)
+    serve = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (chat/completions)", add_help=False,
+                           prefix_chars="+", usage="accessory serve [--pretrained_path DIR] [--port 8000] [...]")
+    serve.add_argument("serve_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    serve.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accessory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -384,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=cmd_convert)
     _add_generate_parser(sub)
     _add_demo_parser(sub)
+    _add_serve_parser(sub)
     reshard.add_parser(sub)
     delta.add_parser(sub)
     quant_cli.add_parser(sub)

@@ -26,6 +26,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install 'accessory[demo]')")
 
 from accessory.demos import multi_turn  # noqa: E402
+from test_demos import CountingStream  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -188,3 +189,55 @@ def test_multi_turn_two_turns_in_chromium(browser, served_demo, tiny_llama_model
         out = Path(os.environ["ACCESSORY_SCREENSHOT_DIR"])
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, out / shot.name)
+
+
+# ------------------------------------------------------------------ the Stop button
+
+LONG_GEN_LEN = 160        # an answer long enough to be still streaming when Stop is pressed
+
+
+def test_multi_turn_stop_button_stops_generation_in_chromium(browser, tiny_llama_model, monkeypatch):
+    """Press Stop while an answer streams: the model produces no more tokens and the page stops changing."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    question = "Tell me a long story."
+    prompt, stop = multi_turn.build_conversation_prompt([[question, None]], "default")
+    full = tiny_llama_model.generate([prompt], max_gen_len=LONG_GEN_LEN, temperature=0.0,
+                                     top_p=multi_turn.DEFAULT_TOP_P, additional_stop_symbols=[stop],
+                                     return_logprobs=True)[0]
+    assert len(full["tokens"]) == LONG_GEN_LEN  # it would run the whole length if not stopped
+
+    monkeypatch.setattr(multi_turn, "DEFAULT_TEMPERATURE", 0.0)
+    counter = CountingStream(tiny_llama_model.stream_generate, STREAM_DELAY_S)
+    monkeypatch.setattr(tiny_llama_model, "stream_generate", counter)  # undone after the test
+    demo = multi_turn.build_demo(tiny_llama_model, "default", max_seq_len=2 * LONG_GEN_LEN)
+    demo.queue(default_concurrency_limit=1)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, share=False, prevent_thread_lock=True, quiet=True)
+    try:
+        browser.set_page_load_timeout(30)
+        browser.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(browser, 30, poll_frequency=0.05)
+        box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR,
+                                                  'textarea[placeholder="Type a message and press Enter"]'))
+        box.click()
+        box.send_keys(question)
+        box.send_keys(Keys.ENTER)
+        # some of the answer is in the page: it is streaming
+        wait.until(lambda d: counter.produced >= 5 and any(t for t in d.execute_script(BOT_TEXTS_JS)))
+        stop_button = next(b for b in browser.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Stop")
+        stop_button.click()
+        at_stop = counter.produced
+        time.sleep(40 * STREAM_DELAY_S)  # 40 more chunks' time
+        after = counter.produced
+        shown = browser.execute_script(BOT_TEXTS_JS)
+        time.sleep(10 * STREAM_DELAY_S)
+        assert browser.execute_script(BOT_TEXTS_JS) == shown  # the page no longer changes
+    finally:
+        demo.close()
+    assert after <= at_stop + 2, (at_stop, after)  # at most the chunk in flight when Stop was pressed
+    assert not counter.finished and after < LONG_GEN_LEN // 2
+    [answer] = shown
+    assert answer and _norm(full["text"]).startswith(_norm(answer)) and len(_norm(answer)) < len(_norm(full["text"]))

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,68 @@ def test_multi_turn_page_layout(tiny_llama_model):
     assert (parts["Temperature"].value, parts["Top-p"].value) == (0.1, 0.75)
     assert parts["Conversation Template"].value == "smollm2"
     assert {"Submit", "Stop", "Undo", "Clear"} <= set(_buttons(demo))
+
+
+# ------------------------------------------------------------------ the Stop button
+
+class CountingStream:
+    """Wraps ``model.stream_generate``: slows each chunk and counts the chunks the model produced."""
+
+    def __init__(self, original, delay_s):
+        self.original, self.delay_s = original, delay_s
+        self.produced = 0
+        self.finished = False  # the model's generator ran to its end (not stopped)
+
+    def __call__(self, *args, **kwargs):
+        for chunk in self.original(*args, **kwargs):
+            self.produced += 1
+            self.finished = bool(chunk["end_of_content"])
+            time.sleep(self.delay_s)
+            yield chunk
+
+
+def test_multi_turn_stop_button_cancels_both_answer_events(tiny_llama_model):
+    """Stop is wired to cancel the answer streams that Enter and Submit start (and nothing else)."""
+    config = multi_turn.build_demo(tiny_llama_model, "default", max_seq_len=64).get_config_file()
+    buttons = {c["props"].get("value"): c["id"] for c in config["components"] if c.get("type") == "button"}
+    dependencies = config["dependencies"]
+    answer_events = {d["id"] for d in dependencies if d["targets"] == [(None, "then")]}
+    assert len(answer_events) == 2  # Enter -> show_user_input -> answer; Submit -> show_user_input -> answer
+    cancelled = [set(d["cancels"]) for d in dependencies if d["cancels"]]
+    assert cancelled == [answer_events]
+    assert all(list(d["targets"]) == [(buttons["Stop"], "click")] for d in dependencies if d["cancels"])
+
+
+def test_multi_turn_cancelled_answer_stops_generating(tiny_llama_model, monkeypatch):
+    """Cancelling the streaming answer (what Stop does; here through gradio_client) stops the model."""
+    from gradio_client import Client
+
+    long_gen_len, delay = 160, 0.05
+    counter = CountingStream(tiny_llama_model.stream_generate, delay)
+    monkeypatch.setattr(tiny_llama_model, "stream_generate", counter)  # undone after the test
+    demo = multi_turn.build_demo(tiny_llama_model, "default", max_seq_len=2 * long_gen_len)
+    demo.queue(default_concurrency_limit=1)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, share=False, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        _, history = client.predict("Tell me a long story.", [], api_name="/show_user_input")
+        job = client.submit(history, "default", long_gen_len, 0.0, 0.75, api_name="/stream_model_output")
+        deadline = time.time() + 60
+        while counter.produced < 5 and time.time() < deadline:
+            time.sleep(0.01)
+        assert counter.produced >= 5, "the answer never started streaming"
+        assert job.cancel()
+        at_cancel = counter.produced
+        time.sleep(40 * delay)  # 40 more chunks' time
+        after = counter.produced
+        # the model is free again: a 2-token answer adds only its own chunks, none of the cancelled one's
+        client.predict(history, "default", 2, 0.0, 0.75, api_name="/stream_model_output")
+        second = counter.produced - after
+    finally:
+        demo.close()
+    assert after <= at_cancel + 2, (at_cancel, after)  # at most the chunk in flight
+    assert 1 <= second <= 3 and counter.finished, second
 
 
 # ------------------------------------------------------------------ command lines
