@@ -296,8 +296,11 @@ def test_saved_quantized_checkpoint_loads_exactly(tiny_ckpt, tmp_path, quant):
     assert (out / "tokenizer.model").is_file() and (out / "config.json").is_file()
     saved = torch.load(out / "consolidated.00-of-01.model.pth", weights_only=True)["model"]
     packed_bytes = sum(t.numel() * t.element_size() for k, t in saved.items()
-                       if k.endswith((".qweight", ".scales", ".offsets")))
-    bf16_bytes = sum(m.in_features * m.out_features * 2 for m in model.modules() if isinstance(m, QuantLinear))
+                       if k.endswith((".qweight", ".scales", ".offsets")) and not k.startswith("llma.output."))
+    bf16_bytes = sum(m.in_features * m.out_features * 2 for n, m in model.named_modules()
+                     if isinstance(m, QuantLinear) and n != "llma.output")
+    # the output head keeps 8 bits under the 4-bit schemes (quant.scheme_for)
+    assert model.llma.output.scheme == QuantScheme("int8")
     # 8 bits + a float32 scale per (here short, 64-input) row; 4 bits + fp16 scale (and offset) per group
     assert packed_bytes <= bf16_bytes * (0.6 if quant == "int8" else 0.33)
 
