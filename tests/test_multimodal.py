@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from accessory.errors import ConfigError
+from accessory.generation.sampling import SamplingParams
+from accessory.model.layers.multimodal import insert_images, tag_views
 from accessory.model.LLM import known_llama_types, load_llama_type, register_llama_type, unregister_llama_type
 from accessory.model.meta import MetaModel
 
@@ -174,6 +176,42 @@ def test_images_are_cast_to_the_model_dtype(case):
     image = images(10)
     assert model.generate([PROMPTS[0]], image, **GEN) == model.generate([PROMPTS[0]], image.bfloat16(), **GEN)
     assert model.compute_logits([PROMPTS[0]], image.double())[0].dtype == torch.float32
+
+
+def test_engine_rows_with_and_without_an_image(case):
+    """Per-row image counts: a row without an image next to one with, in one padded prefill."""
+    _, _, model, _, _ = case
+    vectors = model.llma.encode_images(images(12))[0]  # (N, dim)
+    ids = [model.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+
+    def run(prompts, image_embeds):
+        states = None
+        for states in model.engine.run(prompts, [8] * len(prompts), SamplingParams(), image_embeds=image_embeds):
+            pass
+        return [s.new_tokens for s in states]
+
+    with_image = model.generate([PROMPTS[0]], images(12), max_gen_len=8, temperature=0.0,
+                                return_logprobs=True)[0]["tokens"]
+    without = model.generate([PROMPTS[1]], max_gen_len=8, temperature=0.0, return_logprobs=True)[0]["tokens"]
+    assert run(ids, [vectors, None]) == [with_image, without]
+    assert run(ids[::-1], [None, vectors[None]]) == [without, with_image]
+
+
+def test_insert_images_layouts():
+    text = torch.arange(1, 7, dtype=torch.float32).view(2, 3, 1)  # two rows of 3 "embeddings"
+    image = torch.full((2, 2, 1), -1.0)
+    tagged = insert_images(text, [3, 2], image, "tagged")
+    assert tagged.embeds[:, :, 0].tolist() == [[1, -1, -1, 2, 3], [4, -1, -1, 5, 6]]  # row 1 pads after 5
+    assert (tagged.offsets, tagged.lengths) == ([2, 2], [5, 4])
+    assert tagged.positions.tolist() == [[0, 1, 2, 3, 4]] * 2
+    prefix = insert_images(text, [3, 3], [image[0], None], "prefix")
+    assert prefix.embeds[:, :, 0].tolist() == [[-1, -1, 1, 2, 3], [4, 5, 6, 0, 0]]
+    assert [r[:, 0].tolist() for r in prefix.text_rows(prefix.embeds, [3, 3])] == [[1, 2, 3], [4, 5, 6]]
+    with pytest.raises(ValueError, match="unknown image_layout 'middle'"):
+        insert_images(text, [3, 3], image, "middle")
+    start, end = torch.zeros(1, 1, 1), torch.full((1, 1, 1), 9.0)
+    views = [torch.ones(2, 2, 1), torch.full((2, 1, 1), 2.0)]
+    assert tag_views(views, start, end)[0, :, 0].tolist() == [0, 1, 1, 9, 0, 2, 9]
 
 
 # ------------------------------------------------------------------ the context budget
