@@ -55,7 +55,7 @@ def checkpoint_dirs(pretrained_path: Optional[Sequence[str]]) -> List[Path]:
     return [ensure_demo_model()]
 
 
-def load_model(args: argparse.Namespace):
+def load_model(args: argparse.Namespace, with_visual: bool = False):
     """``MetaModel.from_pretrained`` with the parsed flags; exits with the reason when loading fails."""
     from accessory.errors import AccessoryError
     from accessory.model.meta import MetaModel
@@ -65,7 +65,7 @@ def load_model(args: argparse.Namespace):
         return MetaModel.from_pretrained([str(p) for p in paths], llama_type=args.llama_type,
                                          llama_config=args.llama_config, tokenizer_path=args.tokenizer_path,
                                          max_seq_len=args.max_seq_len, dtype=args.dtype, device=args.device,
-                                         quant=args.quant)
+                                         quant=args.quant, with_visual=with_visual)
     except NotImplementedError as exc:
         sys.exit(f"error: {exc}")
     except AccessoryError as exc:

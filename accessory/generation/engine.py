@@ -20,6 +20,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..model.layers.multimodal import image_offsets, insert_images
 from .detokenize import IncrementalDetokenizer
 from .sampling import Sampler, SamplingParams
 from .stopping import StopStringMatcher
@@ -68,12 +69,15 @@ class GenerationEngine:
     @torch.inference_mode()
     def run(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
             sampling: SamplingParams, stop_strings: Sequence[str] = (), *, logprobs: bool = False,
-            top_logprobs: int = 0) -> Iterator[List[RowState]]:
+            top_logprobs: int = 0, image_embeds=None) -> Iterator[List[RowState]]:
         """Generate for every prompt; after each decode step yield the list of row states.
 
         ``prompts`` must already fit: ``len(prompt) + max_new_tokens <= the model's context``.
         ``logprobs`` fills ``RowState.logprobs``; ``top_logprobs=k`` (implies logprobs) also
         fills ``RowState.top_logprobs`` with the k most likely tokens of each step.
+        ``image_embeds``: per row, the vectors its image inserts ((batch, N, dim), or a list of
+        (N_r, dim) / None), placed by the model's ``image_layout`` at prefill only; row r's text
+        then sits N_r positions later and ``N_r + len(prompt) + max_new_tokens`` must fit.
         """
         logprobs = logprobs or top_logprobs > 0
         device = self.device
@@ -90,15 +94,25 @@ class GenerationEngine:
             yield rows
             return
 
-        capacity = max(rows[i].prompt_len + rows[i].max_new_tokens for i in active)
+        offsets = image_offsets(image_embeds, len(rows))  # image positions before each row's text
+        capacity = max(offsets[i] + rows[i].prompt_len + rows[i].max_new_tokens for i in active)
         cache = self.model.new_kv_cache(len(active), capacity)
         longest = max(rows[i].prompt_len for i in active)
         tokens = torch.zeros((len(active), longest), dtype=torch.long, device=device)
         for slot, i in enumerate(active):
             tokens[slot, : rows[i].prompt_len] = torch.tensor(list(prompts[i]), dtype=torch.long)
-        positions = torch.arange(longest, device=device).expand(len(active), longest)
-        last_index = torch.tensor([rows[i].prompt_len - 1 for i in active], device=device)
-        logits = self.model.forward_tokens(tokens, positions, cache, output_index=last_index)
+        if image_embeds is None:
+            positions = torch.arange(longest, device=device).expand(len(active), longest)
+            last_index = torch.tensor([rows[i].prompt_len - 1 for i in active], device=device)
+            logits = self.model.forward_tokens(tokens, positions, cache, output_index=last_index)
+        else:
+            row_images = (image_embeds[active] if isinstance(image_embeds, torch.Tensor)
+                          else [image_embeds[i] for i in active])
+            inputs = insert_images(self.model.embed_tokens(tokens), [rows[i].prompt_len for i in active],
+                                   row_images, self.model.image_layout)
+            last_index = torch.tensor([n - 1 for n in inputs.lengths], device=device)
+            logits = self.model.forward_tokens(None, inputs.positions, cache, output_index=last_index,
+                                               input_embeds=inputs.embeds)
 
         while True:
             logits = logits.float()
@@ -119,7 +133,8 @@ class GenerationEngine:
                 cache.select_rows(torch.tensor(still, device=device))
                 active = [active[slot] for slot in still]
             step_tokens = torch.tensor([[rows[i].new_tokens[-1]] for i in active], device=device)
-            step_positions = torch.tensor([[rows[i].prompt_len + len(rows[i].new_tokens) - 1] for i in active],
+            step_positions = torch.tensor([[offsets[i] + rows[i].prompt_len + len(rows[i].new_tokens) - 1]
+                                           for i in active],
                                           device=device)
             logits = self.model.forward_tokens(step_tokens, step_positions, cache,
                                                output_index=torch.zeros(len(active), dtype=torch.long,

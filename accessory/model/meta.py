@@ -32,6 +32,7 @@ from ..generation.sampling import SamplingParams
 from ..quant import Quantizer, eligible_linears, make_shells, resolve_scheme
 from ..quant.checkpoint import read_quantization
 from .LLM import load_llama_type
+from .layers.multimodal import encode_for, insert_images
 from .layers.tensor_parallel import add_collectives, check_supported, model_parallel_of, shard_meta_model
 from .tokenizer import Tokenizer, probe_tokenizer_path
 
@@ -306,20 +307,34 @@ class MetaModel(nn.Module):
         """Float32 logits (len_i, vocab) for each text or token list, in one right-padded batch.
 
         ``bos=None`` follows the tokenizer's own setting (the original always added BOS).
+        ``images`` (multimodal types): one per example, a (batch, 3, H, W) tensor or a list of
+        (3, H, W) tensors; the logits stay text-aligned (row i predicts token i+1).
         """
         if isinstance(examples, str):
             raise ValueError("compute_logits expects a LIST of examples, got a str")
-        if images is not None:
-            raise NotImplementedError(f"llama_type {self.llama_type!r} takes no images")
         token_lists = [self._encode(e, bos, eos) if isinstance(e, str) else list(e) for e in examples]
+        image_embeds = None if images is None else self._encode_images(images, len(token_lists), "images")
         lengths = [len(t) for t in token_lists]
         batch = torch.zeros((len(token_lists), max(lengths)), dtype=torch.long, device=self.device)
         for i, tokens in enumerate(token_lists):
             batch[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        logits = self.llma.forward_tokens(batch)
+        if image_embeds is None:
+            logits = self.llma.forward_tokens(batch)
+            if isinstance(logits, tuple):
+                logits = logits[0]
+            return [row[:n].float() for row, n in zip(logits, lengths)]
+        n_image = image_embeds.shape[1]
+        for i, n in enumerate(lengths):
+            if n_image + n > self.args.max_seq_len:
+                raise ValueError(
+                    f"example {i}: its image takes {n_image} positions and its text {n} tokens, "
+                    f"{n_image + n} in all, more than max_seq_len={self.args.max_seq_len}; shorten the "
+                    f"example or load the model with a larger max_seq_len")
+        inputs = insert_images(self.llma.embed_tokens(batch), lengths, image_embeds, self.llma.image_layout)
+        logits = self.llma.forward_tokens(None, input_embeds=inputs.embeds)
         if isinstance(logits, tuple):
             logits = logits[0]
-        return [row[:n].float() for row, n in zip(logits, lengths)]
+        return [row.float() for row in inputs.text_rows(logits, lengths)]
 
     @torch.inference_mode()
     def evaluate_examples(self, examples: List[Union[str, List[int]]],
@@ -327,7 +342,8 @@ class MetaModel(nn.Module):
                           bos: Optional[bool] = None, eos: bool = False) -> Dict[str, List]:
         """Per example: ``log_likelihood`` (sum of token log-probs), ``ppl`` (the original's name
         for the MEAN negative log-likelihood, not its exp), ``max_equal`` (every greedy prediction
-        right) and ``non_context_logits``; only tokens after ``contexts[i]`` are scored."""
+        right) and ``non_context_logits``; only tokens after ``contexts[i]`` are scored. ``images``
+        as in ``compute_logits``."""
         if isinstance(examples, str):
             raise ValueError("evaluate_examples expects a LIST of examples, got a str")
         token_lists = [self._encode(e, bos, eos) if isinstance(e, str) else list(e) for e in examples]
@@ -337,7 +353,7 @@ class MetaModel(nn.Module):
             for i, (e, c) in enumerate(zip(token_lists, context_lists)):
                 if e[: len(c)] != c:
                     raise ValueError(f"example {i} does not start with its context's tokens")
-        logits = self.compute_logits(token_lists)
+        logits = self.compute_logits(token_lists, images)
         loss_fn = torch.nn.CrossEntropyLoss(reduction="none", ignore_index=0)
         result = {"log_likelihood": [], "ppl": [], "max_equal": [], "non_context_logits": []}
         for i, item_logits in enumerate(logits):
@@ -359,9 +375,15 @@ class MetaModel(nn.Module):
                                             sync_group=self.mp_group)
         return self._engine
 
-    def _fit_prompt(self, tokens: List[int], max_gen_len: int) -> (List[int], int):
-        """Cut a prompt from the left (keeping BOS) so that prompt + max_gen_len fits the context."""
-        max_seq_len = self.args.max_seq_len
+    def _fit_prompt(self, tokens: List[int], max_gen_len: int, image_positions: int = 0) -> (List[int], int):
+        """Cut a prompt from the left (keeping BOS) so that prompt + max_gen_len fits the context
+        (what is left of it after ``image_positions`` taken by an image)."""
+        max_seq_len = self.args.max_seq_len - image_positions
+        if image_positions and max_seq_len < 2:
+            raise ValueError(
+                f"the image takes {image_positions} positions of max_seq_len={self.args.max_seq_len}, "
+                f"leaving no room for a prompt and an answer; load the model with a larger max_seq_len "
+                f"(image + prompt + max_gen_len must fit)")
         max_gen_len = max(0, min(max_gen_len, max_seq_len - 1))
         room = max_seq_len - max_gen_len
         if len(tokens) <= room:
@@ -369,8 +391,9 @@ class MetaModel(nn.Module):
         keep_bos = bool(tokens) and tokens[0] == self.tokenizer.bos_id and self.tokenizer.add_bos
         head = tokens[:1] if keep_bos else []
         tail = tokens[-(room - len(head)):] if room > len(head) else []
-        warnings.warn(f"prompt of {len(tokens)} tokens does not fit max_seq_len={max_seq_len} with "
-                      f"max_gen_len={max_gen_len}: keeping {'BOS and ' if head else ''}its last "
+        image_note = f" after the image's {image_positions} positions" if image_positions else ""
+        warnings.warn(f"prompt of {len(tokens)} tokens does not fit max_seq_len={self.args.max_seq_len}"
+                      f"{image_note} with max_gen_len={max_gen_len}: keeping {'BOS and ' if head else ''}its last "
                       f"{len(tail)} tokens", stacklevel=3)
         return head + tail, max_gen_len
 
@@ -394,12 +417,16 @@ class MetaModel(nn.Module):
         With ``return_logprobs=True`` (or ``top_logprobs=k > 0``) each item is instead a dict
         ``{"text", "tokens", "logprobs", "top_logprobs"}``: the generated token ids, each one's
         log-probability (nats) under the model's raw distribution, and the k best
-        ``(token id, logprob)`` pairs of each step."""
+        ``(token id, logprob)`` pairs of each step.
+
+        ``images`` (multimodal types): one per prompt, a (batch, 3, H, W) tensor or a list of
+        (3, H, W) tensors, preprocessed (``accessory.data.transform.get_transform``); cast to the
+        model's dtype and device here. The image's positions count against ``max_seq_len``."""
         if isinstance(prompts, str):
             raise ValueError("generate expects a LIST of prompts, got a str; use [prompt]")
-        if images is not None:
-            raise NotImplementedError(f"llama_type {self.llama_type!r} takes no images")
-        fitted = [self._fit_prompt(self._encode(p), max_gen_len) for p in prompts]
+        image_embeds = None if images is None else self._encode_images(images, len(prompts), "images")
+        n_image = 0 if image_embeds is None else image_embeds.shape[1]
+        fitted = [self._fit_prompt(self._encode(p), max_gen_len, n_image) for p in prompts]
         states = None
         penalties = dict(repetition_penalty=repetition_penalty, penalty_last_n=penalty_last_n,
                          presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
@@ -407,7 +434,7 @@ class MetaModel(nn.Module):
         for states in self.engine.run([f[0] for f in fitted], [f[1] for f in fitted],
                                       self._sampling(temperature, top_p, top_k, min_p, seed, **penalties),
                                       list(additional_stop_symbols), logprobs=return_logprobs,
-                                      top_logprobs=top_logprobs):
+                                      top_logprobs=top_logprobs, image_embeds=image_embeds):
             pass
         if return_logprobs:
             return [{"text": row.visible, "tokens": list(row.new_tokens), "logprobs": list(row.logprobs),
@@ -422,16 +449,16 @@ class MetaModel(nn.Module):
                         frequency_penalty: float = 0.0) -> Iterator[Dict]:
         """Yield ``{"text": all text so far, "end_of_content": False}`` as tokens arrive, then the
         final text with ``end_of_content=True``. The final text equals ``generate``'s; the
-        penalties mean what they mean there."""
-        if image is not None:
-            raise NotImplementedError(f"llama_type {self.llama_type!r} takes no images")
-        tokens, max_gen_len = self._fit_prompt(self._encode(prompt), max_gen_len)
+        penalties mean what they mean there. ``image``: (3, H, W) or (1, 3, H, W)."""
+        image_embeds = None if image is None else self._encode_images(image, 1, "image", single=True)
+        n_image = 0 if image_embeds is None else image_embeds.shape[1]
+        tokens, max_gen_len = self._fit_prompt(self._encode(prompt), max_gen_len, n_image)
         last_text = None
         penalties = dict(repetition_penalty=repetition_penalty, penalty_last_n=penalty_last_n,
                          presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
         for states in self.engine.run([tokens], [max_gen_len],
                                       self._sampling(temperature, top_p, top_k, min_p, seed, **penalties),
-                                      list(additional_stop_symbols)):
+                                      list(additional_stop_symbols), image_embeds=image_embeds):
             row = states[0]
             if row.finished:
                 yield {"text": row.visible, "end_of_content": True}
@@ -445,6 +472,65 @@ class MetaModel(nn.Module):
         projections): the type's ``quant_blocklist``, ``llma.``-prefixed, as the original."""
         return ["llma." + name for name in getattr(self.llma, "quant_blocklist", ())]
 
+    # ------------------------------------------------------------------ images
+    @property
+    def takes_images(self) -> bool:
+        """Whether this model accepts images (a multimodal llama_type loaded with ``with_visual=True``)."""
+        return getattr(self.llma, "image_layout", None) is not None
+
+    @property
+    def image_size(self) -> int:
+        """The image side in pixels the model expects (the original's ``llma.image_size``, else 224)."""
+        return int(getattr(self.llma, "image_size", None) or 224)
+
     def get_image_words(self) -> int:
-        return getattr(self.llma, "image_words", 0)
+        """How many sequence positions one image takes (the type's ``image_words``; 0 without images)."""
+        return getattr(self.llma, "image_words", 0) if self.takes_images else 0
+
+    def _encode_images(self, images, count: int, name: str, single: bool = False) -> torch.Tensor:
+        """(count, N, dim) vectors that ``images`` insert, after checking them and casting them to
+        the model's dtype and device."""
+        if not self.takes_images:
+            hint = "" if self.with_visual else \
+                " (it was loaded with with_visual=False; a multimodal llama_type needs with_visual=True)"
+            raise NotImplementedError(f"llama_type {self.llama_type!r} takes no images{hint}")
+        batch = self._image_batch(images, count, name, single)
+        embeds = encode_for(self.llma, batch)
+        if embeds.dim() != 3 or embeds.shape[0] != count:
+            raise RuntimeError(f"llama_type {self.llama_type!r}: encode_images returned shape {tuple(embeds.shape)}, "
+                               f"expected ({count}, N, dim)")
+        return embeds
+
+    def _image_batch(self, images, count: int, name: str, single: bool) -> torch.Tensor:
+        """``images`` as one (count, 3, H, W) float tensor, or a ValueError saying what is wrong."""
+        expected = "a (3, H, W) or (1, 3, H, W) tensor" if single else \
+            f"a ({count}, 3, H, W) tensor or a list of {count} (3, H, W) tensors, one per prompt"
+        fix = (f"preprocess each image with accessory.data.transform.get_transform('padded_resize', "
+               f"{self.image_size})(pil_image)")
+        if isinstance(images, (list, tuple)) and not single:
+            if len(images) != count:
+                raise ValueError(f"{name}: {len(images)} images for {count} prompts; expected {expected}")
+            if not all(isinstance(i, torch.Tensor) for i in images):
+                raise ValueError(f"{name} must hold tensors, got {[type(i).__name__ for i in images]}; {fix}")
+            if any(i.dim() == 4 and i.shape[0] == 1 for i in images):
+                images = [i[0] if i.dim() == 4 and i.shape[0] == 1 else i for i in images]
+            if len({tuple(i.shape) for i in images}) > 1:
+                raise ValueError(f"{name}: images of different shapes {[tuple(i.shape) for i in images]}; "
+                                 f"resize them to {self.image_size}x{self.image_size}: {fix}")
+            if any(i.dim() != 3 for i in images):
+                raise ValueError(f"{name} must be {expected}, got shapes {[tuple(i.shape) for i in images]}")
+            images = torch.stack(images)
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(f"{name} must be {expected}, got {type(images).__name__}; {fix}")
+        if single and images.dim() == 3:
+            images = images[None]
+        if images.dim() != 4 or images.shape[0] != count or images.shape[1] != 3:
+            raise ValueError(f"{name} must be {expected}, got shape {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"{name} must be a float tensor (normalised pixels), got {images.dtype}; {fix}")
+        size = getattr(self.llma, "image_size", None)
+        if size is not None and tuple(images.shape[2:]) != (size, size):
+            raise ValueError(f"llama_type {self.llama_type!r} takes {size}x{size} images, got "
+                             f"{images.shape[2]}x{images.shape[3]}; {fix}")
+        return images
 

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import multimodal
 from .kv_cache import KVCache, cache_dtype
 
 
@@ -22,6 +23,8 @@ class CausalDecoder(nn.Module):
     n_kv_heads: int
     head_dim: int
     image_words = 0
+    #: "tagged" or "prefix" when the model takes images (see layers/multimodal.py), else None.
+    image_layout: Optional[str] = None
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -39,9 +42,15 @@ class CausalDecoder(nn.Module):
         return KVCache(self.n_layers, batch_size, max_len, self.n_kv_heads, self.head_dim,
                        dtype or cache_dtype(weight.dtype, weight.device), device or weight.device)
 
-    def forward_tokens(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(batch, N, dim): every vector one image inserts (multimodal types; see layers/multimodal.py)."""
+        self._refuse_image(images)
+        raise NotImplementedError(f"{type(self).__name__} sets image_layout but has no encode_images")
+
+    def forward_tokens(self, tokens: Optional[torch.Tensor], positions: Optional[torch.Tensor] = None,
                        kv_cache: Optional[KVCache] = None,
-                       output_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       output_index: Optional[torch.Tensor] = None, *,
+                       input_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits for ``tokens`` (batch, seq).
 
         ``positions`` (batch, seq): absolute positions, default 0..seq-1 for every row. Layers
@@ -50,12 +59,15 @@ class CausalDecoder(nn.Module):
         ``kv_cache``: written at ``positions``, and attended up to each query's position.
         ``output_index`` (batch,): when given, only the logits at that index of each row are
         computed and (batch, vocab) is returned; otherwise (batch, seq, vocab).
+        ``input_embeds`` (batch, seq, dim): used instead of embedding ``tokens`` (pass None), e.g.
+        text with image vectors inserted (``layers.multimodal.insert_images``).
         """
-        bsz, seqlen = tokens.shape
+        h = self.embed_tokens(tokens) if input_embeds is None else input_embeds
+        bsz, seqlen = h.shape[:2]
         causal_from_zero = positions is None and kv_cache is None
         if positions is None:
-            positions = torch.arange(seqlen, device=tokens.device).expand(bsz, seqlen)
-        h = self.run_layers(self.embed_tokens(tokens), positions, kv_cache, causal_from_zero)
+            positions = torch.arange(seqlen, device=h.device).expand(bsz, seqlen)
+        h = self.run_layers(h, positions, kv_cache, causal_from_zero)
         if output_index is not None:
             h = h[torch.arange(bsz, device=h.device), output_index]
         return self.logits(h)
@@ -69,13 +81,18 @@ class CausalDecoder(nn.Module):
 
     # The original's two entry points, kept for code written against it.
     def forward(self, examples: torch.Tensor, image=None) -> torch.Tensor:
-        """Logits for every position of ``examples`` (batch, seq), no cache."""
+        """Logits for every position of ``examples`` (batch, seq), no cache. With ``image``
+        (batch, 3, H, W; multimodal types) they stay text-aligned: row i predicts token i+1."""
         self._refuse_image(image)
+        if image is not None:
+            return multimodal.forward_with_images(self, examples, image)
         return self.forward_tokens(examples)
 
     @torch.inference_mode()
     def forward_inference(self, tokens: torch.Tensor, start_pos: int, image=None) -> torch.Tensor:
-        """Last-position logits (batch, vocab) in float32, keeping an internal cache across calls."""
+        """Last-position logits (batch, vocab) in float32, keeping an internal cache across calls.
+        An ``image`` goes with the ``start_pos=0`` call; later calls' positions are shifted by the
+        number of vectors it inserted."""
         self._refuse_image(image)
         bsz, seqlen = tokens.shape
         cache = getattr(self, "_inference_cache", None)
@@ -83,6 +100,11 @@ class CausalDecoder(nn.Module):
             cache = self._inference_cache = self.new_kv_cache(bsz, self.args.max_seq_len)
         if cache is None:
             raise RuntimeError("forward_inference must start at start_pos=0")
+        if image is not None:
+            return multimodal.prefill_with_images(self, tokens, start_pos, image, cache).float()
+        if start_pos == 0:
+            self._cache_image_words = 0
+        start_pos += getattr(self, "_cache_image_words", 0)
         positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device).expand(bsz, seqlen)
         last = torch.full((bsz,), seqlen - 1, device=tokens.device)
         return self.forward_tokens(tokens, positions, cache, output_index=last).float()
@@ -92,6 +114,6 @@ class CausalDecoder(nn.Module):
         return dict(self.named_parameters())
 
     def _refuse_image(self, image) -> None:
-        if image is not None:
+        if image is not None and self.image_layout is None:
             raise NotImplementedError(
                 f"{type(self).__module__.rsplit('.', 1)[-1]} was built without a visual encoder: it takes no images")
