@@ -10,6 +10,7 @@ Examples::
     accessory convert --from gguf model.gguf /path/to/out --dtype bf16
     accessory convert --from hf /path/to/Llama-2-7b-hf /path/to/out --mp 2
     accessory convert --to hf /path/to/accessory-checkpoint /path/to/hf-out
+    accessory download --model_name alpaca --model_size 7B --down_config --output_path ./ckpts
 """
 
 import argparse
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from .checkpoint import delta, reshard
+from .tools import download
 
 
 def _chat_template_for(model_dir: Path, requested: str) -> str:
@@ -381,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_parser(sub)
     reshard.add_parser(sub)
     delta.add_parser(sub)
+    download.add_parser(sub)
     return parser
 
 
