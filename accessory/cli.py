@@ -13,6 +13,7 @@ Examples::
     accessory convert --to hf /path/to/accessory-checkpoint /path/to/hf-out
     accessory quantize /path/to/checkpoint /path/to/out-int4 --quant int4
     accessory chat /path/to/checkpoint --quant int8
+    accessory download --model_name alpaca --model_size 7B --down_config --output_path ./ckpts
 """
 
 import argparse
@@ -23,6 +24,7 @@ from typing import List, Optional, Tuple
 
 from .checkpoint import delta, reshard
 from .quant import cli as quant_cli
+from .tools import download
 
 
 def _chat_template_for(model_dir: Path, requested: str) -> str:
@@ -402,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     reshard.add_parser(sub)
     delta.add_parser(sub)
     quant_cli.add_parser(sub)
+    download.add_parser(sub)
     return parser
 
 

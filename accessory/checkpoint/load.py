@@ -94,18 +94,17 @@ def load_shard_set(model: nn.Module, shards: ShardSet, split_plan: SplitPlan, dt
     bar = tqdm(keys, desc=f"loading {shards.directory.name}", unit="tensor", delay=2.0,
                disable=not progress, leave=False)
     for key in bar:
+        local_name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         if key not in params:
-            unexpected.setdefault(key, source)
+            if shard is None or split_plan.holds(local_name, *shard):  # else: another rank's (experts)
+                unexpected.setdefault(key, source)
             continue
         pieces = model_parallel_pieces(key, states, shards, split_plan)
-        local_name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         try:
             if shard is None:
                 tensor = split_plan.merge(local_name, pieces)
-            elif shards.mp_size == shard[1] and len(pieces) == len(states):
-                tensor = pieces[shard[0]]
             else:
-                tensor = split_plan.split(local_name, split_plan.merge(local_name, pieces), shard[1])[shard[0]]
+                tensor = split_plan.local_piece(local_name, pieces, *shard)
                 if tensor is None:
                     raise RuntimeError(f"rank {shard[0]} of {shard[1]} holds no piece of it")
                 tensor = tensor.contiguous()  # a column slice: copy it out of the full tensor

@@ -203,7 +203,7 @@ class MetaModel(nn.Module):
         ``strict=False`` lets parameters absent from every checkpoint be freshly initialised.
 
         ``mp_group``: a torch.distributed group of N > 1 processes runs the model tensor-parallel
-        (llama and llama_peft so far): every process of the group calls this, and later every
+        (every text llama_type): every process of the group calls this, and later every
         scoring / generation call, with the same arguments; each holds only its 1/N slice of the
         split weights, read from a checkpoint of any shard count. gloo on CPU, nccl on CUDA
         (pass each process its own ``device``, e.g. ``f"cuda:{local_rank}"``). ``None`` or a

@@ -164,7 +164,9 @@ class FalconSplitPlan(SplitPlan):
             (r"\.mlp\.dense_h_to_4h\.(weight|bias)$", COLUMN),
             (r"\.mlp\.dense_4h_to_h\.weight$", ROW),  # its bias is replicated
             (r"(^|\.)output\.weight$", COLUMN),
-        ])
+        ], gather=[r"(^|\.)output$"],
+            # multi-query: each rank's query heads share the ONE replicated key/value head
+            head_counts=("n_heads",) if multi_query else ("n_heads", "n_kv_heads"))
         self.multi_query = multi_query
         self._kv_pattern = self.rules[2][0]
 

@@ -26,7 +26,7 @@ from ..layers.attention import attend
 from ..layers.decoder import CausalDecoder
 from ..layers.kv_cache import KVCache
 from ..layers.norm import RMSNorm
-from ..layers.parallel import COLUMN, ROW, SplitPlan
+from ..layers.parallel import COLUMN, ROW, GroupSlices, Relayout, SplitPlan
 from ..layers.rotary import RotaryEmbedding
 
 
@@ -131,15 +131,18 @@ class Transformer(CausalDecoder):
     #   fed the full, unsplit x. That is why the original cannot run internlm at mp>1 (a shape
     #   error); such shards only arise from loading a 1-shard checkpoint at mp=2 and saving it.
     # * mlp.w3 is ColumnParallelLinear(F, D): weight (D, F) cut along dim 0.
+    # Checkpoints keep those cuts (merging and resharding); running tensor-parallel, each rank
+    # instead holds whole heads of q, k and v (GroupSlices(3)), w2 cut like w1 (rows) and w3 by
+    # its F input columns (its output all-reduced): the Relayout rules.
     split_plan = SplitPlan([
         (r"(^|\.)embedding\.weight$", ROW),  # ParallelEmbedding splits the embedding dim
-        (r"\.mixer\.Wqkv\.(weight|bias)$", COLUMN),
+        (r"\.mixer\.Wqkv\.(weight|bias)$", Relayout(COLUMN, GroupSlices(3))),
         (r"\.mixer\.out_proj\.weight$", ROW),  # its bias is replicated
         (r"\.mlp\.w1\.weight$", COLUMN),
-        (r"\.mlp\.w2\.weight$", ROW),
-        (r"\.mlp\.w3\.weight$", COLUMN),
+        (r"\.mlp\.w2\.weight$", Relayout(ROW, COLUMN)),
+        (r"\.mlp\.w3\.weight$", Relayout(COLUMN, ROW)),
         (r"(^|\.)head\.weight$", COLUMN),
-    ])
+    ], gather=[r"(^|\.)head$"])
 
     def __init__(self, args: ModelArgs, with_visual: bool = False):
         super().__init__()

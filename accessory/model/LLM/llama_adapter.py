@@ -35,7 +35,7 @@ from torch import nn
 from ...errors import ConfigError
 from ..layers.kv_cache import KVCache, cache_dtype
 from ..layers.linear import make_linear
-from ..layers.parallel import ROW, SplitPlan
+from ..layers.parallel import ROW
 from ..layers.rotary import RotaryEmbedding
 from . import llama, llama_peft
 from .llama_peft import trainable_by_name
@@ -128,7 +128,7 @@ class Transformer(llama.Transformer):
 
     is_peft = True
     block_cls = AdapterBlock
-    split_plan = SplitPlan(llama_peft.Transformer.split_plan.rules + [(r"(^|\.)prefix_gate$", ROW)])
+    split_plan = llama_peft.Transformer.split_plan.extended([(r"(^|\.)prefix_gate$", ROW)])
 
     def __init__(self, args: ModelArgs, with_visual: bool = False):
         if with_visual:

@@ -78,7 +78,7 @@ def split_plan_for(num_experts: Optional[int] = None, extra_rules=()) -> SplitPl
         (r"\.attention\.wo\.weight$", ROW),
         (r"\.feed_forward\.experts\.\d+\.", WholeExperts(num_experts)),
         (r"(^|\.)output\.weight$", COLUMN),
-    ])
+    ], gather=[r"(^|\.)output$"])
 
 
 class MoE(nn.Module):

@@ -10,7 +10,9 @@ are cast to the activations' dtype.
 The original needs MegaBlocks on CUDA (and a per-rank h that is a multiple of 128); here each
 selected expert runs as dense matmuls on its own tokens (:func:`accessory.model.layers.moe.dispatch`),
 on any device and for any h. At model-parallel size ``mp`` every rank holds ``h/mp`` rows of every
-expert; merging shards needs the expert count, which the built model's ``split_plan`` carries.
+expert (and, running tensor-parallel, computes every routed expert on them: the layer's output is
+summed over ranks); merging shards needs the expert count, which the built model's ``split_plan``
+carries.
 """
 
 import math
@@ -37,7 +39,7 @@ def split_plan_for(num_experts: Optional[int] = None) -> SplitPlan:
         (r"\.attention\.wo\.weight$", ROW),
         (r"\.feed_forward\.(w1|w2|w3)$", ExpertSlices(num_experts)),
         (r"(^|\.)output\.weight$", COLUMN),
-    ])
+    ], gather=[r"(^|\.)output$"])
 
 
 class SparseMoE(nn.Module):
@@ -61,7 +63,9 @@ class SparseMoE(nn.Module):
             nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
 
     def _run_expert(self, expert_id: int, x: torch.Tensor) -> torch.Tensor:
-        rows = slice(expert_id * self.hidden_dim, (expert_id + 1) * self.hidden_dim)
+        # Each expert's rows: hidden_dim, or hidden_dim / mp on a model-parallel rank (ExpertSlices).
+        per_expert = self.w1.shape[0] // self.num_experts
+        rows = slice(expert_id * per_expert, (expert_id + 1) * per_expert)
         hidden = F.silu(F.linear(x, self.w1[rows])) * F.linear(x, self.w3[rows])
         return hidden @ self.w2[rows]  # w2 is stored (h, dim): no transpose
 

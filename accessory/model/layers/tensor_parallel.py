@@ -3,8 +3,14 @@
 gpt-fast style: the architecture is built as a plain model; then, on each of ``size`` ranks,
 
 1. :func:`shard_meta_model` shrinks every split parameter of the meta-device model to this rank's
-   slice (the loader then fills exactly those shapes) and divides the attention head counts;
+   slice (the loader then fills exactly those shapes), removes what the rank holds none of (other
+   ranks' whole experts) and divides the plan's head counts;
 2. :func:`add_collectives` adds one collective per split module, read off the same plan:
+
+   * a module that a :class:`~.parallel.Partition` names in ``reduce_at`` (a mixture of experts:
+     whole experts per rank, or a slice of every expert's hidden units) computes a partial sum --
+     each rank's experts weighted by the replicated router's top-k weights, zero for tokens routed
+     elsewhere -- so its output is all-reduced;
 
    * a Linear whose weight is cut along its input dim (row-parallel, dim 1) computes a partial
      sum: its output is all-reduced. Everything inside it is linear in those partial inputs
@@ -25,15 +31,13 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .parallel import Partition, SplitPlan
+from .parallel import SplitPlan
 
 #: Architectures that run with their weights cut across model-parallel ranks.
-TENSOR_PARALLEL_TYPES = ("llama", "llama_peft")
+TENSOR_PARALLEL_TYPES = ("llama", "llama_peft", "llama_adapter", "internlm", "falcon", "mixtral", "mixtral_peft",
+                         "mixtral_sparse")
 
 ISSUE = "issue 'Model parallelism over torch.distributed'"
-
-#: Module attributes holding a head count that each rank holds ``1/size`` of.
-_HEAD_COUNTS = ("n_heads", "n_kv_heads")
 
 
 @dataclass
@@ -59,8 +63,10 @@ def model_parallel_of(mp_group) -> Optional[ModelParallel]:
 
 
 def check_supported(llama_type: str, size: int) -> None:
-    """Refuse, before anything is built, an architecture that cannot run cut over ``size`` ranks."""
-    if llama_type not in TENSOR_PARALLEL_TYPES:
+    """Refuse, before anything is built, an architecture that cannot run cut over ``size`` ranks
+    (an unknown name is left to the architecture lookup, which lists the known ones)."""
+    from ..LLM import known_llama_types
+    if llama_type in known_llama_types() and llama_type not in TENSOR_PARALLEL_TYPES:
         raise NotImplementedError(
             f"llama_type {llama_type!r} cannot run at model-parallel size {size} yet ({ISSUE}: only "
             f"{', '.join(TENSOR_PARALLEL_TYPES)} so far). Load it with mp_group=None (or a group of "
@@ -68,10 +74,13 @@ def check_supported(llama_type: str, size: int) -> None:
 
 
 def shard_meta_model(model: nn.Module, plan: SplitPlan, rank: int, size: int) -> None:
-    """Give every split parameter of the meta-device ``model`` the shape of rank ``rank``'s slice
-    and divide its attention head counts by ``size`` (ValueError when they do not divide)."""
+    """Give every split parameter of the meta-device ``model`` the shape of rank ``rank``'s slice,
+    remove the parameters this rank holds none of (and the modules left without any: another
+    rank's whole experts), and divide the plan's head counts by ``size`` (ValueError when a cut
+    does not divide)."""
+    emptied = set()
     for module_name, module in model.named_modules():
-        for attr in _HEAD_COUNTS:
+        for attr in plan.head_counts:
             count = getattr(module, attr, None)
             if isinstance(count, int) and not isinstance(count, bool):
                 if count % size:
@@ -83,20 +92,28 @@ def shard_meta_model(model: nn.Module, plan: SplitPlan, rank: int, size: int) ->
             if param is None:
                 continue
             name = f"{module_name}.{attr}" if module_name else attr
-            rule = plan.rule(name)
-            if isinstance(rule, Partition):
-                raise NotImplementedError(f"{name} is cut by {type(rule).__name__}, which runtime "
-                                          f"tensor parallelism does not support yet ({ISSUE})")
-            dim = rule
-            if dim is None or param.dim() <= dim:
-                continue
-            if param.shape[dim] % size:
-                raise ValueError(f"{name} {tuple(param.shape)}: dim {dim} does not split into {size} equal "
-                                 f"pieces; use a model-parallel size dividing {param.shape[dim]}")
-            shape = list(param.shape)
-            shape[dim] //= size
-            module._parameters[attr] = nn.Parameter(torch.empty(shape, dtype=param.dtype, device=param.device),
-                                                    requires_grad=False)
+            shape = plan.local_shape(name, tuple(param.shape), rank, size)
+            if shape is None:
+                del module._parameters[attr]
+                emptied.add(module_name)
+            elif shape != tuple(param.shape):
+                module._parameters[attr] = nn.Parameter(torch.empty(shape, dtype=param.dtype, device=param.device),
+                                                        requires_grad=False)
+    _drop_empty_modules(model, emptied)
+
+
+def _drop_empty_modules(model: nn.Module, emptied) -> None:
+    """Remove, from their parents, the outermost modules that lost parameters and hold none now."""
+    dropped: List[str] = []
+    for name, module in list(model.named_modules()):
+        if not name or any(name.startswith(prefix + ".") for prefix in dropped):
+            continue
+        lost = any(e == name or e.startswith(name + ".") for e in emptied)
+        if lost and next(module.parameters(), None) is None:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            del parent._modules[child]
+            dropped.append(name)
 
 
 class AllReduce:
@@ -131,11 +148,21 @@ def add_collectives(model: nn.Module, plan: SplitPlan, parallel: ModelParallel) 
     a line per hooked module, e.g. ``'layers.0.attention.wo: all-reduce'``."""
     reduced: List[str] = []  # subtrees whose whole output is already all-reduced
     done: List[str] = []
+    # Partitions that make a whole module's output a partial sum (mixture-of-experts layers).
+    sums = []
+    for name, _ in model.named_parameters():
+        target = plan.reduce_at(name)
+        if target is not None and target not in sums:
+            sums.append(target)
+    for target in sums:
+        model.get_submodule(target).register_forward_hook(AllReduce(parallel.group))
+        reduced.append(target)
+        done.append(f"{target}: all-reduce (partial sums of its cut parameters)")
     for name, module in model.named_modules():
         weight = module._parameters.get("weight")
-        if weight is None or any(name.startswith(prefix + ".") for prefix in reduced):
+        if weight is None or any(name == prefix or name.startswith(prefix + ".") for prefix in reduced):
             continue
-        dim = plan.shard_dim(f"{name}.weight" if name else "weight")
+        dim = plan.runtime_dim(f"{name}.weight" if name else "weight")
         if dim is None:
             continue
         if isinstance(module, nn.Embedding) and dim == 1:
@@ -164,5 +191,5 @@ def _keep_biases_on_first_rank(module: nn.Module, name: str, plan: SplitPlan, ra
     for sub_name, sub in module.named_modules():
         bias = sub._parameters.get("bias")
         full_name = ".".join(part for part in (name, sub_name, "bias") if part)
-        if bias is not None and plan.shard_dim(full_name) is None:
+        if bias is not None and plan.runtime_dim(full_name) is None:
             sub._parameters["bias"] = nn.Parameter(torch.zeros_like(bias), requires_grad=False)
