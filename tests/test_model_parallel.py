@@ -73,6 +73,20 @@ def _worker(rank: int, port: int, dirs: dict, out_dir: str) -> None:
             "sampled_all_ranks": _all_ranks(_sampled(model, seed=1234 + 17 * rank)),
         }
 
+    # quantized at mp 2: each rank packs its own slices (row-parallel weights get per-half scales)
+    for quant in ("int8", "int4"):
+        from accessory.quant import QuantLinear
+        model = _load(dirs["llama_mp2"], mp_group=group, quant=quant)
+        attention = model.llma.layers[0].attention
+        logits = torch.cat([t.flatten() for t in model.compute_logits(PROMPTS)])
+        reference_flat = torch.cat([t.flatten() for t in ref_logits])
+        result[quant] = {
+            "packed": isinstance(attention.wo, QuantLinear) and isinstance(model.llma.output, QuantLinear),
+            "wq_rows": attention.wq.qweight.shape[0],
+            "rms": ((logits - reference_flat).norm() / reference_flat.norm()).item(),
+            "sampled_all_ranks": _all_ranks(_sampled(model, seed=99 + rank)),
+        }
+
     single = _load(dirs["llama_mp2"], mp_group=singles[rank])
     result["single"] = {"wq_shape": list(single.llma.layers[0].attention.wq.weight.shape),
                         "logits_diff": _max_diff(single.compute_logits(PROMPTS), ref_logits)}
@@ -196,3 +210,12 @@ def test_rank_loads_its_slice_from_any_shard_count(tmp_path, shards):
         full = state[name]
         want = full if dim is None else torch.chunk(full, 2, dim=dim)[1]
         assert torch.equal(params[name], want), name
+
+
+@pytest.mark.parametrize("quant, tolerance", [("int8", 0.02), ("int4", 0.25)])
+def test_quantized_model_parallel_close_to_full_precision(ranks, quant, tolerance):
+    for result in ranks:
+        q = result[quant]
+        assert q["packed"] and q["wq_rows"] == TINY_LLAMA["dim"] // WORLD
+        assert q["rms"] < tolerance  # as tests/test_quant.py's tolerances at mp 1
+    assert ranks[0][quant]["sampled_all_ranks"][0] == ranks[0][quant]["sampled_all_ranks"][1]

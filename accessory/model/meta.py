@@ -258,15 +258,6 @@ class MetaModel(nn.Module):
 
         with torch.device("meta"):
             model = cls(llama_type, llama_config, tokenizer_path, with_visual, max_seq_len)
-        quantizer = None
-        if prequantized:
-            make_shells(model, scheme, eligible_linears(model, scheme, model.get_quant_blocklist()))
-        elif scheme is not None:
-            quantizer = Quantizer(model, scheme, model.get_quant_blocklist())
-        # Pack each weight as it is read (peak memory near the packed size), except where values
-        # still change after loading: deltas add onto the base, ranks > 0 zero some biases.
-        pack_while_loading = quantizer is not None and parallel is None and \
-            not any(find_shards(p).is_diff for p in paths)
         shard = None
         if parallel is not None:
             try:
@@ -275,6 +266,15 @@ class MetaModel(nn.Module):
                 raise ConfigError(f"llama_type {llama_type!r} cannot be cut over {parallel.size} "
                                   f"model-parallel ranks: {exc}") from exc
             shard = (parallel.rank, parallel.size)
+        quantizer = None  # after the cut: a rank packs only its own slices
+        if prequantized:
+            make_shells(model, scheme, eligible_linears(model, scheme, model.get_quant_blocklist()))
+        elif scheme is not None:
+            quantizer = Quantizer(model, scheme, model.get_quant_blocklist())
+        # Pack each weight as it is read (peak memory near the packed size), except where values
+        # still change after loading: deltas add onto the base, ranks > 0 zero some biases.
+        pack_while_loading = quantizer is not None and parallel is None and \
+            not any(find_shards(p).is_diff for p in paths)
         result = load_pretrained(model, paths, model.split_plan, dtype, device, strict=strict, progress=progress,
                                  shard=shard, after_load=quantizer.after_load if pack_while_loading else None)
         model.load_result = result
