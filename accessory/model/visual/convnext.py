@@ -7,7 +7,7 @@ The original takes ``open_clip``'s ``visual.trunk`` and replaces ``head.global_p
 """
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ class ConvNeXtConfig:
     mlp_ratio: int = 4
     eps: float = 1e-5               # timm's convnext_xxlarge sets norm_eps=1e-5 for every norm
     layer_scale_init: float = 1e-6  # gamma's initial value (a checkpoint replaces it)
+    head_eps: Optional[float] = None  # eps of head.norm when it differs from ``eps`` (HF ConvNextModel)
 
 
 class ConvNeXtBlock(nn.Module):
@@ -91,7 +92,7 @@ class ConvNeXt(nn.Module):
         self.stages = nn.ModuleList(
             ConvNeXtStage(dim_in, dim, depth, config, downsample=index > 0)
             for index, (dim_in, dim, depth) in enumerate(zip(dims_in, config.dims, config.depths)))
-        self.head = ConvNeXtHead(config.dims[-1], config.eps)
+        self.head = ConvNeXtHead(config.dims[-1], config.eps if config.head_eps is None else config.head_eps)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, dims[-1], H/32, W/32) (H, W multiples of 32 at the real sizes)."""
