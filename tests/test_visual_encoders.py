@@ -399,3 +399,23 @@ def test_vit_block_matches_hf_vit_layer():
         out = hf(x)
         want = out[0] if isinstance(out, tuple) else out
         torch.testing.assert_close(ours(x), want, **TOL)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Model dtype (the ens types cast every encoder to the model dtype, bf16 in practice)
+
+
+@pytest.mark.parametrize("name", ["clip", "blip2", "convnext", "dinov2"])
+def test_encoders_run_in_bfloat16_close_to_float32(name):
+    torch.manual_seed(0)
+    model = randomize(TINY[name]())
+    size = 64 if name == "convnext" else 28
+    x = images(1, size)
+    run = {"clip": lambda m, t: m.encode_image(t), "blip2": lambda m, t: m.qformer_features(t),
+           "convnext": lambda m, t: m(t), "dinov2": lambda m, t: m.forward_features(t)["x_norm_patchtokens"]}[name]
+    with torch.no_grad():
+        want = run(model, x)
+        # BLIP-2 casts images to its own dtype like HF; the others expect images in the model dtype.
+        got = run(model.to(torch.bfloat16), x if name == "blip2" else x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() < 0.1 * want.abs().max()
