@@ -61,6 +61,17 @@ def test_blip2_dir_drops_the_language_model(tmp_path):
         torch.testing.assert_close(ours.qformer_features(x), hf.get_qformer_features(pixel_values=x), **TOL)
 
 
+def test_blip2_for_conditional_generation_layouts_convert_the_same(tmp_path):
+    hf = hf_blip2()
+    reference = hf_visual.blip2_from_hf(hf.state_dict())
+    generation = transformers.Blip2ForConditionalGeneration(hf.config)
+    generation.load_state_dict(hf.state_dict(), strict=False)
+    for state in (hf_visual.blip2_from_hf(saved(generation, tmp_path)),
+                  hf_visual.blip2_from_hf({"model." + k: v for k, v in hf.state_dict().items()})):
+        assert state.keys() == reference.keys()
+        assert all(torch.equal(state[k], reference[k]) for k in reference)
+
+
 def test_blip2_split_q_v_biases_are_packed_with_a_zero_k_bias():
     hf = hf_blip2()
     state = dict(hf.state_dict())

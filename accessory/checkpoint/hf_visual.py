@@ -141,7 +141,12 @@ def _convert(weights: Mapping[str, torch.Tensor], rules: List[Rule], ignore: Cal
 
 
 def _fixed(target: str, slot: int = 0):
+    """A rule target: ``target`` with the pattern's groups filled in, as piece ``slot``."""
     return lambda m: (target.format(*m.groups()), slot)
+
+
+def _transpose(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.t().contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -197,10 +202,9 @@ def clip_from_hf(source: Source, text_tower: bool = False) -> Dict[str, torch.Te
         return (name.endswith("position_ids")
                 or (not text_tower and name.startswith("text_model.encoder.")))
 
-    transposed = {"visual.proj": torch.Tensor.t, "text_projection": torch.Tensor.t}
-    out = _convert(weights, rules, ignore, {"in_proj_weight": 3, "in_proj_bias": 3}, "CLIP from HF",
-                   {k: (lambda t, f=f: f(t).contiguous()) for k, f in transposed.items()})
-    return out
+    # HF keeps the projections as Linear weights (out, in); open_clip as matrices applied on the right.
+    transposed = {"visual.proj": _transpose, "text_projection": _transpose}
+    return _convert(weights, rules, ignore, {"in_proj_weight": 3, "in_proj_bias": 3}, "CLIP from HF", transposed)
 
 
 def clip_config_from_hf(config, quick_gelu: Optional[bool] = None, text_tower: bool = False) -> CLIPConfig:
@@ -235,14 +239,12 @@ def blip2_from_hf(source: Source) -> Dict[str, torch.Tensor]:
     language model and ``language_projection`` are dropped). A checkpoint that stores the vision
     attention bias as ``q_bias`` / ``v_bias`` gets them packed into ``qkv.bias`` (k's bias is 0)."""
     weights = read_hf_weights(source)
-    strip = "model." if any(k.startswith("model.vision_model.") for k in weights) else ""
-    keep = re.compile(re.escape(strip) + r"((?:vision_model|qformer)\..+|query_tokens)")
+    keep = re.compile(r"(?:model\.)?((?:vision_model|qformer)\..+|query_tokens)")
     split_bias = re.compile(r"(vision_model\.encoder\.layers\.\d+\.self_attn\.)(q_bias|v_bias)")
+    other_parts = re.compile(r"(?:model\.)?(language_model|language_projection|lm_head)\..*|.*position_ids")
 
     def ignore(name: str) -> bool:
-        rest = name[len(strip):] if name.startswith(strip) else name
-        return (rest.startswith(("language_model.", "language_projection.", "lm_head."))
-                or name.startswith(("language_model.", "lm_head.")) or name.endswith("position_ids"))
+        return other_parts.fullmatch(name) is not None
 
     out: Dict[str, torch.Tensor] = {}
     biases: Dict[str, Dict[str, torch.Tensor]] = {}
