@@ -278,8 +278,9 @@ def _add_generate_parser(sub) -> None:
 # ------------------------------------------------------------------ demo: the gradio pages
 
 #: ``accessory demo NAME`` -> the module whose ``main(argv)`` serves it.
-DEMOS = {"single_turn": "accessory.demos.single_turn", "multi_turn": "accessory.demos.multi_turn"}
-DEMOS_LATER = ("single_turn_mm", "multi_turn_mm")
+DEMOS = {"single_turn": "accessory.demos.single_turn", "multi_turn": "accessory.demos.multi_turn",
+         "single_turn_mm": "accessory.demos.single_turn_mm", "multi_turn_mm": "accessory.demos.multi_turn_mm"}
+DEMOS_LATER = ()
 
 DEMO_HELP = """\
 usage: accessory demo [single_turn|multi_turn] [demo flags...]
@@ -293,6 +294,7 @@ Everything after the name goes to the demo: `accessory demo multi_turn --help` l
 demos:
   single_turn   one instruction (plus optional input) in, one answer out (alpaca prompt)
   multi_turn    chat with history, answers streamed token by token (default)
+  single_turn_mm / multi_turn_mm   the same with an image (a multimodal checkpoint, with_visual)
 
 examples:
   accessory demo

@@ -298,8 +298,13 @@ def test_start_sh_commands(tmp_path):
     assert out.stdout.strip() == f"python -m accessory.demos.single_turn --pretrained_path {tmp_path} --quant " \
                                  f"--port 7861"
     assert _start(SCENARIO="1").stdout.strip() == "python -m accessory.demos.single_turn"
-    missing = _start("--scenario", "3")
-    assert missing.returncode == 2 and "not available yet" in missing.stderr
+    missing = _start("--scenario", "3")  # the embedded text model sees no images
+    assert missing.returncode == 2 and "needs --pretrained_path" in missing.stderr
+    assert _start("--scenario", "4", "--pretrained_path", str(tmp_path), "--quant", "int8").stdout.strip() == \
+        f"python -m accessory.demos.multi_turn_mm --pretrained_path {tmp_path} --quant int8"
+    assert _start("--scenario", "3", "--pretrained_path", str(tmp_path)).stdout.strip() == \
+        f"python -m accessory.demos.single_turn_mm --pretrained_path {tmp_path}"
+    assert _start("--scenario", "5").returncode == 2
     assert "does not exist" in _start("--pretrained_path", str(tmp_path / "nope")).stderr
     assert "not available in the demos yet" in _start("--nproc", "2").stderr
 

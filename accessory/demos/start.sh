@@ -8,7 +8,7 @@
 #
 # With no flags and no terminal (or --yes) it starts the multi-turn demo on the embedded demo model.
 # Flags: --scenario N, --pretrained_path DIR (repeatable), --llama_type T, --llama_config FILE (repeatable),
-#        --tokenizer_path F, --quant, --nproc N, --dtype D, --host H, --port P, --share, --yes, --dry-run.
+#        --tokenizer_path F, --quant [SCHEME], --nproc N, --dtype D, --host H, --port P, --share, --yes, --dry-run.
 # Anything after `--` goes to the demo unchanged.
 set -euo pipefail
 
@@ -49,7 +49,7 @@ while [[ $# -gt 0 ]]; do
     --llama_type) llama_type="$2"; shift 2 ;;
     --llama_config) llama_config+=("$2"); shift 2 ;;
     --tokenizer_path) tokenizer_path="$2"; shift 2 ;;
-    --quant) quant=1; shift ;;
+    --quant) if [[ $# -gt 1 && "$2" != -* ]]; then quant="$2"; shift 2; else quant=1; shift; fi ;;
     --nproc|--n_gpus) nproc="$2"; shift 2 ;;
     --dtype) dtype="$2"; shift 2 ;;
     --host) host="$2"; shift 2 ;;
@@ -75,8 +75,8 @@ if [[ -z "$flags_given$assume_defaults" && -t 0 ]]; then
   echo "Scenarios:"
   echo "  1) single-turn text demo"
   echo "  2) multi-turn text chat demo"
-  echo "  3) single-turn multimodal demo      (not available yet)"
-  echo "  4) multi-turn multimodal demo       (not available yet)"
+  echo "  3) single-turn multimodal demo      (needs a multimodal checkpoint)"
+  echo "  4) multi-turn multimodal demo       (needs a multimodal checkpoint)"
   echo "  5) multi-turn multimodal box demo   (not available yet)"
   echo "  6) terminal chat                    (accessory chat)"
   scenario="$(ask "Scenario" 2)"
@@ -103,7 +103,8 @@ args=()
 [[ -n "$llama_type" ]] && args+=(--llama_type "$llama_type")
 [[ ${#llama_config[@]} -gt 0 ]] && args+=(--llama_config "${llama_config[@]}")
 [[ -n "$tokenizer_path" ]] && args+=(--tokenizer_path "$tokenizer_path")
-[[ -n "$quant" ]] && args+=(--quant)
+[[ -n "$quant" && "$quant" != 1 ]] && args+=(--quant "$quant")
+[[ "$quant" == 1 ]] && args+=(--quant)
 [[ -n "$dtype" ]] && args+=(--dtype "$dtype")
 [[ -n "$host" ]] && args+=(--host "$host")
 [[ -n "$port" ]] && args+=(--port "$port")
@@ -113,7 +114,10 @@ args+=(${extra[@]+"${extra[@]}"})
 case "$scenario" in
   1) cmd=("$PYTHON" -m accessory.demos.single_turn ${args[@]+"${args[@]}"}) ;;
   2) cmd=("$PYTHON" -m accessory.demos.multi_turn --n_gpus "$nproc" ${args[@]+"${args[@]}"}) ;;
-  3|4|5) die "scenario $scenario (multimodal demos) is not available yet" ;;
+  3|4) [[ ${#pretrained[@]} -gt 0 ]] || die "scenario $scenario (multimodal) needs --pretrained_path: the embedded demo model sees no images"
+     demo=single_turn_mm; [[ "$scenario" == 4 ]] && demo=multi_turn_mm
+     cmd=("$PYTHON" -m "accessory.demos.$demo" ${args[@]+"${args[@]}"}) ;;
+  5) die "scenario 5 (multimodal box demo) is not available yet" ;;
   6) cmd=("$PYTHON" -m accessory.cli chat ${pretrained[@]+"${pretrained[-1]}"}) ;;
   7) die "scenario 7 (multimodal terminal tool) is not available yet" ;;
   *) die "unknown scenario $scenario: 1 single-turn, 2 multi-turn, 6 terminal chat" ;;
