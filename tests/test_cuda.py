@@ -49,6 +49,21 @@ def test_generation_matches_cpu_batched_streamed_and_per_row_limits(ckpt):
     assert sampled[0] == sampled[1]
 
 
+def test_decode_steps_replay_cuda_graphs_with_the_same_text(ckpt, monkeypatch):
+    monkeypatch.setenv("ACCESSORY_CUDA_GRAPHS", "1")
+    model = _load(ckpt, "cuda")
+    graphed = model.generate(PROMPTS, max_gen_len=24)
+    decoder = model.engine._graphed
+    assert decoder is not None and not decoder.disabled and decoder.graphs
+    monkeypatch.setenv("ACCESSORY_CUDA_GRAPHS", "0")
+    eager = _load(ckpt, "cuda")
+    assert eager.generate(PROMPTS, max_gen_len=24) == graphed and eager.engine._graphed is None
+    # rows finishing at different lengths shrink the batch: a new graph per batch size
+    stop = model.generate(PROMPTS, max_gen_len=20)[0][:6]  # a stop string ends row 0 early
+    assert model.generate(PROMPTS, max_gen_len=20, additional_stop_symbols=[stop]) == \
+        eager.generate(PROMPTS, max_gen_len=20, additional_stop_symbols=[stop])
+
+
 def test_bf16_generation_runs(ckpt):
     model = _load(ckpt, "cuda", dtype=torch.bfloat16)
     assert model.llma.output.weight.dtype == torch.bfloat16

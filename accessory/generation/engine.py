@@ -21,6 +21,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from ..model.layers.multimodal import image_offsets, insert_images
+from .cuda_graphs import GraphedDecoder, cuda_graphs_enabled
 from .detokenize import IncrementalDetokenizer
 from .sampling import Sampler, SamplingParams
 from .stopping import StopStringMatcher
@@ -52,6 +53,7 @@ class GenerationEngine:
         self.tokenizer = tokenizer
         self.eos_ids = set(i for i in eos_ids if i is not None)
         self.sync_group = sync_group
+        self._graphed = None  # CUDA-graph decode steps (generation/cuda_graphs.py), made on first CUDA run
 
     def _agree(self, tokens: torch.Tensor) -> torch.Tensor:
         """The first rank's token ids on every rank of ``sync_group`` (unchanged without one)."""
@@ -81,6 +83,8 @@ class GenerationEngine:
         """
         logprobs = logprobs or top_logprobs > 0
         device = self.device
+        if self._graphed is None and cuda_graphs_enabled(device):
+            self._graphed = GraphedDecoder(self.model)
         rows = [RowState(len(p), int(n), IncrementalDetokenizer(self.tokenizer))
                 for p, n in zip(prompts, max_new_tokens)]
         matcher = StopStringMatcher(stop_strings)
@@ -136,9 +140,12 @@ class GenerationEngine:
             step_positions = torch.tensor([[offsets[i] + rows[i].prompt_len + len(rows[i].new_tokens) - 1]
                                            for i in active],
                                           device=device)
-            logits = self.model.forward_tokens(step_tokens, step_positions, cache,
-                                               output_index=torch.zeros(len(active), dtype=torch.long,
-                                                                        device=device))
+            if self._graphed is not None:
+                logits = self._graphed(cache, step_tokens, step_positions)
+            else:
+                logits = self.model.forward_tokens(step_tokens, step_positions, cache,
+                                                   output_index=torch.zeros(len(active), dtype=torch.long,
+                                                                            device=device))
 
     def _record_logprobs(self, rows: List[RowState], logits: torch.Tensor, tokens: List[int],
                          top_k: int) -> None:

@@ -42,6 +42,12 @@ class KVCache:
         if self._planned_for is positions:
             return self._plan
         bsz, seqlen = positions.shape
+        if seqlen == 1 and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # a decode step captured in a CUDA graph (generation/cuda_graphs.py): no read of the
+            # device, so attend over the whole cache (the mask hides slots beyond each position)
+            plan = ("rows", (torch.arange(bsz, device=positions.device), positions[:, 0]), self.max_len)
+            self._planned_for, self._plan = positions, plan
+            return plan
         used_len = int(positions.max()) + 1
         if used_len > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, {used_len} requested")

@@ -54,7 +54,9 @@ class RotaryEmbedding:
         last_positions, rows = self._last
         if last_positions is positions and rows[0].device == device:
             return rows
-        if positions.numel() and int(positions.max()) >= self.n_positions:
+        # (no bounds check while a CUDA graph is captured: it would read the device; the engine
+        # checks every position against the cache, which is never longer than this table)
+        if positions.numel() and not _capturing() and int(positions.max()) >= self.n_positions:
             raise ValueError(
                 f"position {int(positions.max())} is beyond the rotary table ({self.n_positions} positions); "
                 f"raise max_seq_len")
@@ -75,3 +77,7 @@ class RotaryEmbedding:
         cos, sin = rows
         a, b = x.float().chunk(2, dim=-1)
         return torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1).type_as(x)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
