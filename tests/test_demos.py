@@ -269,10 +269,16 @@ def test_demo_flags():
     assert (args.pretrained_path, args.max_seq_len, args.n_gpus, args.dtype) == (None, 2048, 1, "bf16")
 
 
-def test_quant_and_n_gpus_exit_with_reason(tiny_llama_dir):
-    with pytest.raises(SystemExit, match="quant=True .* is not available yet"):
-        single_turn.main(["--pretrained_path", str(tiny_llama_dir), "--quant", "--dtype", "fp32",
-                          "--device", "cpu"])
+def test_quant_flag_loads_quantized_and_n_gpus_exits_with_reason(tiny_llama_dir):
+    from accessory.demos.common import load_model
+    from accessory.quant import QuantLinear
+    args = single_turn.build_parser().parse_args(["--pretrained_path", str(tiny_llama_dir), "--quant", "int8",
+                                                  "--dtype", "fp32", "--device", "cpu"])
+    model = load_model(args)
+    assert model.quant_scheme.name == "int8" and isinstance(model.llma.output, QuantLinear)
+    args = single_turn.build_parser().parse_args(["--pretrained_path", str(tiny_llama_dir), "--quant", "int3"])
+    with pytest.raises(SystemExit, match="int8, int4, nf4"):
+        load_model(args)
     with pytest.raises(SystemExit, match="--n_gpus=2: model parallelism"):
         multi_turn.main(["--pretrained_path", str(tiny_llama_dir), "--n_gpus", "2"])
 
