@@ -370,3 +370,74 @@ def test_text_only_load_drops_the_encoders(checkpoints):
         model = MetaModel.from_pretrained(str(Path(directory)), with_visual=False, max_seq_len=64,
                                           dtype=torch.float32, device="cpu", progress=False)
     assert not model.takes_images and model.get_image_words() == 0
+
+
+# --------------------------------------------------------------------------- model parallel
+
+TEXT_PREFIXES = ("layers.", "tok_embeddings.", "output.", "norm.")
+
+
+@pytest.mark.parametrize("name", list(TYPES))
+def test_split_plan_replicates_encoders_and_connectors(name):
+    mod = module_of(name)
+    with torch.device("meta"):
+        model = mod.Transformer(mod.ModelArgs(**config(name), vocab_size=LLAMA_SPM_VOCAB), with_visual=True)
+    plan = model.split_plan
+    visual = [k for k in model.state_dict() if not k.startswith(TEXT_PREFIXES)]
+    assert visual and all(plan.shard_dim(k) is None and plan.holds(k, 1, 2) for k in visual)
+    assert plan.shard_dim("layers.0.attention.wq.weight") == 0  # the text side is still cut
+
+
+def _mp_worker(rank, port, dirs, out_dir, size):
+    import json
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    group = dist.new_group([0, 1])
+    result = {}
+    for key, directory in dirs.items():
+        model = MetaModel.from_pretrained(directory, with_visual=True, max_seq_len=512, dtype=torch.float32,
+                                          device="cpu", progress=False, mp_group=group)
+        image = picture(5, size)
+        result[key] = {"logits": model.compute_logits(["What is in the image?"], image)[0].tolist(),
+                       "text": model.generate(["What is in the image?"], image, max_gen_len=8, temperature=0.0)}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_match_one_process(checkpoints, tmp_path):
+    """llama_ens5 cut over 2 gloo ranks, from its mp=1 checkpoint and from an mp=2 one in the
+    original's layout (encoders and connectors whole in every shard), equals one process."""
+    import json
+    import shutil
+    import socket
+    import torch.multiprocessing as mp
+    from ckpt_utils import llama_split_dim
+    name = "llama_ens5"
+    state, directory = checkpoints[name]
+    mp2 = tmp_path / "mp2"
+    shutil.copytree(directory, mp2)
+    for old in mp2.glob("consolidated.*"):
+        old.unlink()
+    for rank in range(2):
+        shard = {}
+        for key, value in state.items():
+            dim = llama_split_dim(key) if key.startswith(TEXT_PREFIXES) else None
+            shard["llma." + key] = value if dim is None else value.chunk(2, dim=dim)[rank].clone()
+        torch.save({"model": shard}, mp2 / f"consolidated.{rank:02d}-of-02.model.pth")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "out"
+    out.mkdir()
+    size = TYPES[name][0]
+    mp.spawn(_mp_worker, args=(port, {"mp1": str(directory), "mp2": str(mp2)}, str(out), size), nprocs=2, join=True)
+    single = load(directory)
+    image = picture(5, size)
+    expected = single.compute_logits(["What is in the image?"], image)[0]
+    text = single.generate(["What is in the image?"], image, max_gen_len=8, temperature=0.0)
+    for rank in range(2):
+        result = json.loads((out / f"rank{rank}.json").read_text())
+        for key in ("mp1", "mp2"):
+            torch.testing.assert_close(torch.tensor(result[key]["logits"]), expected, atol=1e-4, rtol=1e-4)
+            assert result[key]["text"] == text
