@@ -441,3 +441,19 @@ def test_two_ranks_match_one_process(checkpoints, tmp_path):
         for key in ("mp1", "mp2"):
             torch.testing.assert_close(torch.tensor(result[key]["logits"]), expected, atol=1e-4, rtol=1e-4)
             assert result[key]["text"] == text
+
+
+@pytest.mark.parametrize("name", ["llama_ens5p2", "llama_ens_light"])
+def test_quant_leaves_encoders_and_projections_in_full_precision(name, checkpoints):
+    _, directory = checkpoints[name]
+    full = load(directory)
+    quantized = MetaModel.from_pretrained(str(directory), with_visual=True, max_seq_len=512, dtype=torch.float32,
+                                          device="cpu", progress=False, quant="int8")
+    blocked = tuple(n + "." for n in quantized.get_quant_blocklist())
+    tensors = dict(quantized.state_dict())
+    visual = {k: v.dtype for k, v in tensors.items() if k.startswith(blocked)}
+    assert visual and set(visual.values()) == {torch.float32}
+    assert set(visual) == {k for k in full.state_dict() if k.startswith(blocked)}  # nothing repacked
+    assert any(v.dtype == torch.int8 for k, v in tensors.items() if k.startswith("llma.layers.0.attention.wo"))
+    image = picture(6, TYPES[name][0])
+    torch.testing.assert_close(quantized.llma.encode_images(image), full.llma.encode_images(image), atol=0, rtol=0)
