@@ -457,3 +457,17 @@ def test_quant_leaves_encoders_and_projections_in_full_precision(name, checkpoin
     assert any(v.dtype == torch.int8 for k, v in tensors.items() if k.startswith("llma.layers.0.attention.wo"))
     image = picture(6, TYPES[name][0])
     torch.testing.assert_close(quantized.llma.encode_images(image), full.llma.encode_images(image), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("encoders, view, message", [
+    ({"dinov2": {"bogus": 1}}, 16, r"visual_encoders\['dinov2'\] has field\(s\) \['bogus'\]"),
+    ({"vit": {}}, 16, r"unknown encoder\(s\) \['vit'\]"),
+    (TINY_ENCODERS, 18, r"view_size 18 is not a multiple of DINOv2's patch size 4"),
+    (dict(TINY_ENCODERS, clip=dict(TINY_ENCODERS["clip"], patch_size=8)), 16, r"CLIP's 2x2 patch grid differs"),
+])
+def test_bad_encoder_configs_are_config_errors(encoders, view, message):
+    from accessory.errors import ConfigError
+    mod = module_of("llama_ens")
+    args = mod.ModelArgs(**dict(TINY_LLAMA, view_size=view, visual_encoders=encoders), vocab_size=100)
+    with torch.device("meta"), pytest.raises(ConfigError, match=message):
+        mod.Transformer(args, with_visual=True)
