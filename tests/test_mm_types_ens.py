@@ -471,3 +471,23 @@ def test_bad_encoder_configs_are_config_errors(encoders, view, message):
     args = mod.ModelArgs(**dict(TINY_LLAMA, view_size=view, visual_encoders=encoders), vocab_size=100)
     with torch.device("meta"), pytest.raises(ConfigError, match=message):
         mod.Transformer(args, with_visual=True)
+
+
+@pytest.mark.parametrize("name, fields, expected", [
+    ("llama_ens_light", {"trainable_mode": "mm_stage1"}, {"visual_proj.0.weight", "visual_proj.0.bias",
+                                                          "visual_proj.1.weight", "visual_proj.1.bias"}),
+    ("mixtral_sparse_ens5", {"trainable_mode": "mm_stage1"}, {"visual_proj.0.weight", "visual_proj.0.bias",
+                                                              "visual_proj.1.weight", "visual_proj.1.bias",
+                                                              "start_img", "end_img"}),
+    ("llama_ens_peft", {}, {"norm.weight"} | {f"layers.{i}.{n}_norm.weight" for i in range(2)
+                                              for n in ("attention", "ffn")}),
+])
+def test_trainable_params(name, fields, expected):
+    mod = module_of(name)
+    with torch.device("meta"):
+        model = mod.Transformer(mod.ModelArgs(**config(name), **fields, vocab_size=100), with_visual=True)
+    assert set(model.get_trainable_params()) == expected
+    if "trainable_mode" in fields:
+        model.args.trainable_mode = "sg"
+        with pytest.raises(ValueError, match="unknown trainable_mode 'sg'"):
+            model.get_trainable_params()

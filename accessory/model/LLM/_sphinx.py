@@ -230,7 +230,7 @@ class SphinxVisual:
         return torch.cat([self.qformer_proj(queries), projected], dim=1)
 
     # ------------------------------------------------------------------ training
-    def frozen_encoder_filter(self) -> Dict[str, nn.Parameter]:
+    def non_encoder_params(self) -> Dict[str, nn.Parameter]:
         """Every parameter outside the encoders (the original's default trainable set)."""
         return {name: p for name, p in self.named_parameters() if not name.startswith(ENCODER_PREFIXES)}
 
@@ -256,5 +256,5 @@ def trainable_by_mode(model: SphinxVisual, mode: str, stage1_words: Sequence[str
     if mode == "mm_stage1":
         return {name: p for name, p in model.named_parameters() if any(w in name for w in stage1_words)}
     if mode == "mm_stage2":
-        return model.frozen_encoder_filter()
+        return model.non_encoder_params()
     raise ConfigError(f"unknown trainable_mode {mode!r}: expected 'mm_stage1' or 'mm_stage2'")

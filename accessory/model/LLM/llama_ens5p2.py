@@ -40,4 +40,4 @@ class Transformer(SphinxVisual, llama.Transformer):
 
     def get_trainable_params(self) -> Dict[str, nn.Parameter]:
         """Everything but the encoders."""
-        return self.frozen_encoder_filter()
+        return self.non_encoder_params()
