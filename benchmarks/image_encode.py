@@ -16,6 +16,7 @@ alone.
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,24 +93,21 @@ def main() -> None:
         llama_type, dtype = opts.child.split(":")
         print(json.dumps(child(llama_type, dtype, opts.batch, opts.repeats, opts.threads)))
         return
-    rows = []
+    print(f"{'llama_type':18} {'dtype':5} {'batch':>5} {'image':>5} {'N':>5} {'params':>14} {'build s':>8} "
+          f"{'encode s':>9} {'1st s':>7} {'cnx/view s':>10} {'dino/view s':>11} {'peak build MiB':>15} "
+          f"{'peak encode MiB':>16}", flush=True)
     for llama_type in opts.types:
         for dtype in opts.dtype:
             cmd = [sys.executable, __file__, "--child", f"{llama_type}:{dtype}", "--batch", str(opts.batch),
                    "--repeats", str(opts.repeats), "--threads", str(opts.threads)]
             done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                                  env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
             if done.returncode:
                 sys.exit(f"{llama_type} {dtype} failed:\n{done.stderr}")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(f"{'llama_type':18} {'dtype':5} {'batch':>5} {'image':>5} {'N':>5} {'params':>14} {'build s':>8} "
-          f"{'encode s':>9} {'1st s':>7} {'cnx/view s':>10} {'dino/view s':>11} {'peak build MiB':>15} "
-          f"{'peak encode MiB':>16}")
-    for r in rows:
-        print(f"{r['type']:18} {r['dtype']:5} {r['batch']:5d} {r['image']:5d} {r['words']:5d} {r['params']:14,d} "
-              f"{r['build_s']:8.1f} {r['encode_s']:9.2f} {r['first_s']:7.2f} {r['convnext_s']:10.2f} {r['dinov2_s']:11.2f} "
-              f"{r['build_mib']:15.0f} "
-              f"{r['encode_mib']:16.0f}")
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"{r['type']:18} {r['dtype']:5} {r['batch']:5d} {r['image']:5d} {r['words']:5d} {r['params']:14,d} "
+                  f"{r['build_s']:8.1f} {r['encode_s']:9.2f} {r['first_s']:7.2f} {r['convnext_s']:10.2f} "
+                  f"{r['dinov2_s']:11.2f} {r['build_mib']:15.0f} {r['encode_mib']:16.0f}", flush=True)
 
 
 if __name__ == "__main__":
