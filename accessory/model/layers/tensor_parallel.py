@@ -36,6 +36,9 @@ from .parallel import SplitPlan
 #: Architectures that run with their weights cut across model-parallel ranks.
 TENSOR_PARALLEL_TYPES = ("llama", "llama_peft", "llama_adapter", "internlm", "falcon", "mixtral", "mixtral_peft",
                          "mixtral_sparse")
+# The SPHINX family: its text side is llama / llama_peft / mixtral_sparse; encoders stay whole.
+TENSOR_PARALLEL_TYPES += ("llama_ens", "llama_ens_peft", "llama_ens5", "llama_ens10", "llama_ens5p2", "llama_ens_light",
+                          "llama_ens5_light", "mixtral_sparse_ens", "mixtral_sparse_ens5")
 
 ISSUE = "issue 'Model parallelism over torch.distributed'"
 
@@ -79,8 +82,12 @@ def shard_meta_model(model: nn.Module, plan: SplitPlan, rank: int, size: int) ->
     rank's whole experts), and divide the plan's head counts by ``size`` (ValueError when a cut
     does not divide)."""
     emptied = set()
+    # Only modules above a cut parameter have their heads cut: replicated ones (image encoders
+    # with their own ``n_heads``) keep every head.
+    cut_modules = {".".join(name.split(".")[:i]) for name, _ in model.named_parameters()
+                   if plan.rule(name) is not None for i in range(name.count(".") + 1)}
     for module_name, module in model.named_modules():
-        for attr in plan.head_counts:
+        for attr in plan.head_counts if module_name in cut_modules else ():
             count = getattr(module, attr, None)
             if isinstance(count, int) and not isinstance(count, bool):
                 if count % size:
