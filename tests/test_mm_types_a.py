@@ -320,3 +320,201 @@ def test_bad_encoder_config_is_a_config_error(tmp_path):
     (directory / "config.json").write_text(__import__("json").dumps(cfg))
     with pytest.raises(ConfigError, match="cannot set \\['quick_gelu'\\]"):
         MetaModel.from_pretrained(str(directory), with_visual=True, dtype=torch.float32, device="cpu", progress=False)
+
+
+# --------------------------------------------------------------------------- llama_adapter with_visual
+# The image changes the adapter prefix of its row and takes no sequence positions. The reference
+# is test_llama_peft_adapter's float64 re-statement of the adapter with ``prefix + q`` as prefix.
+
+ADAPTER_CFG = dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, norm_eps=1e-5, rope_theta=10000.0,
+                   prefix_layers=1, prefix_len=4)
+VISUAL_TINY = dict(v_embed_dim=32, v_depth=2, v_num_heads=2, v_mlp_ratio=2.0)
+
+
+def tiny_adapter_clip():
+    torch.manual_seed(13)
+    return CLIP(CLIPConfig(**CLIP_TINY, quick_gelu=True, text_tower=False))  # the original deletes the text tower
+
+
+def tiny_vit_blocks():
+    from accessory.model.visual import ViTBlock
+    torch.manual_seed(14)
+    v = VISUAL_TINY
+    return torch.nn.ModuleList(ViTBlock(v["v_embed_dim"], v["v_num_heads"], v["v_mlp_ratio"], qkv_bias=True)
+                               for _ in range(v["v_depth"]))
+
+
+class AdapterCase:
+    def __init__(self, directory):
+        import test_llama_peft_adapter as tpa
+        self.tpa = tpa
+        self.conf = tpa.full_config("llama_adapter", ADAPTER_CFG)
+        self.text = tpa.random_state("llama_adapter", ADAPTER_CFG, seed=21)
+        gen = torch.Generator().manual_seed(22)
+        width, dim = VISUAL_TINY["v_embed_dim"], ADAPTER_CFG["dim"]
+        visual = perturbed(tiny_adapter_clip().state_dict(), "clip.", 23)
+        visual.update(perturbed(tiny_vit_blocks().state_dict(), "visual_blocks.", 24))
+        visual["clip_proj.weight"] = torch.randn(width, CLIP_TINY["embed_dim"], generator=gen) / math.sqrt(width)
+        visual["clip_proj.bias"] = 0.1 * torch.randn(width, generator=gen)
+        visual.update(layer_norm_state("clip_proj_norm", width, gen))
+        visual["visual_query"] = torch.randn(ADAPTER_CFG["prefix_len"], width, generator=gen)
+        visual["visual_proj.weight"] = torch.randn(dim, width, generator=gen) / math.sqrt(width)
+        visual["visual_proj.bias"] = 0.1 * torch.randn(dim, generator=gen)
+        visual.update(layer_norm_state("visual_proj_norm", dim, gen))
+        self.visual = visual
+        config = dict(self.conf, clip_config=CLIP_TINY, visual_config=VISUAL_TINY)
+        self.directory = ckpt_utils.write_checkpoint(directory, {**self.text, **visual}, config, full_config=False,
+                                                     llama_type="llama_adapter")
+        self.model = MetaModel.from_pretrained(str(self.directory), with_visual=True, max_seq_len=MAX_SEQ_LEN,
+                                               dtype=torch.float32, device="cpu", progress=False)
+
+    def queries(self, image):
+        """(prefix_len, dim) float64: what the image adds to every adapted layer's prefix."""
+        s = {k: v.double() for k, v in self.visual.items()}
+        clip = tiny_adapter_clip().double()
+        clip.load_state_dict({k[len("clip."):]: v for k, v in s.items() if k.startswith("clip.")})
+        blocks = tiny_vit_blocks().double()
+        blocks.load_state_dict({k[len("visual_blocks."):]: v for k, v in s.items() if k.startswith("visual_blocks.")})
+        with torch.no_grad():
+            feats = clip.encode_image(image[None].double(), project=True)[0]
+            feats = feats @ s["clip_proj.weight"].T + s["clip_proj.bias"]
+            feats = F.layer_norm(feats, feats.shape[-1:], s["clip_proj_norm.weight"], s["clip_proj_norm.bias"], 1e-5)
+            x = torch.cat([s["visual_query"], feats])[None]
+            for block in blocks:
+                x = block(x)
+        q = x[0, : ADAPTER_CFG["prefix_len"]] @ s["visual_proj.weight"].T + s["visual_proj.bias"]
+        return F.layer_norm(q, q.shape[-1:], s["visual_proj_norm.weight"], s["visual_proj_norm.bias"], 1e-5)
+
+    def state_with(self, image):
+        state = dict(self.text)
+        if image is not None:
+            state["prefix"] = (self.text["prefix"].double() + self.queries(image)[None, None]).float()
+        return state
+
+    def logits(self, ids, image):
+        return self.tpa.reference_logits(self.state_with(image), self.conf, ids).float()
+
+    def greedy(self, ids, image, n):
+        state, out, seq = self.state_with(image), [], list(ids)
+        for _ in range(n):
+            token = int(self.tpa.reference_logits(state, self.conf, seq, last_only=True)[-1].argmax())
+            if token == self.model.tokenizer.eos_id:
+                break
+            out.append(token)
+            seq.append(token)
+        return out
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    return AdapterCase(tmp_path_factory.mktemp("llama_adapter"))
+
+
+def test_adapter_image_takes_no_positions(adapter):
+    model = adapter.model
+    assert model.takes_images and model.get_image_words() == 0 and model.image_size == SIZE
+    assert model.llma.image_layout == "adapter"
+    assert model.llma.encode_images(images(0)).shape == (1, ADAPTER_CFG["prefix_len"], ADAPTER_CFG["dim"])
+    assert "clip.transformer.resblocks.0.attn.in_proj_weight" not in model.llma.state_dict()  # no text tower
+
+
+def test_adapter_logits_match_the_reference(adapter):
+    texts = ["A red square", "Two cats sit on a mat."]
+    pair = torch.cat([images(1), images(2)])
+    got = adapter.model.compute_logits(texts, pair)
+    for text, image, logits in zip(texts, pair, got):
+        ids = adapter.model.tokenizer.encode(text, bos=True, eos=False)
+        assert logits.shape == (len(ids), LLAMA_SPM_VOCAB)
+        torch.testing.assert_close(logits, adapter.logits(ids, image), atol=1e-4, rtol=1e-4)
+    ids = adapter.model.tokenizer.encode(texts[1], bos=True, eos=False)
+    with torch.inference_mode():
+        out = adapter.model.llma(torch.tensor([ids]), pair[1:])
+    torch.testing.assert_close(out[0], adapter.logits(ids, pair[1]), atol=1e-4, rtol=1e-4)
+    # without an image: the learned prefix alone
+    torch.testing.assert_close(adapter.model.compute_logits([ids])[0], adapter.logits(ids, None), atol=1e-4, rtol=1e-4)
+
+
+def test_adapter_greedy_generation_matches_the_reference(adapter):
+    image = images(3)
+    got = adapter.model.generate([PROMPT], image, return_logprobs=True, max_gen_len=6, temperature=0.0)[0]["tokens"]
+    ids = adapter.model.tokenizer.encode(PROMPT, bos=True, eos=False)
+    assert got == adapter.greedy(ids, image[0], 6)
+    assert len(got) >= 3
+
+
+def test_adapter_answer_depends_on_the_image(adapter):
+    model = adapter.model
+    first = model.compute_logits([PROMPT], images(4))[0]
+    second = model.compute_logits([PROMPT], images(5))[0]
+    assert (first - second).abs().max() > 1e-2
+    answers = {model.generate([PROMPT], images(seed), **GEN)[0] for seed in (4, 5, 6, 7)}
+    assert len(answers) > 1
+
+
+def test_adapter_batches_rows_with_and_without_images(adapter):
+    """Per-row prefixes in one batch; rows leaving the batch keep the others' prefixes right."""
+    model = adapter.model
+    prompts = [PROMPT, "What colour is the large object on the left?", "Hello"]
+    pair = torch.cat([images(5), images(6)])
+    alone = [model.generate([p], pair[i:i + 1], **GEN)[0] for i, p in enumerate(prompts[:2])]
+    assert model.generate(prompts[:2], pair, **GEN) == alone
+    stop = [alone[0][:3]] if len(alone[0]) >= 3 else []
+    short = model.generate(prompts[:2], pair, additional_stop_symbols=stop, **GEN)
+    assert short[1] == model.generate([prompts[1]], pair[1:], additional_stop_symbols=stop, **GEN)[0]
+    vectors = model.llma.encode_images(pair)
+    ids = [model.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+    from accessory.generation.sampling import SamplingParams
+    states = None
+    for states in model.engine.run(ids, [8, 8, 8], SamplingParams(), image_embeds=[vectors[0], None, vectors[1][None]]):
+        pass
+    with_first = model.generate([prompts[0]], pair[:1], max_gen_len=8, temperature=0.0, return_logprobs=True)
+    without = model.generate([prompts[1]], max_gen_len=8, temperature=0.0, return_logprobs=True)
+    with_second = model.generate([prompts[2]], pair[1:], max_gen_len=8, temperature=0.0, return_logprobs=True)
+    assert [s.new_tokens for s in states] == [r[0]["tokens"] for r in (with_first, without, with_second)]
+
+
+def test_adapter_forward_inference_with_the_image_first(adapter):
+    model = adapter.model
+    image = images(9)
+    ids = model.tokenizer.encode(PROMPT, bos=True, eos=False)
+    expected = model.generate([PROMPT], image, return_logprobs=True, **GEN)[0]["tokens"]
+    got, out = [], model.llma.forward_inference(torch.tensor([ids]), 0, image)
+    for step in range(GEN["max_gen_len"]):
+        token = int(out[0].argmax())
+        if token == model.tokenizer.eos_id:
+            break
+        got.append(token)
+        out = model.llma.forward_inference(torch.tensor([[token]]), len(ids) + step, None)
+    assert got == expected
+    # a new sequence without an image goes back to the learned prefix
+    text_only = model.llma.forward_inference(torch.tensor([ids]), 0, None)
+    torch.testing.assert_close(text_only[0], adapter.logits(ids, None)[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_adapter_seed_snippet(adapter):
+    model = adapter.model
+    pil = Image.fromarray((torch.rand(64, 48, 3, generator=torch.Generator().manual_seed(10)) * 255)
+                          .to(torch.uint8).numpy())
+    for transform in ("padded_resize", "resized_center_crop"):
+        image = get_transform(transform, model.image_size)(pil).unsqueeze(0)
+        prompt = format_prompt({"instruction": "What is in the image?"}, "alpaca")
+        single = model.generate([prompt], image, max_gen_len=5, temperature=0.0)[0]
+        ids = model.tokenizer.encode(prompt, bos=True, eos=False)
+        assert single == model.tokenizer.decode(adapter.greedy(ids, image[0], 5))
+        conv = default_conversation()
+        conv.load_qas([["What is in the image?", single], ["And its colour?", None]])
+        chunks = list(model.stream_generate(conv.get_prompt(), image, max_gen_len=5, temperature=0.0))
+        assert chunks[-1] == {"text": model.generate([conv.get_prompt()], image, max_gen_len=5, temperature=0.0)[0],
+                              "end_of_content": True}
+
+
+def test_adapter_visual_modules_frozen_replicated_and_full_precision(adapter):
+    model = adapter.model
+    visual = [n for n, _ in model.llma.named_parameters() if n.startswith(("clip", "visual_"))]
+    assert visual and all(model.split_plan.rule(n) is REPLICATED for n in visual)
+    assert all(not p.requires_grad for n, p in model.llma.named_parameters() if n.startswith("clip."))
+    stage1 = model.llma.get_trainable_params()  # "sg": the visual branch is not trained
+    assert not any(n.startswith(("clip", "visual_")) for n in stage1)
+    packed = eligible_linears(model, resolve_scheme("int8"), model.get_quant_blocklist())
+    assert packed and not any(n.startswith(("llma.clip", "llma.visual_")) for n in packed)
+    assert {"llma.clip", "llma.visual_blocks", "llma.visual_proj"} <= set(model.get_quant_blocklist())
