@@ -518,3 +518,52 @@ def test_adapter_visual_modules_frozen_replicated_and_full_precision(adapter):
     packed = eligible_linears(model, resolve_scheme("int8"), model.get_quant_blocklist())
     assert packed and not any(n.startswith(("llma.clip", "llma.visual_")) for n in packed)
     assert {"llma.clip", "llma.visual_blocks", "llma.visual_proj"} <= set(model.get_quant_blocklist())
+
+
+# --------------------------------------------------------------------------- dtype, --quant, shards
+
+def test_bf16_int8_keeps_encoders_full_precision_and_runs(case):
+    """--quant packs the text linears only; the encoder runs in the model dtype (bf16 here, where
+    the original's float16 BLIP-2 / half-cast CLIP fails); answers stay close to float32's."""
+    from accessory.quant.linear import QuantLinear
+    model = MetaModel.from_pretrained(str(case.directory), with_visual=True, max_seq_len=MAX_SEQ_LEN,
+                                      dtype=torch.bfloat16, device="cpu", quant="int8", progress=False)
+    blocked = tuple(model.get_quant_blocklist())
+    modules = dict(model.named_modules())
+    assert any(isinstance(m, QuantLinear) for m in modules.values())
+    assert not any(isinstance(m, QuantLinear) for n, m in modules.items() if n.startswith(blocked))
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if n.startswith(blocked))
+    image = images(3)
+    got = model.compute_logits([PROMPT], image)[0]
+    want = case.model.compute_logits([PROMPT], image)[0]
+    assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.98
+    assert model.generate([PROMPT], image, **GEN)[0]
+
+
+def test_two_shard_checkpoint_holds_whole_encoders(case, tmp_path):
+    """An mp=2 checkpoint (text weights cut as the original cuts them, encoders copied whole into
+    both shards) merges into one process with the same image logits."""
+    if case.llama_type.startswith("mixtral"):
+        pytest.skip("mixtral's expert cuts are covered by test_mixtral; the encoders are the same code")
+    state = dict(case.dense)
+    config = __import__("json").loads((case.directory / "config.json").read_text())
+    directory = ckpt_utils.write_checkpoint(tmp_path, {**state, **case.visual}, config, mp=2, full_config=False,
+                                            llama_type=case.llama_type)
+    model = MetaModel.from_pretrained(str(directory), with_visual=True, max_seq_len=MAX_SEQ_LEN,
+                                      dtype=torch.float32, device="cpu", progress=False)
+    image = images(4)
+    torch.testing.assert_close(model.compute_logits([PROMPT], image)[0], case.model.compute_logits([PROMPT], image)[0],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_bf16_int8_keeps_the_visual_branch_full_precision(adapter):
+    from accessory.quant.linear import QuantLinear
+    model = MetaModel.from_pretrained(str(adapter.directory), with_visual=True, max_seq_len=MAX_SEQ_LEN,
+                                      dtype=torch.bfloat16, device="cpu", quant="int8", progress=False)
+    modules = dict(model.named_modules())
+    assert any(isinstance(m, QuantLinear) for m in modules.values())
+    assert not any(isinstance(m, QuantLinear) for n, m in modules.items() if n.startswith(("llma.clip", "llma.visual_")))
+    image = images(3)
+    got = model.compute_logits([PROMPT], image)[0]
+    want = adapter.model.compute_logits([PROMPT], image)[0]
+    assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.98
