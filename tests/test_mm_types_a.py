@@ -567,3 +567,18 @@ def test_adapter_bf16_int8_keeps_the_visual_branch_full_precision(adapter):
     got = model.compute_logits([PROMPT], image)[0]
     want = adapter.model.compute_logits([PROMPT], image)[0]
     assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.98
+
+
+def test_encoder_config_fields_of_other_types_are_refused():
+    from accessory.model.LLM import llama_adapter, llama_qformerv2
+    small = dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, vocab_size=100)
+    with torch.device("meta"):
+        with pytest.raises(ConfigError, match="llama_qformerv2 has no CLIP.*qformer_config"):
+            llama_qformerv2.Transformer(llama_qformerv2.ModelArgs(**small, clip_config=CLIP_TINY), with_visual=True)
+        with pytest.raises(ConfigError, match=r"qformer_config .*unknown field\(s\) \['vision_depth'\]"):
+            llama_qformerv2.Transformer(llama_qformerv2.ModelArgs(**small, qformer_config={"vision_depth": 1}),
+                                        with_visual=True)
+        with pytest.raises(ConfigError, match=r"visual_config .*unknown field\(s\) \['depth'\].*v_depth"):
+            llama_adapter.Transformer(llama_adapter.ModelArgs(**small, visual_config={"depth": 1}), with_visual=True)
+        # without with_visual the encoder fields are not looked at
+        llama_qformerv2.Transformer(llama_qformerv2.ModelArgs(**small, clip_config=CLIP_TINY))

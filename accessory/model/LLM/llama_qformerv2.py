@@ -56,6 +56,9 @@ class QFormerImageMixin:
     """BLIP-2 Q-Former features, projected and tagged; shared by llama_qformerv2(_peft)."""
 
     def build_visual(self, args) -> None:
+        if getattr(args, "clip_config", None):
+            raise ConfigError("llama_qformerv2 has no CLIP: its config's clip_config does not apply; use "
+                              "qformer_config for the BLIP-2 sizes")
         config = blip2_config_from(getattr(args, "qformer_config", None), type(self).__module__.rsplit(".", 1)[-1])
         self.qformer = BLIP2(config)
         freeze(self.qformer)
