@@ -206,8 +206,8 @@ def test_mm_demos_refuse_models_without_images(tiny_llama_dir, tiny_llama_model,
     for demo in (single_turn_mm, multi_turn_mm):
         with pytest.raises(SystemExit, match="need --pretrained_path"):
             demo.main(["--dtype", "fp32", "--device", "cpu"])
-        # llama's CLIP-prefix visual branch does not exist yet: the loader says so
-        with pytest.raises(SystemExit, match="with_visual=True .* not implemented yet"):
+        # a text-only llama checkpoint has no CLIP weights for llama's with_visual branch: the loader says so
+        with pytest.raises(SystemExit, match="with_visual=True builds.*text-only checkpoint.*with_visual=False"):
             demo.main(["--pretrained_path", str(tiny_llama_dir), "--dtype", "fp32", "--device", "cpu"])
     # a model that loads but takes no images
     monkeypatch.setattr("accessory.demos.common.load_model", lambda args, with_visual=False: tiny_llama_model)

@@ -346,8 +346,9 @@ def test_config_fields_and_defaults_are_the_originals():
     peft_fields = {f.name: f.default for f in dataclasses.fields(llama_peft.ModelArgs)}
     adapter_fields = {f.name: f.default for f in dataclasses.fields(llama_adapter.ModelArgs)}
     llama_config = full_llama_config({}, -1)
-    assert peft_fields == {**llama_config, **PEFT_DEFAULTS}
-    assert adapter_fields == {**llama_config, **ADAPTER_DEFAULTS}
+    ours = {"clip_config": None}  # not the original's: shrinks the CLIP of with_visual=True (default: real sizes)
+    assert peft_fields == {**llama_config, **PEFT_DEFAULTS, **ours}
+    assert adapter_fields == {**llama_config, **ADAPTER_DEFAULTS, **ours, "visual_config": None}
     # the visual sizes are class attributes, not config fields
     assert llama_adapter.ModelArgs.v_embed_dim == 768 and "v_embed_dim" not in adapter_fields
 
@@ -455,14 +456,6 @@ def test_adapter_rejects_grouped_kv_heads():
 def test_adapter_rejects_bad_prefix(changes, message):
     with pytest.raises(ConfigError, match=message):
         llama_adapter.Transformer(adapter_args(**changes))
-
-
-def test_with_visual_is_a_clear_not_implemented():
-    with pytest.raises(NotImplementedError, match="llama_adapter with_visual=True"):
-        llama_adapter.Transformer(adapter_args(), with_visual=True)
-    with pytest.raises(NotImplementedError, match="llama_peft with_visual=True"):
-        llama_peft.Transformer(llama_peft.ModelArgs(**{**CONFIGS["peft_bias"][1], "vocab_size": VOCAB}),
-                               with_visual=True)
 
 
 def test_unknown_trainable_mode():

@@ -183,7 +183,8 @@ def load_pretrained(model: nn.Module, paths: Sequence, split_plan: SplitPlan, dt
         shown = ", ".join(missing[:10]) + (f" ... and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise CheckpointError(
             f"the checkpoint(s) {[str(p) for p in paths]} do not provide {len(missing)} parameters of "
-            f"the model: {shown}. {_missing_layers_hint(missing, loaded)}If this is a fine-tune that "
+            f"the model: {shown}. {_missing_visual_hint(model, missing)}{_missing_layers_hint(missing, loaded)}"
+            f"If this is a fine-tune that "
             f"only saved its trainable weights, list the base checkpoint first in pretrained_path; to "
             f"initialise the missing parameters from scratch on purpose, pass strict=False")
     if missing:
@@ -194,6 +195,16 @@ def load_pretrained(model: nn.Module, paths: Sequence, split_plan: SplitPlan, dt
 
 
 _LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
+
+
+def _missing_visual_hint(model: nn.Module, missing: Sequence[str]) -> str:
+    """A sentence when only the image side (``with_visual=True``) is missing, or ''."""
+    blocklist = getattr(model, "get_quant_blocklist", lambda: [])()
+    visual = tuple(blocklist) + ("llma.start_img", "llma.end_img", "llma.visual_query")
+    if not blocklist or not all(name.startswith(visual) for name in missing):
+        return ""
+    return ("They are the image encoder and connectors that with_visual=True builds, and the checkpoint "
+            "has none: it looks like a text-only checkpoint; load it with with_visual=False. ")
 
 
 def _missing_layers_hint(missing: Sequence[str], loaded: Mapping[str, str]) -> str:

@@ -98,7 +98,7 @@ class GenerationEngine:
             yield rows
             return
 
-        offsets = image_offsets(image_embeds, len(rows))  # image positions before each row's text
+        offsets = image_offsets(image_embeds, len(rows), self.model.image_layout)  # image positions before each row's text
         capacity = max(offsets[i] + rows[i].prompt_len + rows[i].max_new_tokens for i in active)
         cache = self.model.new_kv_cache(len(active), capacity)
         longest = max(rows[i].prompt_len for i in active)
@@ -116,7 +116,7 @@ class GenerationEngine:
                                    row_images, self.model.image_layout)
             last_index = torch.tensor([n - 1 for n in inputs.lengths], device=device)
             logits = self.model.forward_tokens(None, inputs.positions, cache, output_index=last_index,
-                                               input_embeds=inputs.embeds)
+                                               input_embeds=inputs.embeds, image_prefix=inputs.prefix)
 
         while True:
             logits = logits.float()

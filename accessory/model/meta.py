@@ -32,7 +32,7 @@ from ..generation.sampling import SamplingParams
 from ..quant import Quantizer, eligible_linears, make_shells, resolve_scheme
 from ..quant.checkpoint import read_quantization
 from .LLM import load_llama_type
-from .layers.multimodal import encode_for, insert_images
+from .layers.multimodal import encode_for, image_offsets, insert_images
 from .layers.tensor_parallel import add_collectives, check_supported, model_parallel_of, shard_meta_model
 from .tokenizer import Tokenizer, probe_tokenizer_path
 
@@ -323,7 +323,7 @@ class MetaModel(nn.Module):
             if isinstance(logits, tuple):
                 logits = logits[0]
             return [row[:n].float() for row, n in zip(logits, lengths)]
-        n_image = image_embeds.shape[1]
+        n_image = max(image_offsets(image_embeds, len(lengths), self.llma.image_layout))
         for i, n in enumerate(lengths):
             if n_image + n > self.args.max_seq_len:
                 raise ValueError(
@@ -331,7 +331,7 @@ class MetaModel(nn.Module):
                     f"{n_image + n} in all, more than max_seq_len={self.args.max_seq_len}; shorten the "
                     f"example or load the model with a larger max_seq_len")
         inputs = insert_images(self.llma.embed_tokens(batch), lengths, image_embeds, self.llma.image_layout)
-        logits = self.llma.forward_tokens(None, input_embeds=inputs.embeds)
+        logits = self.llma.forward_tokens(None, input_embeds=inputs.embeds, image_prefix=inputs.prefix)
         if isinstance(logits, tuple):
             logits = logits[0]
         return [row.float() for row in inputs.text_rows(logits, lengths)]
@@ -425,7 +425,7 @@ class MetaModel(nn.Module):
         if isinstance(prompts, str):
             raise ValueError("generate expects a LIST of prompts, got a str; use [prompt]")
         image_embeds = None if images is None else self._encode_images(images, len(prompts), "images")
-        n_image = 0 if image_embeds is None else image_embeds.shape[1]
+        n_image = max(image_offsets(image_embeds, len(prompts), self.llma.image_layout), default=0)
         fitted = [self._fit_prompt(self._encode(p), max_gen_len, n_image) for p in prompts]
         states = None
         penalties = dict(repetition_penalty=repetition_penalty, penalty_last_n=penalty_last_n,
@@ -451,7 +451,7 @@ class MetaModel(nn.Module):
         final text with ``end_of_content=True``. The final text equals ``generate``'s; the
         penalties mean what they mean there. ``image``: (3, H, W) or (1, 3, H, W)."""
         image_embeds = None if image is None else self._encode_images(image, 1, "image", single=True)
-        n_image = 0 if image_embeds is None else image_embeds.shape[1]
+        n_image = image_offsets(image_embeds, 1, self.llma.image_layout)[0]
         tokens, max_gen_len = self._fit_prompt(self._encode(prompt), max_gen_len, n_image)
         last_text = None
         penalties = dict(repetition_penalty=repetition_penalty, penalty_last_n=penalty_last_n,

@@ -6,7 +6,7 @@ output projection. Parameter names are the original's, so its checkpoints load a
 """
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from ..layers.linear import fuse_linears, make_linear, still_fused
 from ..layers.norm import RMSNorm
 from ..layers.parallel import COLUMN, ROW, SplitPlan
 from ..layers.rotary import RotaryEmbedding
+from ._clip_prefix import CLIPPrefixMixin
 
 
 @dataclass
@@ -38,6 +39,10 @@ class ModelArgs:
     max_seq_len: int = 2048
 
     rope_scaling: Optional[float] = None
+
+    # Not the original's: CLIPConfig fields overriding ViT-L/14 for with_visual=True (None = the
+    # real sizes), so a config.json can describe a tiny multimodal model.
+    clip_config: Optional[Dict[str, Any]] = None
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
@@ -137,8 +142,10 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class Transformer(CausalDecoder):
-    """The decoder. ``forward_tokens`` is the one entry point the engine uses."""
+class Transformer(CLIPPrefixMixin, CausalDecoder):
+    """The decoder. ``forward_tokens`` is the one entry point the engine uses.
+
+    ``with_visual=True`` adds the CLIP image prefix (:mod:`._clip_prefix`)."""
 
     block_cls = TransformerBlock
     split_plan = SplitPlan([
@@ -152,10 +159,6 @@ class Transformer(CausalDecoder):
 
     def __init__(self, args: ModelArgs, with_visual: bool = False, linear: LinearFactory = plain_linear):
         super().__init__()
-        if with_visual:
-            raise NotImplementedError(
-                "llama with_visual=True (the CLIP-prefix model) is not implemented yet; "
-                "load the checkpoint with with_visual=False for text-only use")
         if args.dim % args.n_heads:
             raise ValueError(f"dim {args.dim} is not divisible by n_heads {args.n_heads}")
         n_kv = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
@@ -175,6 +178,12 @@ class Transformer(CausalDecoder):
         self.rotary = RotaryEmbedding(self.head_dim, args.max_seq_len * 2, theta=args.rope_theta,
                                       scaling=args.rope_scaling, style="interleaved")
         self._inference_cache: Optional[KVCache] = None
+        if with_visual:
+            self.build_visual(args)
+
+    def build_visual(self, args: ModelArgs) -> None:
+        """The image side for ``with_visual=True``: the CLIP prefix (variants build their own)."""
+        self.build_clip_prefix(args)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.tok_embeddings(tokens)

@@ -21,12 +21,20 @@ column per head; the original marks it model-parallel without a merge rule (its 
 rank 0's half, so its own mp>1 checkpoints cannot be reloaded). Each rank trains the gates of its
 own heads, which are ``wq``'s rank-r rows, so here the shards are joined along dim 1 (heads).
 
-``with_visual=True`` (the multimodal LLaMA-Adapter whose image features are added to the prefix)
-is not implemented yet.
+``with_visual=True`` (multimodal LLaMA-Adapter): an image (B, 3, 224, 224) gives CLIP's 257 tokens
+(OpenAI ViT-L/14, QuickGELU, no text tower; keys ``clip.*``) -> ``clip_proj_norm(clip_proj(.))``
+(768 -> ``v_embed_dim``); the learned ``visual_query (prefix_len, v_embed_dim)`` is put before them
+and the whole goes through ``v_depth`` ViT blocks (``visual_blocks.N``); the first ``prefix_len``
+outputs -> ``visual_proj_norm(visual_proj(.))`` (``dim``) are ADDED to every adapted layer's prefix
+for that row: ``prefix[i] + q`` (the original's ``prefix + q[None]``). The image takes no sequence
+positions (``image_words`` 0; layout ``"adapter"`` in layers/multimodal.py); its per-row prefix
+keys/values are kept in the :class:`PrefixKVCache` for the decode steps. The encoder and all the
+visual modules stay in full precision under ``--quant``; the CLIP is frozen.
+``clip_config`` shrinks the CLIP and ``visual_config`` overrides the ``v_*`` sizes (tests).
 """
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +45,9 @@ from ..layers.kv_cache import KVCache, cache_dtype
 from ..layers.linear import make_linear
 from ..layers.parallel import ROW
 from ..layers.rotary import RotaryEmbedding
+from ..visual import CLIP, ViTBlock
 from . import llama, llama_peft
+from ._clip_prefix import clip_config_from, freeze
 from .llama_peft import trainable_by_name
 
 
@@ -60,6 +70,15 @@ class ModelArgs(llama.ModelArgs):
     norm_tuning: bool = True
     trainable_mode: str = "sg"  # which parameters train: "sg" (text), "mm_stage1", "mm_stage2"
 
+    # Not the original's: overrides of the v_* sizes above for with_visual=True (tiny test models).
+    visual_config: Optional[Dict[str, Any]] = None
+
+
+VISUAL_SIZES = ("v_embed_dim", "v_depth", "v_num_heads", "v_mlp_ratio")
+
+#: Module names kept in full precision by --quant (the encoder and every visual connector).
+VISUAL_MODULES = ("clip", "clip_proj", "clip_proj_norm", "visual_blocks", "visual_proj", "visual_proj_norm")
+
 
 def adapter_linear_factory(args: ModelArgs) -> llama.LinearFactory:
     """LoRA on every linear; a bias on all but ``wk`` and ``wv`` (which the prefix also goes through)."""
@@ -74,7 +93,13 @@ class PrefixKVCache(KVCache):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # (1 or batch, heads, prefix_len, hd): batch rows when an image changed the prefix per row
         self.prefix_kv: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        super().select_rows(rows)
+        self.prefix_kv = {i: tuple(t.index_select(0, rows) if t.shape[0] > 1 else t for t in kv)
+                          for i, kv in self.prefix_kv.items()}
 
 
 class AdapterAttention(llama.Attention):
@@ -93,10 +118,11 @@ class AdapterAttention(llama.Attention):
         return self.wo(out.transpose(1, 2).flatten(2))
 
     def prefix_keys_values(self, prefix: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values (1, heads, prefix_len, head_dim) of ``prefix`` (1, prefix_len, dim); no RoPE."""
-        prefix_len = prefix.shape[1]
-        keys = self.wk(prefix).view(1, prefix_len, self.n_heads, self.head_dim).transpose(1, 2)
-        values = self.wv(prefix).view(1, prefix_len, self.n_heads, self.head_dim).transpose(1, 2)
+        """Keys and values (B, heads, prefix_len, head_dim) of ``prefix`` (B, prefix_len, dim); no RoPE.
+        B is 1 for the learned prefix, the batch when images were added to it."""
+        rows, prefix_len = prefix.shape[:2]
+        keys = self.wk(prefix).view(rows, prefix_len, self.n_heads, self.head_dim).transpose(1, 2)
+        values = self.wv(prefix).view(rows, prefix_len, self.n_heads, self.head_dim).transpose(1, 2)
         return keys, values
 
 
@@ -131,18 +157,51 @@ class Transformer(llama.Transformer):
     split_plan = llama_peft.Transformer.split_plan.extended([(r"(^|\.)prefix_gate$", ROW)])
 
     def __init__(self, args: ModelArgs, with_visual: bool = False):
-        if with_visual:
-            raise NotImplementedError(
-                "llama_adapter with_visual=True (multimodal LLaMA-Adapter: CLIP features and visual "
-                "query blocks added to the prefix) is not implemented yet; load with with_visual=False "
-                "for text-only use (the checkpoint's visual weights are then dropped)")
         prefix_layers = check_adapter_args(args)
-        super().__init__(args, linear=adapter_linear_factory(args))
+        super().__init__(args, with_visual, linear=adapter_linear_factory(args))
         self.prefix_layers = prefix_layers
         self.prefix = nn.Parameter(torch.empty(prefix_layers, 1, args.prefix_len, args.dim))
         self.prefix_gate = nn.Parameter(torch.empty(prefix_layers, args.n_heads))
         self.prefix_new_gate = nn.Parameter(torch.empty(prefix_layers)) if args.use_prefix_new_gate else None
         self.reset_parameters()
+
+    def build_visual(self, args: ModelArgs) -> None:
+        """CLIP, its projection, the visual query and blocks, and the projection to ``dim``."""
+        sizes = {name: getattr(args, name) for name in VISUAL_SIZES}
+        overrides = dict(args.visual_config or {})
+        unknown = sorted(set(overrides) - set(VISUAL_SIZES))
+        if unknown:
+            raise ConfigError(f"visual_config of llama_type 'llama_adapter' has unknown field(s) {unknown}; "
+                              f"it takes: {', '.join(VISUAL_SIZES)}")
+        sizes.update(overrides)
+        width = sizes["v_embed_dim"]
+        config = clip_config_from(args.clip_config, "llama_adapter", quick_gelu=True, text_tower=False)
+        self.clip = CLIP(config)
+        freeze(self.clip)
+        self.clip_proj = nn.Linear(config.embed_dim, width)
+        self.clip_proj_norm = nn.LayerNorm(width)
+        self.visual_query = nn.Parameter(torch.empty(args.prefix_len, width))
+        self.visual_blocks = nn.ModuleList(ViTBlock(width, sizes["v_num_heads"], sizes["v_mlp_ratio"], qkv_bias=True)
+                                           for _ in range(sizes["v_depth"]))
+        self.visual_proj = nn.Linear(width, args.dim)
+        self.visual_proj_norm = nn.LayerNorm(args.dim)
+        nn.init.normal_(self.visual_query)
+        self.image_layout = "adapter"
+        self.image_words = 0  # the image changes the prefix and takes no sequence positions
+        self.image_size = config.image_size
+        self.quant_blocklist = list(VISUAL_MODULES)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in the model's dtype -> (B, prefix_len, dim), added to each adapted layer's prefix."""
+        self._refuse_image(images)
+        with torch.no_grad():
+            feats = self.clip.encode_image(images, project=True)
+        feats = self.clip_proj_norm(self.clip_proj(feats.to(self.clip_proj.weight.dtype)))
+        queries = self.visual_query.to(feats.dtype).expand(feats.shape[0], -1, -1)
+        x = torch.cat([queries, feats], dim=1)
+        for block in self.visual_blocks:
+            x = block(x)
+        return self.visual_proj_norm(self.visual_proj(x[:, : queries.shape[1]]))
 
     def reset_parameters(self) -> None:
         """Initialise the adapter's own parameters as the original (the layers reset themselves)."""
@@ -166,20 +225,24 @@ class Transformer(llama.Transformer):
         return gate
 
     def run_layers(self, h: torch.Tensor, positions: torch.Tensor, kv_cache: Optional[KVCache],
-                   causal_from_zero: bool) -> torch.Tensor:
-        """llama's layers; the last ``prefix_layers`` of them also attend to their prefix."""
+                   causal_from_zero: bool, image_prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """llama's layers; the last ``prefix_layers`` of them also attend to their prefix, plus
+        ``image_prefix`` (batch, prefix_len, dim; :meth:`encode_images`) when images were given."""
         first_adapted = self.n_layers - self.prefix_layers
         for layer in self.layers[:first_adapted]:
             h = layer(h, positions, self.rotary, kv_cache, causal_from_zero)
         # A cache's stored prefix keys stay valid for the sequences it holds; recompute them when a
         # sequence starts (a write at position 0), so a reused cache never serves stale ones.
         stored = kv_cache.prefix_kv if isinstance(kv_cache, PrefixKVCache) else None
-        if stored is not None and bool((positions == 0).any()):
+        if stored is not None and (image_prefix is not None or bool((positions == 0).any())):
             stored.clear()
         for index, layer in enumerate(self.layers[first_adapted:]):
             prefix_kv = None if stored is None else stored.get(index)
             if prefix_kv is None:
-                prefix_kv = layer.attention.prefix_keys_values(self.prefix[index])
+                prefix = self.prefix[index]
+                if image_prefix is not None:
+                    prefix = prefix + image_prefix.to(prefix.dtype)
+                prefix_kv = layer.attention.prefix_keys_values(prefix)
                 if stored is not None:
                     stored[index] = prefix_kv
             h = layer(h, positions, self.rotary, kv_cache, causal_from_zero,

@@ -62,11 +62,7 @@ class Transformer(llama.Transformer):
     split_plan = llama.Transformer.split_plan.extended(PEFT_SPLIT_RULES)
 
     def __init__(self, args: ModelArgs, with_visual: bool = False):
-        if with_visual:
-            raise NotImplementedError(
-                "llama_peft with_visual=True (the CLIP-prefix multimodal model) is not implemented yet; "
-                "load the checkpoint with with_visual=False for text-only use")
-        super().__init__(args, linear=peft_linear_factory(args))
+        super().__init__(args, with_visual, linear=peft_linear_factory(args))
 
     def get_trainable_params(self) -> Dict[str, nn.Parameter]:
         """As the original: names containing ``bias`` or ``lora``, and ``norm`` when ``norm_tuning``.

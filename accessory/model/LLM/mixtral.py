@@ -16,12 +16,13 @@ by ``load_balancing_weight`` (the original mixtral folds the weight in a second 
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ...errors import ConfigError
+from ..layers import multimodal
 from ..layers.moe import dispatch, load_balancing_loss, route_top_k
 from ..layers.norm import RMSNorm
 from ..layers.parallel import COLUMN, ROW, SplitPlan, WholeExperts
@@ -52,6 +53,9 @@ class ModelArgs:
     load_balancing_weight: float = 0.1
 
     rope_scaling: Optional[float] = None
+
+    # Not the original's: CLIPConfig overrides for with_visual=True (see llama.ModelArgs).
+    clip_config: Optional[Dict[str, Any]] = None
 
 
 def moe_sizes(args) -> Tuple[int, int]:
@@ -138,12 +142,8 @@ class Transformer(llama.Transformer):
     split_plan = split_plan_for()  # merges; the built model's own plan also knows E, to split
 
     def __init__(self, args: ModelArgs, with_visual: bool = False, linear: LinearFactory = plain_linear):
-        if with_visual:
-            raise NotImplementedError(
-                f"{type(self).__module__.rsplit('.', 1)[-1]} with_visual=True (the CLIP-prefix model) is not "
-                f"implemented yet; load the checkpoint with with_visual=False for text-only use")
         num_experts, _ = moe_sizes(args)
-        super().__init__(args, linear=linear)
+        super().__init__(args, with_visual, linear=linear)
         self.split_plan = self.plan_for(num_experts)
 
     @classmethod
@@ -157,11 +157,11 @@ class Transformer(llama.Transformer):
         ``additional_losses`` is ``{}`` in eval mode; in training mode
         ``{"load_balancing": (mean loss over layers, load_balancing_weight)}``.
         """
-        if image is not None:
-            raise NotImplementedError("this model was built without a visual encoder")
+        self._refuse_image(image)
         for layer in self.layers:
             layer.feed_forward.load_balancing_loss = None
-        logits = self.forward_tokens(examples)
+        logits = (self.forward_tokens(examples) if image is None
+                  else multimodal.forward_with_images(self, examples, image))
         additional = {}
         if self.training:
             losses = [layer.feed_forward.load_balancing_loss for layer in self.layers]
@@ -170,4 +170,5 @@ class Transformer(llama.Transformer):
         return logits, additional
 
     def get_trainable_params(self):
-        return dict(self.named_parameters())
+        """Everything but the CLIP (with_visual), as the original."""
+        return {name: param for name, param in self.named_parameters() if not name.startswith("clip.")}

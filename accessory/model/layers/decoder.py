@@ -50,7 +50,8 @@ class CausalDecoder(nn.Module):
     def forward_tokens(self, tokens: Optional[torch.Tensor], positions: Optional[torch.Tensor] = None,
                        kv_cache: Optional[KVCache] = None,
                        output_index: Optional[torch.Tensor] = None, *,
-                       input_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       input_embeds: Optional[torch.Tensor] = None,
+                       image_prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits for ``tokens`` (batch, seq).
 
         ``positions`` (batch, seq): absolute positions, default 0..seq-1 for every row. Layers
@@ -61,13 +62,18 @@ class CausalDecoder(nn.Module):
         computed and (batch, vocab) is returned; otherwise (batch, seq, vocab).
         ``input_embeds`` (batch, seq, dim): used instead of embedding ``tokens`` (pass None), e.g.
         text with image vectors inserted (``layers.multimodal.insert_images``).
+        ``image_prefix`` (batch, Q, dim): the ``adapter`` layout's per-row image vectors, given with
+        the call that starts the sequences (passed on to ``run_layers``).
         """
         h = self.embed_tokens(tokens) if input_embeds is None else input_embeds
         bsz, seqlen = h.shape[:2]
         causal_from_zero = positions is None and kv_cache is None
         if positions is None:
             positions = torch.arange(seqlen, device=h.device).expand(bsz, seqlen)
-        h = self.run_layers(h, positions, kv_cache, causal_from_zero)
+        if image_prefix is None:
+            h = self.run_layers(h, positions, kv_cache, causal_from_zero)
+        else:
+            h = self.run_layers(h, positions, kv_cache, causal_from_zero, image_prefix=image_prefix)
         if output_index is not None:
             h = h[torch.arange(bsz, device=h.device), output_index]
         return self.logits(h)

@@ -18,9 +18,14 @@ and inserted vectors V1 ... VN:
 
 * ``tagged`` (qformerv2, the ens family): ``[t0, V1..VN, t1, ..., t(T-1)]``, the image after the
   first token (BOS when the prompt has one);
-* ``prefix`` (CLIP-prefix llama / mixtral types): ``[V1..VN, t0, t1, ..., t(T-1)]``.
+* ``prefix`` (CLIP-prefix llama / mixtral types): ``[V1..VN, t0, t1, ..., t(T-1)]``;
+* ``adapter`` (llama_adapter): the image takes NO sequence positions (``image_words`` 0).
+  ``encode_images`` returns (batch, Q, dim) vectors that the model adds to its own learned prefix
+  for that batch row; they travel beside the text as ``MultimodalInputs.prefix`` and reach the
+  model as ``forward_tokens(..., image_prefix=...)`` with the call that starts the sequence
+  (a cache keeps what the model derives from them for the decode steps that follow).
 
-In both the sequence takes positions 0 .. N+T-1 in order, so text token i >= 1 sits at
+In the first two the sequence takes positions 0 .. N+T-1 in order, so text token i >= 1 sits at
 position i + N, and the KV cache holds the image positions: image + prompt + generated tokens
 must fit ``max_seq_len``, counted with the ACTUAL N. Text-aligned outputs are the hidden rows
 N .. N+T-1: row i predicts token i+1 (for ``tagged``, row 0 is the last inserted vector's).
@@ -31,7 +36,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-LAYOUTS = ("tagged", "prefix")
+LAYOUTS = ("tagged", "prefix", "adapter")
 
 ImageEmbeds = Union[torch.Tensor, Sequence[Optional[torch.Tensor]]]
 
@@ -72,6 +77,9 @@ class MultimodalInputs:
     positions: torch.Tensor
     offsets: List[int]
     lengths: List[int]
+    #: ``adapter`` layout only: (batch, Q, dim) per-row image vectors (zeros for rows without an
+    #: image), passed as ``forward_tokens(..., image_prefix=prefix)``; None otherwise.
+    prefix: Optional[torch.Tensor] = None
 
     def text_rows(self, h: torch.Tensor, text_lengths: Sequence[int]) -> List[torch.Tensor]:
         """The text-aligned rows of ``h`` (batch, L, ...) per row: ``h[r, offset : offset + T_r]``
@@ -79,9 +87,10 @@ class MultimodalInputs:
         return [h[r, off: off + n] for r, (off, n) in enumerate(zip(self.offsets, text_lengths))]
 
 
-def image_offsets(image_embeds: Optional[ImageEmbeds], batch: int) -> List[int]:
-    """Vectors each row inserts: N_r for a (batch, N, dim) tensor or a list of (N_r, dim) / None."""
-    if image_embeds is None:
+def image_offsets(image_embeds: Optional[ImageEmbeds], batch: int, layout: Optional[str] = None) -> List[int]:
+    """Vectors each row inserts: N_r for a (batch, N, dim) tensor or a list of (N_r, dim) / None
+    (0 for every row in the ``adapter`` layout, whose images take no positions)."""
+    if image_embeds is None or layout == "adapter":
         return [0] * batch
     if isinstance(image_embeds, torch.Tensor):
         if image_embeds.dim() != 3 or image_embeds.shape[0] != batch:
@@ -104,6 +113,8 @@ def insert_images(token_embeds: torch.Tensor, text_lengths: Sequence[int], image
     before being overwritten).
     """
     bsz, _, dim = token_embeds.shape
+    if layout == "adapter":
+        return _adapter_inputs(token_embeds, text_lengths, image_embeds)
     at = insert_index(layout)
     offsets = image_offsets(image_embeds, bsz)
     lengths = [n + t for n, t in zip(offsets, text_lengths)]
@@ -127,6 +138,28 @@ def insert_images(token_embeds: torch.Tensor, text_lengths: Sequence[int], image
     return MultimodalInputs(embeds, positions, offsets, lengths)
 
 
+def _adapter_inputs(token_embeds: torch.Tensor, text_lengths: Sequence[int],
+                    image_embeds: ImageEmbeds) -> MultimodalInputs:
+    """The text as it is, each row's image vectors stacked into ``prefix`` (zeros where a row has none)."""
+    bsz, _, dim = token_embeds.shape
+    dtype, device = token_embeds.dtype, token_embeds.device
+    if isinstance(image_embeds, torch.Tensor):
+        image_offsets(image_embeds, bsz)  # shape check
+        prefix = image_embeds.to(device=device, dtype=dtype)
+    else:
+        if len(image_embeds) != bsz:
+            raise ValueError(f"{len(image_embeds)} image embeddings for {bsz} rows")
+        given = [e for e in image_embeds if e is not None]
+        if not given:
+            raise ValueError("no row has an image; pass image_embeds=None")
+        shape = given[0].shape[-2:]
+        prefix = torch.stack([token_embeds.new_zeros(shape) if e is None else e.reshape(shape).to(device, dtype)
+                              for e in image_embeds])
+    longest = max(text_lengths) if len(text_lengths) else 0
+    positions = torch.arange(longest, device=device).expand(bsz, longest)
+    return MultimodalInputs(token_embeds[:, :longest], positions, [0] * bsz, list(text_lengths), prefix)
+
+
 def encode_for(model, images: torch.Tensor) -> torch.Tensor:
     """``model.encode_images`` on ``images`` moved to the model's device and cast to its dtype."""
     weight = model._reference_weight()
@@ -139,7 +172,7 @@ def forward_with_images(model, examples: torch.Tensor, images: torch.Tensor) -> 
     bsz, seqlen = examples.shape
     inputs = insert_images(model.embed_tokens(examples), [seqlen] * bsz, encode_for(model, images),
                            model.image_layout)
-    logits = model.forward_tokens(None, input_embeds=inputs.embeds)
+    logits = model.forward_tokens(None, input_embeds=inputs.embeds, image_prefix=inputs.prefix)
     return logits[:, inputs.offsets[0]:]
 
 
@@ -154,4 +187,5 @@ def prefill_with_images(model, tokens: torch.Tensor, start_pos: int, images: tor
                            model.image_layout)
     model._cache_image_words = inputs.offsets[0]
     last = torch.full((bsz,), inputs.embeds.shape[1] - 1, device=tokens.device)
-    return model.forward_tokens(None, inputs.positions, cache, output_index=last, input_embeds=inputs.embeds)
+    return model.forward_tokens(None, inputs.positions, cache, output_index=last, input_embeds=inputs.embeds,
+                                image_prefix=inputs.prefix)
