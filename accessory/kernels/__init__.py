@@ -62,7 +62,7 @@ def load_library(name: str) -> Optional[ctypes.CDLL]:
 
 def _build_and_load(name: str) -> ctypes.CDLL:
     # libgomp must be the one torch already loaded, so both share one OpenMP thread pool
-    import torch  # noqa: F401  (loads torch's libgomp first)
+    __import__("torch")  # loads torch's libgomp first
 
     source = _SOURCE_DIR / f"{name}.c"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -80,3 +80,16 @@ def _build_and_load(name: str) -> ctypes.CDLL:
                 raise OSError(f"compiling {source.name} failed: {result.stderr.strip()[:500]}")
             os.replace(built, target)  # atomic: concurrent builders never see a partial file
     return ctypes.CDLL(str(target))
+
+
+_scratch_state = threading.local()
+
+
+def scratch_floats(n_floats: int):
+    """A per-thread float32 buffer of at least ``n_floats`` (kernels' activation staging area),
+    grown as needed and reused across calls."""
+    import torch
+    buffer = getattr(_scratch_state, "buffer", None)
+    if buffer is None or buffer.numel() < n_floats:
+        buffer = _scratch_state.buffer = torch.empty(max(n_floats, 1 << 16), dtype=torch.float32)
+    return buffer

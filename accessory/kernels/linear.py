@@ -7,16 +7,14 @@ CPU, both tensors are bf16 and contiguous, and at most ``MAX_ROWS`` token vector
 """
 
 import ctypes
-import threading
 
 import torch
 import torch.nn.functional as F
 
-from . import load_library
+from . import load_library, scratch_floats
 
 MAX_ROWS = 16
 
-_state = threading.local()
 _function = None
 _loaded = False
 
@@ -38,12 +36,6 @@ def native_linear_available() -> bool:
     return _kernel() is not None
 
 
-def _scratch(n_floats: int) -> torch.Tensor:
-    buffer = getattr(_state, "buffer", None)
-    if buffer is None or buffer.numel() < n_floats:
-        buffer = _state.buffer = torch.empty(max(n_floats, 1 << 16), dtype=torch.float32)
-    return buffer
-
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
     """``x @ weight.T + bias``, through the native kernel when it applies."""
@@ -57,7 +49,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
                 x2 = x.reshape(rows, x.shape[-1]).contiguous()
                 out_features, in_features = weight.shape
                 y = torch.empty((rows, out_features), dtype=torch.bfloat16)
-                kernel(weight.data_ptr(), x2.data_ptr(), _scratch(rows * in_features).data_ptr(),
+                kernel(weight.data_ptr(), x2.data_ptr(), scratch_floats(rows * in_features).data_ptr(),
                        y.data_ptr(), None, rows, out_features, in_features)
                 if bias is not None:
                     y = y + bias

@@ -6,17 +6,15 @@ expanding it in memory, or None when the native kernel does not apply (not on th
 """
 
 import ctypes
-import threading
 from typing import Dict, Optional
 
 import torch
 
-from . import load_library
+from . import load_library, scratch_floats
 
 MAX_ROWS = 16
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-_state = threading.local()
 _functions = None
 _loaded = False
 
@@ -42,12 +40,6 @@ def native_quant_available() -> bool:
     return _kernels() is not None
 
 
-def _scratch(n_floats: int) -> torch.Tensor:
-    buffer = getattr(_state, "buffer", None)
-    if buffer is None or buffer.numel() < n_floats:
-        buffer = _state.buffer = torch.empty(max(n_floats, 1 << 16), dtype=torch.float32)
-    return buffer
-
 
 def quant_gemv(x: torch.Tensor, tensors: Dict[str, torch.Tensor], scheme, out_features: int,
                in_features: int) -> Optional[torch.Tensor]:
@@ -66,12 +58,13 @@ def quant_gemv(x: torch.Tensor, tensors: Dict[str, torch.Tensor], scheme, out_fe
     qweight, scales = tensors["qweight"], tensors["scales"]
     if scheme.name == "int8":
         kernels[0](qweight.data_ptr(), scales.data_ptr(), x2.data_ptr(), y.data_ptr(), code,
-                   _scratch(rows * in_features).data_ptr(), rows, out_features, in_features)
+                   scratch_floats(rows * in_features).data_ptr(), rows, out_features, in_features)
     else:
         offsets = tensors.get("offsets")
         groups = in_features // scheme.group_size
         kernels[1](qweight.data_ptr(), scales.data_ptr(), None if offsets is None else offsets.data_ptr(),
                    int(scheme.name == "nf4"), x2.data_ptr(), y.data_ptr(), code,
-                   _scratch(rows * (in_features + groups + in_features // 32 + in_features // 4 + 1)).data_ptr(), rows, out_features, in_features,
+                   scratch_floats(rows * (in_features + groups + in_features // 32 + in_features // 4 + 1)).data_ptr(),
+                   rows, out_features, in_features,
                    scheme.group_size)
     return y.view(*x.shape[:-1], out_features)
