@@ -169,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m accessory.demos.multi_turn", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_chat_args(parser)
+    return parser
+
+
+def add_chat_args(parser: argparse.ArgumentParser) -> None:
+    """The multi-turn demos' flags (this demo and multi_turn_mm): model flags plus --n_gpus,
+    --template and the original's unused --master_port / --master_addr."""
     add_model_args(parser, max_seq_len=2048)
     parser.add_argument("--n_gpus", type=int, default=1,
                         help="model-parallel processes (only 1 is available yet)")
@@ -177,14 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
                              f"or one of {', '.join(conv_templates)}")
     parser.add_argument("--master_port", type=int, default=23560, help="accepted for compatibility; unused")
     parser.add_argument("--master_addr", type=str, default="127.0.0.1", help="accepted for compatibility; unused")
-    return parser
+
+
+def check_chat_args(args: argparse.Namespace) -> None:
+    """Exit with the reason when --n_gpus or --template cannot be served."""
+    check_single_process(args.n_gpus, "--n_gpus")
+    if args.template != "auto" and args.template not in conv_templates:
+        sys.exit(f"error: unknown --template {args.template!r}; known: auto, {', '.join(conv_templates)}")
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    check_single_process(args.n_gpus, "--n_gpus")
-    if args.template != "auto" and args.template not in conv_templates:
-        sys.exit(f"error: unknown --template {args.template!r}; known: auto, {', '.join(conv_templates)}")
+    check_chat_args(args)
     args.pretrained_path = [str(p) for p in checkpoint_dirs(args.pretrained_path)]
     template_name = _chat_template_for(Path(args.pretrained_path[-1]), args.template)
     model = load_model(args)

@@ -25,12 +25,12 @@ if not __package__:  # run as a file: make `import accessory` find this checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from accessory.cli import _chat_template_for  # noqa: E402
-from accessory.data.conversation import conv_templates  # noqa: E402
-from accessory.demos.common import add_model_args, check_single_process, checkpoint_dirs, launch  # noqa: E402
+from accessory.demos.common import checkpoint_dirs, launch  # noqa: E402
 from accessory.demos.common_mm import (IMAGE_TRANSFORMS, check_transform, image_tensor,  # noqa: E402
                                        load_multimodal_model, require_checkpoint)
 from accessory.demos.multi_turn import (DEFAULT_TEMPERATURE, DEFAULT_TOP_P, TEMPLATE_CHOICES,  # noqa: E402
-                                        build_conversation_prompt, messages_to_qas, show_user_input, undo)
+                                        add_chat_args, build_conversation_prompt, check_chat_args,
+                                        messages_to_qas, show_user_input, undo)
 
 __all__ = ["stream_reply", "stream_model_output", "show_user_input", "undo", "build_demo", "main"]
 
@@ -111,22 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m accessory.demos.multi_turn_mm", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser, max_seq_len=2048)
-    parser.add_argument("--n_gpus", type=int, default=1,
-                        help="model-parallel processes (only 1 is available yet)")
-    parser.add_argument("--template", type=str, default="auto",
-                        help="starting conversation template: auto (from the tokenizer's chat template), "
-                             f"or one of {', '.join(conv_templates)}")
-    parser.add_argument("--master_port", type=int, default=23560, help="accepted for compatibility; unused")
-    parser.add_argument("--master_addr", type=str, default="127.0.0.1", help="accepted for compatibility; unused")
+    add_chat_args(parser)
     return parser
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    check_single_process(args.n_gpus, "--n_gpus")
-    if args.template != "auto" and args.template not in conv_templates:
-        sys.exit(f"error: unknown --template {args.template!r}; known: auto, {', '.join(conv_templates)}")
+    check_chat_args(args)
     require_checkpoint(args)
     args.pretrained_path = [str(p) for p in checkpoint_dirs(args.pretrained_path)]
     template_name = _chat_template_for(Path(args.pretrained_path[-1]), args.template)
