@@ -13,7 +13,7 @@ needs_kernel = pytest.mark.skipif(not native_linear_available(),
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 3, 4, 16])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 16])  # >4 rows: weight rows in pairs
 @pytest.mark.parametrize("out_features,in_features", [(64, 64), (37, 100), (130, 33), (512, 768)])
 def test_native_linear_matches_float_reference(rows, out_features, in_features):
     gen = torch.Generator().manual_seed(rows * out_features + in_features)
@@ -38,12 +38,30 @@ def test_native_linear_keeps_leading_dims_and_bias():
     torch.testing.assert_close(got.float(), F.linear(x.float(), w.float(), b.float()), rtol=2e-2, atol=5e-2)
 
 
-def test_other_inputs_fall_back_to_torch_exactly():
+def test_other_inputs_fall_back_to_torch_exactly(monkeypatch):
+    from accessory.kernels import linear as kernel_linear
     w = torch.randn(24, 32)
     x = torch.randn(MAX_ROWS + 1, 32).bfloat16()
-    assert torch.equal(linear(x, w.bfloat16()), F.linear(x, w.bfloat16()))  # too many rows
+    monkeypatch.setattr(kernel_linear, "cpu_has_native_bf16", lambda: True)
+    assert torch.equal(linear(x, w.bfloat16()), F.linear(x, w.bfloat16()))  # too many rows, native bf16
     x32 = torch.randn(2, 32)
     assert torch.equal(linear(x32, w), F.linear(x32, w))  # float32
+
+
+@pytest.mark.parametrize("out_features", [24, 300, 2500])
+def test_long_bf16_inputs_without_native_bf16_are_computed_in_float32(monkeypatch, out_features):
+    """Prefill-sized inputs: the weight widened to float32 block by block (blocks of at least 64
+    rows, so 2500 rows of 1040 inputs take several), the result rounded once to bf16."""
+    from accessory.kernels import linear as kernel_linear
+    monkeypatch.setattr(kernel_linear, "cpu_has_native_bf16", lambda: False)
+    gen = torch.Generator().manual_seed(out_features)
+    x = torch.randn(3, MAX_ROWS, 1040, generator=gen).bfloat16()
+    w = torch.randn(out_features, 1040, generator=gen).bfloat16()
+    b = torch.randn(out_features, generator=gen).bfloat16()
+    got = linear(x, w, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (3, MAX_ROWS, out_features)
+    expected = F.linear(x.float(), w.float(), b.float())
+    torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-4 * expected.abs().max().item())
 
 
 def test_env_switch_disables_native_kernels(monkeypatch):

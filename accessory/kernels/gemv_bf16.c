@@ -12,11 +12,6 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline __m256 bf16x8_to_f32(const uint16_t *p) {
-    __m128i raw = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-
 static inline float hsum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
     lo = _mm_add_ps(lo, hi);
@@ -33,57 +28,175 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, NaN kep
     return (uint16_t)(u >> 16);
 }
 
-/* x_f32: (M, I) float32 copy of the activations, prepared once per call by the caller below. */
-static void rows_kernel(const uint16_t *W, const float *x_f32, uint16_t *y, float *y_f32,
-                        int64_t M, int64_t O, int64_t I, int64_t o_begin, int64_t o_end) {
+/* Blocks of 16 activations reordered as [0-3, 8-11, 4-7, 12-15]: the order in which unpacking
+ * 16 bf16 weights against zeros (per 128-bit lane) yields them as two float32 vectors. Elements
+ * past the last whole block of 32 keep their order. */
+static void reorder_activations(const float *x, float *xp, int64_t M, int64_t I) {
     const int64_t I32 = I & ~(int64_t)31;
-    for (int64_t o = o_begin; o < o_end; ++o) {
+    for (int64_t m = 0; m < M; ++m) {
+        const float *src = x + m * I;
+        float *dst = xp + m * I;
+        for (int64_t i = 0; i < I32; i += 16) {
+            memcpy(dst + i, src + i, 4 * sizeof(float));
+            memcpy(dst + i + 4, src + i + 8, 4 * sizeof(float));
+            memcpy(dst + i + 8, src + i + 4, 4 * sizeof(float));
+            memcpy(dst + i + 12, src + i + 12, 4 * sizeof(float));
+        }
+        memcpy(dst + I32, src + I32, (I - I32) * sizeof(float));
+    }
+}
+
+/* One weight row against `mt` activation rows (reordered); `mt` is a compile-time constant at
+ * every call site, so the row loop unrolls. sums[j] receives row j's dot product. */
+static inline __attribute__((always_inline)) void bf16_tile(const uint16_t *w, const float *xp, int64_t I,
+                                                            const int mt, float *sums) {
+    const int64_t I32 = I & ~(int64_t)31;
+    const __m256i zero = _mm256_setzero_si256();
+    __m256 acc[4][2];
+    for (int j = 0; j < mt; ++j) { acc[j][0] = _mm256_setzero_ps(); acc[j][1] = _mm256_setzero_ps(); }
+    for (int64_t i = 0; i < I32; i += 32) {
+        const __m256i r0 = _mm256_loadu_si256((const __m256i *)(w + i));
+        const __m256i r1 = _mm256_loadu_si256((const __m256i *)(w + i + 16));
+        const __m256 w0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, r0));
+        const __m256 w1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, r0));
+        const __m256 w2 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, r1));
+        const __m256 w3 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, r1));
+        for (int j = 0; j < mt; ++j) {
+            const float *xr = xp + j * I + i;
+            acc[j][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[j][0]);
+            acc[j][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[j][1]);
+            acc[j][0] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), acc[j][0]);
+            acc[j][1] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), acc[j][1]);
+        }
+    }
+    for (int j = 0; j < mt; ++j) {
+        float s = hsum(_mm256_add_ps(acc[j][0], acc[j][1]));
+        const float *xr = xp + j * I;
+        for (int64_t k = I32; k < I; ++k) {
+            uint32_t u = (uint32_t)w[k] << 16;
+            float wf;
+            memcpy(&wf, &u, 4);
+            s += wf * xr[k];
+        }
+        sums[j] = s;
+    }
+}
+
+/* Two weight rows against `mt` activation rows (a compile-time constant): each activation
+ * vector loaded is used twice, which lets batched steps (several streams) run closer to the
+ * FMA units' rate than one row at a time does. */
+static inline __attribute__((always_inline)) void bf16_tile_pair(const uint16_t *wa, const uint16_t *wb,
+                                                                 const float *xp, int64_t I, const int mt,
+                                                                 float *sums_a, float *sums_b) {
+    const int64_t I32 = I & ~(int64_t)31;
+    const __m256i zero = _mm256_setzero_si256();
+    __m256 acc_a[4], acc_b[4];
+    for (int j = 0; j < mt; ++j) { acc_a[j] = _mm256_setzero_ps(); acc_b[j] = _mm256_setzero_ps(); }
+    for (int64_t i = 0; i < I32; i += 16) {
+        const __m256i ra = _mm256_loadu_si256((const __m256i *)(wa + i));
+        const __m256i rb = _mm256_loadu_si256((const __m256i *)(wb + i));
+        const __m256 a0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, ra));
+        const __m256 a1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, ra));
+        const __m256 b0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, rb));
+        const __m256 b1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, rb));
+        for (int j = 0; j < mt; ++j) {
+            const __m256 x0 = _mm256_loadu_ps(xp + j * I + i), x1 = _mm256_loadu_ps(xp + j * I + i + 8);
+            acc_a[j] = _mm256_fmadd_ps(a0, x0, acc_a[j]);
+            acc_b[j] = _mm256_fmadd_ps(b0, x0, acc_b[j]);
+            acc_a[j] = _mm256_fmadd_ps(a1, x1, acc_a[j]);
+            acc_b[j] = _mm256_fmadd_ps(b1, x1, acc_b[j]);
+        }
+    }
+    for (int j = 0; j < mt; ++j) {
+        float sa = hsum(acc_a[j]), sb = hsum(acc_b[j]);
+        const float *xr = xp + j * I;
+        for (int64_t k = I32; k < I; ++k) {
+            uint32_t ua = (uint32_t)wa[k] << 16, ub = (uint32_t)wb[k] << 16;
+            float fa, fb;
+            memcpy(&fa, &ua, 4);
+            memcpy(&fb, &ub, 4);
+            sa += fa * xr[k];
+            sb += fb * xr[k];
+        }
+        sums_a[j] = sa;
+        sums_b[j] = sb;
+    }
+}
+
+static inline void store_sums(uint16_t *y, float *y_f32, int64_t O, int64_t o, int64_t m0, int64_t mt,
+                              const float *sums) {
+    for (int64_t j = 0; j < mt; ++j) {
+        if (y) y[(m0 + j) * O + o] = f32_to_bf16(sums[j]);
+        else y_f32[(m0 + j) * O + o] = sums[j];
+    }
+}
+
+/* xp: (M, I) activations in float32, reordered by reorder_activations. */
+static void rows_kernel(const uint16_t *W, const float *xp, uint16_t *y, float *y_f32,
+                        int64_t M, int64_t O, int64_t I, int64_t o_begin, int64_t o_end) {
+    float sums[4], sums_b[4];
+    int64_t o = o_begin;
+    if (M > 4) {  /* weight rows in pairs: measured 1.3-1.6x faster at 16 rows, slower at 4 */
+        for (; o + 1 < o_end; o += 2) {
+            const uint16_t *wa = W + o * I, *wb = wa + I;
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                const int64_t mt = (M - m0) < 4 ? (M - m0) : 4;
+                const float *x = xp + m0 * I;
+                switch (mt) {
+                    case 1: bf16_tile_pair(wa, wb, x, I, 1, sums, sums_b); break;
+                    case 2: bf16_tile_pair(wa, wb, x, I, 2, sums, sums_b); break;
+                    case 3: bf16_tile_pair(wa, wb, x, I, 3, sums, sums_b); break;
+                    default: bf16_tile_pair(wa, wb, x, I, 4, sums, sums_b); break;
+                }
+                store_sums(y, y_f32, O, o, m0, mt, sums);
+                store_sums(y, y_f32, O, o + 1, m0, mt, sums_b);
+            }
+        }
+    }
+    for (; o < o_end; ++o) {
         const uint16_t *w = W + o * I;
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             const int64_t mt = (M - m0) < 4 ? (M - m0) : 4;
-            __m256 acc[4][2];
-            for (int j = 0; j < 4; ++j) { acc[j][0] = _mm256_setzero_ps(); acc[j][1] = _mm256_setzero_ps(); }
-            int64_t i = 0;
-            for (; i < I32; i += 32) {
-                __m256 w0 = bf16x8_to_f32(w + i), w1 = bf16x8_to_f32(w + i + 8);
-                __m256 w2 = bf16x8_to_f32(w + i + 16), w3 = bf16x8_to_f32(w + i + 24);
-                for (int64_t j = 0; j < mt; ++j) {
-                    const float *xr = x_f32 + (m0 + j) * I + i;
-                    acc[j][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[j][0]);
-                    acc[j][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[j][1]);
-                    acc[j][0] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), acc[j][0]);
-                    acc[j][1] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), acc[j][1]);
-                }
+            const float *x = xp + m0 * I;
+            switch (mt) {
+                case 1: bf16_tile(w, x, I, 1, sums); break;
+                case 2: bf16_tile(w, x, I, 2, sums); break;
+                case 3: bf16_tile(w, x, I, 3, sums); break;
+                default: bf16_tile(w, x, I, 4, sums); break;
             }
-            for (int64_t j = 0; j < mt; ++j) {
-                float s = hsum(_mm256_add_ps(acc[j][0], acc[j][1]));
-                const float *xr = x_f32 + (m0 + j) * I;
-                for (int64_t k = i; k < I; ++k) {
-                    uint32_t u = (uint32_t)w[k] << 16;
-                    float wf;
-                    memcpy(&wf, &u, 4);
-                    s += wf * xr[k];
-                }
-                if (y) y[(m0 + j) * O + o] = f32_to_bf16(s);
-                else y_f32[(m0 + j) * O + o] = s;
-            }
+            store_sums(y, y_f32, O, o, m0, mt, sums);
         }
     }
 }
 
-/* y (M, O) bf16 (or y_f32 float32 when y is NULL) = x (M, I) bf16 @ W(O, I)^T.
- * x_f32 is caller-provided scratch of M * I floats. */
-void accessory_gemv_bf16(const uint16_t *W, const uint16_t *x, float *x_f32, uint16_t *y, float *y_f32,
-                         int64_t M, int64_t O, int64_t I) {
-    for (int64_t k = 0; k < M * I; ++k) {
-        uint32_t u = (uint32_t)x[k] << 16;
-        memcpy(&x_f32[k], &u, 4);
-    }
+static void gemv_rows(const uint16_t *W, const float *xp, uint16_t *y, float *y_f32,
+                      int64_t M, int64_t O, int64_t I) {
     const int64_t block = 16;  /* rows per task: small enough to balance, big enough to amortise */
     const int64_t n_blocks = (O + block - 1) / block;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < n_blocks; ++b) {
         int64_t o_end = (b + 1) * block < O ? (b + 1) * block : O;
-        rows_kernel(W, x_f32, y, y_f32, M, O, I, b * block, o_end);
+        rows_kernel(W, xp, y, y_f32, M, O, I, b * block, o_end);
     }
+}
+
+/* y (M, O) bf16 (or y_f32 float32 when y is NULL) = x (M, I) bf16 @ W(O, I)^T.
+ * scratch: 2 * M * I floats. */
+void accessory_gemv_bf16(const uint16_t *W, const uint16_t *x, float *scratch, uint16_t *y, float *y_f32,
+                         int64_t M, int64_t O, int64_t I) {
+    float *x_f32 = scratch + M * I;
+    for (int64_t k = 0; k < M * I; ++k) {
+        uint32_t u = (uint32_t)x[k] << 16;
+        memcpy(&x_f32[k], &u, 4);
+    }
+    reorder_activations(x_f32, scratch, M, I);
+    gemv_rows(W, scratch, y, y_f32, M, O, I);
+}
+
+/* y_f32 (M, O) = x_f32 (M, I) @ W(O, I)^T, activations in float32 (the decode path's buffers).
+ * scratch: M * I floats. */
+void accessory_gemv_bf16_f32(const uint16_t *W, const float *x_f32, float *scratch, float *y_f32,
+                             int64_t M, int64_t O, int64_t I) {
+    reorder_activations(x_f32, scratch, M, I);
+    gemv_rows(W, scratch, NULL, y_f32, M, O, I);
 }

@@ -4,9 +4,16 @@ Decoding multiplies one (or a few) token vectors by every weight matrix, so its 
 of reading the weights. torch's bf16 matrix-vector product on CPU reads them well below the memory
 bandwidth; the native kernel (gemv_bf16.c) streams each row once. Used when the input is on the
 CPU, both tensors are bf16 and contiguous, and at most ``MAX_ROWS`` token vectors come in.
+
+Longer inputs (prompt prefill) on CPUs without native bf16 arithmetic (no AVX512-BF16 or AMX)
+widen the weight to float32 a block of rows at a time and use torch's float32 product: torch's
+bf16 matrix product there runs about 4x slower than float32 (measured 0.32 s vs 0.08 s for 128 x
+2048 @ 2048 x 5632 on one AVX2 core), and a block of a few MB stays in cache while it is used.
 """
 
 import ctypes
+import functools
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,19 +44,48 @@ def native_linear_available() -> bool:
 
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), read from /proc/cpuinfo;
+    True where that cannot be told, so torch's own product is kept."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return True
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+_WIDEN_FLOATS = 1 << 20  # float32 elements of weight widened at a time (4 MB)
+
+
+def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """``x @ weight.T + bias`` computed in float32, the weight widened a block of rows at a time;
+    the result in ``x``'s dtype."""
+    x32 = x.reshape(-1, x.shape[-1]).float()
+    out = torch.empty((x32.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    block = max(64, _WIDEN_FLOATS // weight.shape[1])
+    for start in range(0, weight.shape[0], block):
+        part = F.linear(x32, weight[start:start + block].float(),
+                        None if bias is None else bias[start:start + block].float())
+        out[:, start:start + block] = part
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
     """``x @ weight.T + bias``, through the native kernel when it applies."""
     if (x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and x.device.type == "cpu"
             and weight.device.type == "cpu" and weight.is_contiguous() and not x.requires_grad
             and not weight.requires_grad):
         rows = x.numel() // x.shape[-1] if x.dim() else 0
+        if rows > MAX_ROWS and not cpu_has_native_bf16():
+            return widened_linear(x, weight, bias)
         if 0 < rows <= MAX_ROWS:
             kernel = _kernel()
             if kernel is not None:
                 x2 = x.reshape(rows, x.shape[-1]).contiguous()
                 out_features, in_features = weight.shape
                 y = torch.empty((rows, out_features), dtype=torch.bfloat16)
-                kernel(weight.data_ptr(), x2.data_ptr(), scratch_floats(rows * in_features).data_ptr(),
+                kernel(weight.data_ptr(), x2.data_ptr(), scratch_floats(2 * rows * in_features).data_ptr(),
                        y.data_ptr(), None, rows, out_features, in_features)
                 if bias is not None:
                     y = y + bias
