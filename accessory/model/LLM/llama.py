@@ -14,6 +14,7 @@ from torch import nn
 
 from ..layers.attention import attend
 from ..layers.decoder import CausalDecoder
+from ..layers.fast_decode import decode_layers
 from ..layers.kv_cache import KVCache
 from ..layers.linear import fuse_linears, make_linear, still_fused
 from ..layers.norm import RMSNorm
@@ -180,6 +181,16 @@ class Transformer(CLIPPrefixMixin, CausalDecoder):
         self._inference_cache: Optional[KVCache] = None
         if with_visual:
             self.build_visual(args)
+
+    def run_layers(self, h: torch.Tensor, positions: torch.Tensor, kv_cache: Optional[KVCache],
+                   causal_from_zero: bool, **extra) -> torch.Tensor:
+        """The blocks over ``h``; a CPU decode step of plain blocks runs in native kernels
+        (``layers/fast_decode.py``), anything else through the modules."""
+        if kv_cache is not None and not extra:
+            out = decode_layers(self, h, positions, kv_cache, (Attention, FeedForward, TransformerBlock))
+            if out is not None:
+                return out
+        return super().run_layers(h, positions, kv_cache, causal_from_zero, **extra)
 
     def build_visual(self, args: ModelArgs) -> None:
         """The image side for ``with_visual=True``: the CLIP prefix (variants build their own)."""

@@ -1,0 +1,153 @@
+/* The small operations between a decoder layer's matrix products, for decode steps on the CPU.
+ *
+ * A decode step of a small model spends more time in the ~40 torch operations between its matrix
+ * products (norms, rotary, cache writes, attention, activations, residual adds; each a dispatch and
+ * often an OpenMP fork) than in the products themselves. These functions do that work on float32
+ * buffers the caller allocates once, so one layer costs a handful of calls.
+ *
+ * Layouts: activations are row-major (M, width) float32, M = batch rows, one token each. The KV
+ * cache of one layer is (B, KV, L, hd) float32 (accessory.model.layers.kv_cache), row m of the
+ * batch is cache row m. Rotary tables are (n_positions, hd / 2) float32 cosines and sines.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_float(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    return _mm_cvtss_f32(lo);
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum8(acc);
+    for (; i < n; ++i) s += a[i] * b[i];
+    return s;
+}
+
+/* out = x * rsqrt(mean(x^2) + eps) * weight, per row of D. weight_bf16: 1 when weight is bf16,
+ * 0 when float32. out may equal x. */
+void accessory_rmsnorm(const float *x, const void *weight, int weight_bf16, float *out,
+                       int64_t M, int64_t D, float eps) {
+    for (int64_t m = 0; m < M; ++m) {
+        const float *xr = x + m * D;
+        float *o = out + m * D;
+        const float scale = 1.0f / sqrtf(dot(xr, xr, D) / (float)D + eps);
+        if (weight_bf16) {
+            const uint16_t *w = (const uint16_t *)weight;
+            for (int64_t i = 0; i < D; ++i) o[i] = xr[i] * scale * bf16_to_float(w[i]);
+        } else {
+            const float *w = (const float *)weight;
+            for (int64_t i = 0; i < D; ++i) o[i] = xr[i] * scale * w[i];
+        }
+    }
+}
+
+/* h += y, n floats. */
+void accessory_add(float *h, const float *y, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) h[i] += y[i];
+}
+
+/* out (M, F) = silu(gate) * up, where each row of gate_up (M, 2F) is [gate | up]. */
+void accessory_silu_mul(const float *gate_up, float *out, int64_t M, int64_t F) {
+    for (int64_t m = 0; m < M; ++m) {
+        const float *g = gate_up + m * 2 * F, *u = g + F;
+        float *o = out + m * F;
+        for (int64_t i = 0; i < F; ++i) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}
+
+/* Rotate one head vector in place. interleaved: pairs (x[2i], x[2i+1]); else (x[i], x[i + hd/2]). */
+static inline void rotate(float *x, const float *cos, const float *sin, int64_t hd, int interleaved) {
+    const int64_t half = hd / 2;
+    for (int64_t i = 0; i < half; ++i) {
+        float *a = interleaved ? x + 2 * i : x + i;
+        float *b = interleaved ? x + 2 * i + 1 : x + i + half;
+        const float xa = *a, xb = *b;
+        *a = xa * cos[i] - xb * sin[i];
+        *b = xa * sin[i] + xb * cos[i];
+    }
+}
+
+#define KEY_BLOCK 64 /* keys scored at once before the running softmax is rescaled */
+
+/* One query head over keys 0..n_keys-1 of one cache head: out = softmax(q.K^T * scale) V. */
+static void attend_head(const float *q, const float *K, const float *V, int64_t n_keys, int64_t hd,
+                        float scale, float *out) {
+    float running_max = -INFINITY, running_sum = 0.0f;
+    for (int64_t d = 0; d < hd; ++d) out[d] = 0.0f;
+    float scores[KEY_BLOCK];
+    for (int64_t j0 = 0; j0 < n_keys; j0 += KEY_BLOCK) {
+        const int64_t n = n_keys - j0 < KEY_BLOCK ? n_keys - j0 : KEY_BLOCK;
+        float block_max = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) {
+            scores[j] = dot(q, K + (j0 + j) * hd, hd) * scale;
+            if (scores[j] > block_max) block_max = scores[j];
+        }
+        if (block_max > running_max) {  /* rescale what was summed so far to the new maximum */
+            const float factor = expf(running_max - block_max);
+            running_sum *= factor;
+            for (int64_t d = 0; d < hd; ++d) out[d] *= factor;
+            running_max = block_max;
+        }
+        for (int64_t j = 0; j < n; ++j) {
+            const float p = expf(scores[j] - running_max);
+            running_sum += p;
+            const float *v = V + (j0 + j) * hd;
+            const __m256 pv = _mm256_set1_ps(p);
+            int64_t d = 0;
+            for (; d + 8 <= hd; d += 8)
+                _mm256_storeu_ps(out + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + d), _mm256_loadu_ps(out + d)));
+            for (; d < hd; ++d) out[d] += p * v[d];
+        }
+    }
+    const float inv = 1.0f / running_sum;
+    for (int64_t d = 0; d < hd; ++d) out[d] *= inv;
+}
+
+/* The attention of one decode step, from the fused q|k|v projection to the per-head output.
+ *
+ * qkv (M, (H + 2 KV) hd): each row [q heads | k heads | v heads], rotated here in place.
+ * positions (M): the position of row m's token; its key and value are written at that slot of
+ * cache row m, and it attends to slots 0..position of its row.
+ * k_cache, v_cache: (B, KV, L, hd) with B >= M. Query head h reads cache head h / (H / KV).
+ * out (M, H hd). scale: usually 1 / sqrt(hd).
+ */
+void accessory_attend_step(float *qkv, const int64_t *positions, const float *cos_table, const float *sin_table,
+                           int interleaved, float *k_cache, float *v_cache, float *out,
+                           int64_t M, int64_t H, int64_t KV, int64_t hd, int64_t L, float scale) {
+    const int64_t width = (H + 2 * KV) * hd, half = hd / 2, n_rep = H / KV;
+    for (int64_t m = 0; m < M; ++m) {
+        float *row = qkv + m * width;
+        const int64_t p = positions[m];
+        const float *c = cos_table + p * half, *s = sin_table + p * half;
+        for (int64_t h = 0; h < H + KV; ++h) rotate(row + h * hd, c, s, hd, interleaved);
+        for (int64_t g = 0; g < KV; ++g) {
+            const int64_t slot = ((m * KV + g) * L + p) * hd;
+            memcpy(k_cache + slot, row + (H + g) * hd, hd * sizeof(float));
+            memcpy(v_cache + slot, row + (H + KV + g) * hd, hd * sizeof(float));
+        }
+    }
+    int64_t work = 0;
+    for (int64_t m = 0; m < M; ++m) work += (positions[m] + 1) * H * hd;
+#pragma omp parallel for schedule(static) if (work > 65536)
+    for (int64_t task = 0; task < M * H; ++task) {
+        const int64_t m = task / H, h = task % H, g = h / n_rep;
+        const int64_t base = (m * KV + g) * L * hd;
+        attend_head(qkv + m * width + h * hd, k_cache + base, v_cache + base, positions[m] + 1, hd, scale,
+                    out + m * H * hd + h * hd);
+    }
+}

@@ -1,0 +1,272 @@
+"""A decode step of Meta-llama decoder blocks in native kernels, for the CPU.
+
+One decode step (every batch row adds one token) of a small model spends most of its time between
+the matrix products: some 40 torch operations per layer, each a dispatch and many an OpenMP fork.
+Here a layer is eight calls into ``kernels/decode_ops.c`` and the bf16 / quantized matrix-vector
+kernels, on float32 buffers allocated once per batch size:
+
+    x = rmsnorm(h);  qkv = Wqkv x;  rotate q, k; write k, v to the cache; attend;  h += Wo attn
+    x = rmsnorm(h);  gu = W13 x;  h += W2 (silu(gate) * up)
+
+The residual stream stays in float32 through the step (the torch path rounds it to the model
+dtype after every layer), so the two paths agree to bf16 rounding, not bit for bit.
+
+:func:`decode_layers` returns None, and the caller runs its torch layers, whenever anything is not
+what these kernels handle: not the CPU, more than ``MAX_ROWS`` rows, weights that are not bf16 or
+packed int8/int4/nf4, q/k/v or w1/w3 not fused, biases or LoRA, a forward hook on any module (the
+model-parallel all-reduce is one), a cache that is not float32, gradients wanted, or
+``ACCESSORY_FAST_DECODE=0``.
+"""
+
+import math
+import os
+import threading
+import weakref
+from types import SimpleNamespace
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ...kernels.decode import decode_kernels
+from ...kernels.linear import NativeLinear
+from ...quant.linear import FusedQuantLinear, QuantLinear
+from .linear import FusedLinear, still_fused
+from .norm import RMSNorm
+
+MAX_ROWS = 16
+_DENSE = (nn.Linear, NativeLinear)
+
+
+def fast_decode_enabled() -> bool:
+    return os.environ.get("ACCESSORY_FAST_DECODE", "1") not in ("0", "false", "no")
+
+
+class _Product:
+    """One weight matrix as the kernels read it: ``run(x_ptr, y_ptr, rows, scratch_ptr)``."""
+
+    __slots__ = ("kind", "out_features", "in_features", "pointers", "group_size")
+
+    @classmethod
+    def of(cls, source) -> Optional["_Product"]:
+        """From a FusedLinear / FusedQuantLinear or a bias-free, LoRA-free, hook-free linear."""
+        product = cls()
+        if isinstance(source, FusedLinear) or type(source) in _DENSE:
+            weight = source.weight
+            if getattr(source, "bias", None) is not None or weight.dtype is not torch.bfloat16 or \
+                    weight.device.type != "cpu" or not weight.is_contiguous():
+                return None
+            product.kind, product.pointers, product.group_size = "bf16", (weight.data_ptr(),), 0
+            product.out_features, product.in_features = weight.shape
+            return product
+        if isinstance(source, FusedQuantLinear) or type(source) is QuantLinear:
+            if type(source) is QuantLinear and (source.bias is not None or source.lora_a is not None):
+                return None
+            packed, scheme = source.packed, source.scheme
+            if any(t.device.type != "cpu" or not t.is_contiguous() for t in packed.values()):
+                return None
+            product.out_features, product.in_features = source.out_features, source.in_features
+            product.group_size = scheme.group_size or 0
+            if scheme.name == "int8":
+                product.kind = "int8"
+                product.pointers = (packed["qweight"].data_ptr(), packed["scales"].data_ptr())
+            elif scheme.name in ("int4", "nf4"):
+                product.kind = scheme.name
+                offsets = packed.get("offsets")
+                product.pointers = (packed["qweight"].data_ptr(), packed["scales"].data_ptr(),
+                                    None if offsets is None else offsets.data_ptr())
+            else:
+                return None
+            return product
+        return None
+
+    def scratch_floats(self, rows: int) -> int:
+        """Float32 scratch the kernel needs for ``rows`` activation rows."""
+        n = rows * self.in_features
+        if self.kind == "bf16":
+            return n
+        if self.kind == "int8":
+            return n
+        return n + n // self.group_size + n // 32 + n // 4 + 1
+
+    def run(self, kernels, x: int, y: int, rows: int, scratch: int) -> None:
+        if self.kind == "bf16":
+            kernels.gemv_bf16(self.pointers[0], x, scratch, y, rows, self.out_features, self.in_features)
+        elif self.kind == "int8":
+            kernels.gemv_int8(self.pointers[0], self.pointers[1], x, y, 0, scratch, rows, self.out_features,
+                              self.in_features)
+        else:
+            kernels.gemv_q4(self.pointers[0], self.pointers[1], self.pointers[2], int(self.kind == "nf4"), x, y, 0,
+                            scratch, rows, self.out_features, self.in_features, self.group_size)
+
+
+def _hooked(module: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+def _norm_weight(norm: nn.Module):
+    if type(norm) is not RMSNorm or _hooked(norm):
+        return None
+    weight = norm.weight
+    if weight.device.type != "cpu" or not weight.is_contiguous() or weight.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    return weight.data_ptr(), int(weight.dtype is torch.bfloat16), float(norm.eps)
+
+
+def _weight_pointer(module) -> int:
+    weight = module.weight if "weight" in module._parameters else module.qweight
+    return weight.data_ptr()
+
+
+def _layer_plan(layer, block_types) -> Optional[SimpleNamespace]:
+    """The pointers and shapes one llama block's step needs, or None when it is not a plain one
+    (the cheap checks come first: an ineligible model is told so in microseconds)."""
+    attention_cls, feed_forward_cls, block_cls = block_types
+    if type(layer) is not block_cls or type(layer.attention) is not attention_cls or \
+            type(layer.feed_forward) is not feed_forward_cls:
+        return None
+    attention, feed_forward = layer.attention, layer.feed_forward
+    if not (still_fused(attention._wqkv, attention.wq) and still_fused(feed_forward._w13, feed_forward.w1)):
+        return None
+    products = [_Product.of(attention._wqkv), _Product.of(attention.wo), _Product.of(feed_forward._w13),
+                _Product.of(feed_forward.w2)]
+    norms = [_norm_weight(layer.attention_norm), _norm_weight(layer.ffn_norm)]
+    if any(p is None for p in products) or any(n is None for n in norms) or _hooked(layer):
+        return None
+    return SimpleNamespace(qkv=products[0], wo=products[1], w13=products[2], w2=products[3],
+                           attention_norm=norms[0], ffn_norm=norms[1], layer_id=layer.layer_id,
+                           n_heads=attention.n_heads, n_kv_heads=attention.n_kv_heads, head_dim=attention.head_dim,
+                           fused=(attention._wqkv, feed_forward._w13),
+                           watched=(layer, attention, feed_forward, attention.wo, feed_forward.w2))
+
+
+def _still_valid(layer, plan: SimpleNamespace) -> bool:
+    """Whether ``plan`` still describes ``layer``: the same fused products over the same memory,
+    no new hook (a cast, a reload or a re-fuse replaces the memory; model parallelism adds hooks)."""
+    attention, feed_forward = layer.attention, layer.feed_forward
+    return (attention._wqkv is plan.fused[0] and feed_forward._w13 is plan.fused[1]
+            and _weight_pointer(attention.wq) == plan.qkv.pointers[0]
+            and _weight_pointer(feed_forward.w1) == plan.w13.pointers[0]
+            and _weight_pointer(attention.wo) == plan.wo.pointers[0]
+            and _weight_pointer(feed_forward.w2) == plan.w2.pointers[0]
+            and layer.attention_norm.weight.data_ptr() == plan.attention_norm[0]
+            and layer.ffn_norm.weight.data_ptr() == plan.ffn_norm[0]
+            and (layer, attention, feed_forward, attention.wo, feed_forward.w2) == plan.watched
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in plan.watched))
+
+
+# per model, kept outside it (a model can still be deep-copied or pickled): its layer plans and
+# its per-thread buffers
+_STATES: "weakref.WeakKeyDictionary[nn.Module, SimpleNamespace]" = weakref.WeakKeyDictionary()
+_STATES_LOCK = threading.Lock()
+
+
+def _state(model) -> SimpleNamespace:
+    with _STATES_LOCK:
+        state = _STATES.get(model)
+        if state is None:
+            state = _STATES[model] = SimpleNamespace(plans=None, local=threading.local())
+        return state
+
+
+def uses_fast_decode(model) -> bool:
+    """Whether ``model``'s layers were found fit for the native step when it last looked (for
+    tests and tools; a step can still take the torch path for its own inputs, e.g. > MAX_ROWS)."""
+    state = _STATES.get(model)
+    return state is not None and state.plans is not None
+
+
+def _plans(model, block_types) -> Optional[List[SimpleNamespace]]:
+    """Every layer's plan (cached on the model and re-checked each step), or None."""
+    layers, state = model.layers, _state(model)
+    cached = state.plans
+    if cached is not None and len(cached) == len(layers) and \
+            all(_still_valid(layer, plan) for layer, plan in zip(layers, cached)):
+        return cached
+    plans = []
+    for layer in layers:
+        plan = _layer_plan(layer, block_types)
+        if plan is None:
+            state.plans = None
+            return None
+        plans.append(plan)
+    if len({(p.qkv.out_features, p.w13.out_features, p.n_heads, p.n_kv_heads, p.head_dim) for p in plans}) != 1:
+        plans = None
+    state.plans = plans
+    return plans
+
+
+def _buffers(cache: Dict[int, SimpleNamespace], rows: int, dim: int, plans: List[SimpleNamespace]) -> SimpleNamespace:
+    first = plans[0]
+    widths = dict(h=dim, x=dim, out=dim, qkv=first.qkv.out_features, attn=first.wo.in_features,
+                  gate_up=first.w13.out_features, act=first.w2.in_features)
+    scratch = max(p.scratch_floats(rows) for plan in plans for p in (plan.qkv, plan.wo, plan.w13, plan.w2))
+    key = (rows, tuple(sorted(widths.items())), scratch)
+    buffers = cache.get(rows)
+    if buffers is None or buffers.key != key:
+        buffers = SimpleNamespace(key=key, **{name: torch.empty(rows, width) for name, width in widths.items()})
+        buffers.scratch = torch.empty(max(scratch, 1))
+        buffers.pointers = {name: getattr(buffers, name).data_ptr() for name in (*widths, "scratch")}
+        cache[rows] = buffers
+    return buffers
+
+
+def decode_layers(model, h: torch.Tensor, positions: torch.Tensor, kv_cache, block_types) -> Optional[torch.Tensor]:
+    """Run ``model.layers`` for one decode step of ``h`` (rows, 1, dim) at ``positions`` (rows, 1)
+    through the native kernels; the hidden states after the last layer, or None when the step
+    must take the torch path (see the module docstring)."""
+    rows = h.shape[0]
+    if h.dim() != 3 or h.shape[1] != 1 or not 0 < rows <= MAX_ROWS or h.device.type != "cpu" or \
+            torch.is_grad_enabled() or kv_cache is None or not fast_decode_enabled():
+        return None
+    keys, values = kv_cache.keys, kv_cache.values
+    if not keys or keys[0].dtype is not torch.float32 or keys[0].shape[0] < rows:
+        return None
+    rotary = model.rotary
+    if rotary.style not in ("interleaved", "half") or rotary.cos.dtype is not torch.float32:
+        return None
+    kernels = decode_kernels()
+    if kernels is None:
+        return None
+    plans = _plans(model, block_types)
+    if plans is None:
+        return None
+    first = plans[0]
+    if keys[0].shape[1:] != (first.n_kv_heads, kv_cache.max_len, first.head_dim) or \
+            any(not (k.is_contiguous() and v.is_contiguous()) for k, v in zip(keys, values)):
+        return None
+    if positions.dtype is not torch.int64:
+        return None
+    step_positions = positions[:, 0].contiguous()
+    highest = int(step_positions.max())
+    if highest >= kv_cache.max_len or highest >= rotary.n_positions or int(step_positions.min()) < 0:
+        return None  # the torch path raises the error that explains it
+
+    dim = h.shape[-1]
+    # per thread: two threads may decode with one model at once (each with its own cache)
+    local = _state(model).local
+    if not hasattr(local, "buffers"):
+        local.buffers = {}
+    buffers = _buffers(local.buffers, rows, dim, plans)
+    buffers.h.copy_(h.view(rows, dim))
+    ptr = buffers.pointers
+    scale = 1.0 / math.sqrt(first.head_dim)
+    interleaved = int(rotary.style == "interleaved")
+    cos, sin = rotary.cos.data_ptr(), rotary.sin.data_ptr()
+    position_ptr = step_positions.data_ptr()
+    for plan in plans:
+        weight, is_bf16, eps = plan.attention_norm
+        kernels.rmsnorm(ptr["h"], weight, is_bf16, ptr["x"], rows, dim, eps)
+        plan.qkv.run(kernels, ptr["x"], ptr["qkv"], rows, ptr["scratch"])
+        kernels.attend_step(ptr["qkv"], position_ptr, cos, sin, interleaved, keys[plan.layer_id].data_ptr(),
+                            values[plan.layer_id].data_ptr(), ptr["attn"], rows, plan.n_heads, plan.n_kv_heads,
+                            plan.head_dim, kv_cache.max_len, scale)
+        plan.wo.run(kernels, ptr["attn"], ptr["out"], rows, ptr["scratch"])
+        kernels.add(ptr["h"], ptr["out"], rows * dim)
+        weight, is_bf16, eps = plan.ffn_norm
+        kernels.rmsnorm(ptr["h"], weight, is_bf16, ptr["x"], rows, dim, eps)
+        plan.w13.run(kernels, ptr["x"], ptr["gate_up"], rows, ptr["scratch"])
+        kernels.silu_mul(ptr["gate_up"], ptr["act"], rows, plan.w2.in_features)
+        plan.w2.run(kernels, ptr["act"], ptr["out"], rows, ptr["scratch"])
+        kernels.add(ptr["h"], ptr["out"], rows * dim)
+    return buffers.h.view(rows, 1, dim).to(h.dtype)

@@ -1,0 +1,210 @@
+"""The native CPU decode step (model/layers/fast_decode.py + kernels/decode_ops.c).
+
+Each decode step's logits are compared with the model's own torch path run in float32 on the same
+(bf16-rounded) weights: the native step keeps its residual stream in float32, so it must be at
+least as close to that reference as the bf16 torch path is. The kernels' attention is checked
+against a plain re-statement of the math for both rotary pairings and grouped KV heads.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from accessory.kernels.decode import decode_kernels
+from accessory.model.LLM.llama import ModelArgs, Transformer
+from accessory.model.layers.fast_decode import uses_fast_decode
+from accessory.quant import resolve_scheme
+from accessory.quant.linear import QuantLinear
+
+pytestmark = pytest.mark.skipif(decode_kernels() is None, reason="native kernels cannot be built on this machine")
+
+ARGS = dict(dim=80, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=32, max_seq_len=64)
+
+
+def tiny(dtype=torch.bfloat16, seed=0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**{**ARGS, **overrides})).to(dtype).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.8, 1.2)
+    model.fuse_projections()
+    return model
+
+
+def quantize(model: Transformer, scheme_name: str) -> Transformer:
+    scheme = resolve_scheme(scheme_name, "cpu")
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear and name != "output":
+                setattr(module, name, QuantLinear.from_linear(child, scheme))
+    model.fuse_projections()
+    return model
+
+
+def decode_logits(model, prompt_lens=(7, 4, 7), steps=5, fast=True, monkeypatch=None):
+    """Prefill rows of different lengths (each padded row writes only its own positions), then
+    ``steps`` decode steps; (steps, rows, vocab) float32 logits."""
+    monkeypatch.setenv("ACCESSORY_FAST_DECODE", "1" if fast else "0")
+    gen = torch.Generator().manual_seed(1)
+    rows, longest = len(prompt_lens), max(prompt_lens)
+    tokens = torch.randint(0, ARGS["vocab_size"], (rows, longest + steps), generator=gen)
+    cache = model.new_kv_cache(rows, 48)
+    out = []
+    with torch.inference_mode():
+        model.forward_tokens(tokens[:, :longest], torch.arange(longest).expand(rows, longest).clone(), cache)
+        for step in range(steps):
+            positions = torch.tensor([[n + step] for n in prompt_lens])
+            out.append(model.forward_tokens(tokens[:, longest + step:longest + step + 1], positions, cache)[:, 0].float())
+    return torch.stack(out)
+
+
+def uses_fast_path(model) -> bool:
+    return uses_fast_decode(model)
+
+
+def test_bf16_step_is_as_close_to_float32_as_the_torch_path(monkeypatch):
+    model = tiny()
+    reference = decode_logits(copy.deepcopy(model).float(), fast=False, monkeypatch=monkeypatch)
+    torch_bf16 = decode_logits(model, fast=False, monkeypatch=monkeypatch)
+    assert not uses_fast_path(model)
+    native = decode_logits(model, fast=True, monkeypatch=monkeypatch)
+    assert uses_fast_path(model)
+    native_error = (native - reference).abs().max().item()
+    torch_error = (torch_bf16 - reference).abs().max().item()
+    assert native_error <= max(torch_error, 1e-3) * 1.5, (native_error, torch_error)
+    assert native_error < 0.05 * reference.abs().max().item()
+
+
+def test_greedy_tokens_match_the_float32_reference(monkeypatch):
+    model = tiny(seed=3)
+    reference = decode_logits(copy.deepcopy(model).float(), fast=False, monkeypatch=monkeypatch)
+    native = decode_logits(model, fast=True, monkeypatch=monkeypatch)
+    top2 = reference.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 0.05  # rows whose best token is not a near tie
+    assert clear.sum() > 5
+    assert torch.equal(native.argmax(-1)[clear], reference.argmax(-1)[clear])
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
+def test_quantized_step_matches_the_torch_path(scheme, monkeypatch):
+    model = quantize(tiny(dim=128, multiple_of=64), scheme)
+    torch_path = decode_logits(model, fast=False, monkeypatch=monkeypatch)
+    native = decode_logits(model, fast=True, monkeypatch=monkeypatch)
+    assert uses_fast_path(model)
+    # both read the same packed weights; they differ by bf16 rounding of the activations
+    torch.testing.assert_close(native, torch_path, atol=0.04 * torch_path.abs().max().item(), rtol=0)
+
+
+def test_models_it_does_not_handle_take_the_torch_path(monkeypatch):
+    fp32 = tiny(torch.float32)  # no float32 weight kernel: torch's own product is used
+    decode_logits(fp32, monkeypatch=monkeypatch)
+    assert not uses_fast_path(fp32)
+
+    hooked = tiny()
+    calls = []
+    hooked.layers[1].attention.wo.register_forward_hook(lambda *a: calls.append(1))
+    decode_logits(hooked, steps=2, monkeypatch=monkeypatch)
+    assert not uses_fast_path(hooked) and len(calls) == 3  # prefill + 2 steps, all through the modules
+
+    unfused = tiny()
+    unfused.layers[0].attention._wqkv = None
+    decode_logits(unfused, steps=2, monkeypatch=monkeypatch)
+    assert not uses_fast_path(unfused)
+
+
+def test_a_cast_or_a_new_hook_after_the_first_step_is_noticed(monkeypatch):
+    model = tiny()
+    decode_logits(model, steps=1, monkeypatch=monkeypatch)
+    assert uses_fast_path(model)
+    calls = []
+    model.layers[0].feed_forward.w2.register_forward_hook(lambda *a: calls.append(1))
+    decode_logits(model, steps=2, monkeypatch=monkeypatch)
+    assert not uses_fast_path(model) and len(calls) == 3
+
+    model = tiny()
+    decode_logits(model, steps=1, monkeypatch=monkeypatch)
+    model.float()
+    got = decode_logits(model, monkeypatch=monkeypatch)
+    assert not uses_fast_path(model)
+    torch.testing.assert_close(got, decode_logits(model, fast=False, monkeypatch=monkeypatch), atol=0, rtol=0)
+
+
+def test_a_model_stays_copyable_and_its_copy_decodes_alike(monkeypatch):
+    model = tiny()
+    first = decode_logits(model, monkeypatch=monkeypatch)
+    twin = copy.deepcopy(model)  # a deep copy no longer shares the fused matrices: torch path
+    torch.testing.assert_close(decode_logits(twin, monkeypatch=monkeypatch),
+                               decode_logits(twin, fast=False, monkeypatch=monkeypatch), atol=0, rtol=0)
+    assert not uses_fast_path(twin)
+    twin.fuse_projections()
+    assert torch.equal(decode_logits(twin, monkeypatch=monkeypatch), first)
+    assert uses_fast_path(twin)
+
+
+def rotate_reference(x, cos, sin, interleaved):
+    if interleaved:
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("head_dim,n_heads,n_kv_heads,length", [(16, 4, 2, 10), (20, 6, 1, 150), (64, 8, 8, 70)])
+def test_attend_step_kernel(interleaved, head_dim, n_heads, n_kv_heads, length):
+    kernels = decode_kernels()
+    gen = torch.Generator().manual_seed(head_dim + length)
+    rows, max_len = 3, 160
+    positions = torch.tensor([length - 1, 0, length // 2])
+    angles = torch.randn(max_len, head_dim // 2, generator=gen)
+    cos, sin = angles.cos().contiguous(), angles.sin().contiguous()
+    keys = torch.randn(rows + 1, n_kv_heads, max_len, head_dim, generator=gen)
+    values = torch.randn(rows + 1, n_kv_heads, max_len, head_dim, generator=gen)
+    qkv = torch.randn(rows, (n_heads + 2 * n_kv_heads) * head_dim, generator=gen)
+    want_keys, want_values = keys.clone(), values.clone()
+    q, k, v = qkv.view(rows, -1, head_dim).split([n_heads, n_kv_heads, n_kv_heads], dim=1)
+    c, s = cos[positions][:, None], sin[positions][:, None]
+    q, k = rotate_reference(q, c, s, interleaved), rotate_reference(k, c, s, interleaved)
+    want = torch.empty(rows, n_heads, head_dim)
+    for m in range(rows):
+        p = int(positions[m])
+        want_keys[m, :, p], want_values[m, :, p] = k[m], v[m]
+        for h in range(n_heads):
+            g = h // (n_heads // n_kv_heads)
+            scores = want_keys[m, g, :p + 1] @ q[m, h] / math.sqrt(head_dim)
+            want[m, h] = scores.softmax(-1) @ want_values[m, g, :p + 1]
+    out = torch.empty(rows, n_heads * head_dim)
+    kernels.attend_step(qkv.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), int(interleaved),
+                        keys.data_ptr(), values.data_ptr(), out.data_ptr(), rows, n_heads, n_kv_heads, head_dim,
+                        max_len, 1 / math.sqrt(head_dim))
+    torch.testing.assert_close(keys, want_keys, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values, want_values)
+    torch.testing.assert_close(out, want.view(rows, -1), atol=1e-5, rtol=1e-5)
+
+
+def test_generation_through_the_engine_picks_the_float32_best_token(tiny_llama_dir, monkeypatch):
+    """The seed's checkpoint loaded in bf16, greedy batched decode of two prompts of different
+    lengths through the engine: every token the fast step picks is the float32 model's best
+    token for that context, or within a near tie of it (bf16 rounding may swap near ties)."""
+    from accessory.generation.engine import GenerationEngine
+    from accessory.generation.sampling import SamplingParams
+    from accessory.model.meta import MetaModel
+    model = MetaModel.from_pretrained(str(tiny_llama_dir), dtype=torch.bfloat16, device="cpu", max_seq_len=64,
+                                      progress=False)
+    reference = copy.deepcopy(model.llma).float()
+    monkeypatch.setenv("ACCESSORY_FAST_DECODE", "1")
+    prompts = [model.tokenizer.encode(p, bos=True, eos=False) for p in ("Hello world", "A much longer prompt here")]
+    engine = GenerationEngine(model.llma, model.tokenizer, eos_ids=[])
+    for rows in engine.run(prompts, [12, 9], SamplingParams()):
+        pass
+    assert uses_fast_path(model.llma)
+    assert [len(r.new_tokens) for r in rows] == [12, 9]
+    for prompt, row in zip(prompts, rows):
+        ids = torch.tensor([prompt + row.new_tokens])
+        with torch.inference_mode():
+            logits = reference.forward_tokens(ids)[0, len(prompt) - 1:-1]
+        picked = logits.gather(-1, torch.tensor(row.new_tokens)[:, None])[:, 0]
+        assert (logits.max(-1).values - picked).max() < 0.02 * logits.abs().max(), row.new_tokens
