@@ -8,7 +8,8 @@ grid, and the 512-type ConvNeXt sees 16 px (4 x 4, no repeat).
 
 The reference: ORIGINAL-mm.md's views, renormalisation, concatenation, projections, tags and
 layout re-stated here on the raw checkpoint tensors (encoder modules reused for the encoders' own
-math), then HF transformers' LlamaForCausalLM over the assembled ``inputs_embeds``.
+math), then HF transformers' LlamaForCausalLM (MixtralForCausalLM for the MoE types, its
+experts unstacked from mixtral_sparse's layout) over the assembled ``inputs_embeds``.
 """
 
 import contextlib
@@ -54,7 +55,7 @@ REAL = {"llama_ens": (224, 291), "llama_ens_peft": (224, 291), "llama_ens5": (44
         "mixtral_sparse_ens": (512, 291), "mixtral_sparse_ens5": (1024, 1455)}
 LIGHT = ("llama_ens_light", "llama_ens5_light")
 REFERENCE_TYPES = ("llama_ens", "llama_ens_peft", "llama_ens5", "llama_ens10", "llama_ens5p2", "llama_ens_light",
-                   "llama_ens5_light")
+                   "llama_ens5_light", "mixtral_sparse_ens", "mixtral_sparse_ens5")
 # Keys as the original's checkpoints name them (ORIGINAL-mm.md "Visual building blocks").
 ORIGINAL_KEYS = {
     "full": ["qformer.vision_model.embeddings.patch_embedding.weight",
@@ -206,6 +207,32 @@ def reference_image_vectors(name, llma, state, image):
     return torch.cat([torch.cat([start, view, end]) for view in views])
 
 
+def per_expert(state, num_experts):
+    """mixtral_sparse's stacked experts (``feed_forward.w{1,2,3}``, (E*h, dim), expert e's rows
+    ``e*h .. (e+1)*h``; w2's rows are the expert's w2 transposed) as mixtral's
+    ``feed_forward.experts.{e}.w{1,2,3}.weight`` (w2 (dim, h))."""
+    out = {}
+    for key, value in state.items():
+        head, sep, tail = key.rpartition(".feed_forward.")
+        if sep and tail in ("w1", "w2", "w3"):
+            for e, rows in enumerate(value.chunk(num_experts)):
+                out[f"{head}.feed_forward.experts.{e}.{tail}.weight"] = rows.T if tail == "w2" else rows
+        else:
+            out[key] = value
+    return out
+
+
+def reference_decoder(name, state):
+    """HF transformers' decoder on the text weights: Llama, or Mixtral for the MoE types (its own
+    top-k routing over per-expert SwiGLUs)."""
+    if name.startswith("mixtral"):
+        import test_mixtral
+        assert TINY_MOE["moe"] == {"num_experts": test_mixtral.NUM_EXPERTS, "num_experts_per_tok": test_mixtral.TOP_K}
+        return test_mixtral.hf_mixtral(per_expert(state, test_mixtral.NUM_EXPERTS), TINY_MOE)
+    from test_llama_hf_parity import hf_model
+    return hf_model(state, TINY_LLAMA, LLAMA_SPM_VOCAB, max_pos=1024)
+
+
 # --------------------------------------------------------------------------- tests
 
 @pytest.mark.parametrize("name", list(TYPES))
@@ -233,7 +260,6 @@ def test_loads_with_original_keys_and_counts_images(name, checkpoints):
 @pytest.mark.parametrize("name", REFERENCE_TYPES)
 def test_logits_match_the_reference(name, checkpoints):
     pytest.importorskip("transformers")
-    from test_llama_hf_parity import hf_model
     state, directory = checkpoints[name]
     model = load(directory)
     size, words = TYPES[name]
@@ -243,7 +269,7 @@ def test_logits_match_the_reference(name, checkpoints):
     assert vectors.shape[0] == words
     text = state["tok_embeddings.weight"][torch.tensor(ids)].double()
     embeds = torch.cat([text[:1], vectors, text[1:]]).float()  # tagged: image after the first token
-    hf = hf_model(state, TINY_LLAMA, LLAMA_SPM_VOCAB, max_pos=1024)
+    hf = reference_decoder(name, state)
     with torch.no_grad():
         expected = hf(inputs_embeds=embeds[None]).logits[0, words:]  # text-aligned rows
     got = model.compute_logits([ids], image)[0]

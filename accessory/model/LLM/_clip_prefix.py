@@ -8,7 +8,8 @@ LayerNorm. They go BEFORE the first text token, untagged (layout ``"prefix"``), 
 Keys (the original's): ``clip.*`` (the whole open_clip CLIP, text tower included:
 ``clip.transformer.resblocks.*``, ``clip.token_embedding.weight`` ...; only the image side runs),
 ``clip_proj.{weight,bias}``, ``clip_proj_norm.{weight,bias}``. The CLIP is the OpenAI build, so
-its MLPs use QuickGELU. It is frozen, replicated on every model-parallel rank, and kept in full
+its MLPs use QuickGELU. It is frozen, replicated on every model-parallel rank (each rank encodes its
+slice of an image batch, ``layers/multimodal.encode_split_by_batch``), and kept in full
 precision under ``--quant`` with the two projections.
 
 ``clip_config`` (a config field, default None = ViT-L/14 at 224) overrides :class:`CLIPConfig`

@@ -25,9 +25,11 @@ Dtypes: the original resizes in float16 (``F.interpolate(img.half(), ...)``, cas
 resizes run in float32 and are cast back to the image's dtype (equal up to fp16 rounding). The
 encoders run in the model's dtype, under ``no_grad``.
 
-Model parallelism: encoders and connectors are replicated (no split-plan rule matches them) and
-every rank encodes the whole batch (the original splits the batch across ranks and all-gathers;
-the numbers are the same).
+Model parallelism: encoders and connectors are replicated (no split-plan rule matches them); as in
+the original, each rank encodes its slice of an image batch and the slices are all-gathered
+(``layers/multimodal.encode_split_by_batch``, shared by every multimodal type). The original
+gathers the raw features and projects them on every rank; here the projected vectors are
+gathered (the same numbers).
 """
 
 import dataclasses

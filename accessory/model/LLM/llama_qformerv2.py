@@ -9,8 +9,9 @@ here ``image_words`` is the inserted count (docs/differences.md).
 Keys (the original's): ``qformer.*`` (HF ``Blip2Model`` without the OPT language model:
 ``qformer.vision_model.*``, ``qformer.qformer.*``, ``qformer.query_tokens``),
 ``qformer_proj.0.{weight,bias}``, ``qformer_proj.1.{weight,bias}``, ``start_img``, ``end_img``.
-BLIP-2 is frozen, replicated on every model-parallel rank (each rank encodes the whole batch) and
-kept in full precision under ``--quant`` with ``qformer_proj``. It runs in the model's dtype (the
+BLIP-2 is frozen, replicated on every model-parallel rank (each rank encodes its slice of an image
+batch, ``layers/multimodal.encode_split_by_batch``; the original encodes the whole batch on every
+rank, with the same numbers) and kept in full precision under ``--quant`` with ``qformer_proj``. It runs in the model's dtype (the
 original keeps it in float16 whatever the model dtype).
 
 ``qformer_config`` (a config field, default None = blip2-opt-2.7b's sizes) overrides

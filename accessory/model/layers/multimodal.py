@@ -161,9 +161,41 @@ def _adapter_inputs(token_embeds: torch.Tensor, text_lengths: Sequence[int],
 
 
 def encode_for(model, images: torch.Tensor) -> torch.Tensor:
-    """``model.encode_images`` on ``images`` moved to the model's device and cast to its dtype."""
+    """``model.encode_images`` on ``images`` moved to the model's device and cast to its dtype.
+
+    On a model cut across model-parallel ranks (``model.image_batch_split``, set by
+    :func:`~.tensor_parallel.add_collectives`) each rank encodes only its slice of the batch
+    (:func:`encode_split_by_batch`); every rank gets the whole result."""
     weight = model._reference_weight()
-    return model.encode_images(images.to(device=weight.device, dtype=weight.dtype))
+    images = images.to(device=weight.device, dtype=weight.dtype)
+    parallel = getattr(model, "image_batch_split", None)
+    if parallel is None:
+        return model.encode_images(images)
+    return encode_split_by_batch(model.encode_images, images, parallel.group, parallel.rank, parallel.size)
+
+
+def encode_split_by_batch(encode, images: torch.Tensor, group, rank: int, size: int) -> torch.Tensor:
+    """``encode(images)`` computed with the batch split across the ``size`` ranks of ``group``, as
+    the original's ens types do: the batch is padded to a multiple of ``size`` by repeating
+    ``images[0]``, rank ``r`` encodes rows ``[r*b, (r+1)*b)`` of it (b = padded batch / size), the
+    ranks' results are all-gathered in rank order and trimmed to the batch. Every rank of the
+    group must call it with the same batch (as every scoring / generation call is).
+
+    ``encode`` must treat batch rows independently (every ``encode_images`` does: encoders,
+    projections and tags act per image), so the result equals encoding the whole batch on one
+    process. The original gathers the raw encoder features and projects them on every rank; here
+    the projected vectors are gathered (the same numbers, and fewer of them). The gather carries
+    no gradient: this is an inference path."""
+    import torch.distributed as dist
+    count = images.shape[0]
+    pad = -count % size
+    if pad:
+        images = torch.cat([images, images[:1].expand(pad, *images.shape[1:])], dim=0)
+    local = images.shape[0] // size
+    mine = encode(images[rank * local:(rank + 1) * local]).contiguous()
+    pieces = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(pieces, mine, group=group)
+    return torch.cat(pieces, dim=0)[:count]
 
 
 def forward_with_images(model, examples: torch.Tensor, images: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,10 @@ from .parallel import SplitPlan
 #: Architectures that run with their weights cut across model-parallel ranks.
 TENSOR_PARALLEL_TYPES = ("llama", "llama_peft", "llama_adapter", "internlm", "falcon", "mixtral", "mixtral_peft",
                          "mixtral_sparse")
-# The SPHINX family: its text side is llama / llama_peft / mixtral_sparse; encoders stay whole.
+# Multimodal types: the text side is cut as its text type's; encoders and connectors stay whole
+# on every rank, which encodes its slice of an image batch (CLIP-prefix llama / mixtral types and
+# llama_adapter are listed above; then BLIP-2's and the SPHINX family's).
+TENSOR_PARALLEL_TYPES += ("llama_qformerv2", "llama_qformerv2_peft")
 TENSOR_PARALLEL_TYPES += ("llama_ens", "llama_ens_peft", "llama_ens5", "llama_ens10", "llama_ens5p2", "llama_ens_light",
                           "llama_ens5_light", "mixtral_sparse_ens", "mixtral_sparse_ens5")
 
@@ -155,6 +158,11 @@ def add_collectives(model: nn.Module, plan: SplitPlan, parallel: ModelParallel) 
     a line per hooked module, e.g. ``'layers.0.attention.wo: all-reduce'``."""
     reduced: List[str] = []  # subtrees whose whole output is already all-reduced
     done: List[str] = []
+    if getattr(model, "image_layout", None) is not None:
+        # encoders and connectors are replicated: each rank encodes its slice of an image batch
+        # and the slices are all-gathered (layers/multimodal.encode_split_by_batch)
+        model.image_batch_split = parallel
+        done.append("encode_images: image batch split across ranks, all-gather")
     # Partitions that make a whole module's output a partial sum (mixture-of-experts layers).
     sums = []
     for name, _ in model.named_parameters():
