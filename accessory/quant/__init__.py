@@ -13,10 +13,7 @@ experts run), the modules a model lists in ``get_quant_blocklist()`` (visual enc
 projections), and matrices whose input size the format cannot group.
 """
 
-import ctypes
 import logging
-import mmap
-import sys
 from typing import Iterable, List, Optional, Sequence
 
 import torch
@@ -24,6 +21,7 @@ from torch import nn
 
 from .formats import SCHEMES, QuantScheme, dequantize, quantize
 from .linear import QuantLinear, fuse_quant_linears
+from .memory import release_file_pages, return_freed_heap  # noqa: F401 (public names)
 
 __all__ = ["QuantScheme", "QuantLinear", "Quantizer", "resolve_scheme", "quantize_model", "make_shells",
            "quantize", "dequantize", "eligible_linears", "fuse_quant_linears", "SCHEMES"]
@@ -113,40 +111,6 @@ def quantize_model(model: nn.Module, scheme: QuantScheme, blocklist: Sequence[st
     return count
 
 
-_MADV_DONTNEED = 4
-
-
-def release_file_pages(tensor: torch.Tensor) -> bool:
-    """Drop this process's pages of ``tensor`` when it is a read-only view of a memory-mapped
-    checkpoint file (the loader's zero-copy case), so a weight read only to be packed does not stay
-    resident; the file is untouched and the pages would simply be read again if used. Tensors in
-    ordinary (anonymous) memory are never touched. Returns whether pages were released."""
-    if tensor.device.type != "cpu" or not sys.platform.startswith("linux") or not tensor.is_contiguous():
-        return False
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                low, high = (int(v, 16) for v in fields[0].split("-"))
-                if low <= start and end <= high:
-                    path = fields[5].strip() if len(fields) == 6 else ""
-                    # a file mapping (the loader never writes into it, so its pages are the file's)
-                    if not path.startswith("/") or path.endswith(" (deleted)"):
-                        return False
-                    break
-            else:
-                return False
-    except OSError:
-        return False
-    page = mmap.PAGESIZE
-    first, last = -(-start // page) * page, end // page * page
-    if last <= first:
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise(first, last - first, _MADV_DONTNEED) == 0
 
 
 def make_shells(model: nn.Module, scheme: QuantScheme, names: Iterable[str]) -> None:
@@ -175,6 +139,8 @@ class Quantizer:
         weight = self.model.get_submodule(module_name).weight
         self.count += quantize_model(self.model, self.scheme, names=[module_name])
         release_file_pages(weight)
+        del weight
+        return_freed_heap()
         return [f"{module_name}.{name}" for name in scheme_for(module_name, self.scheme).tensor_names()]
 
     def finish(self) -> int:

@@ -20,6 +20,7 @@ from torch import nn
 from ..kernels.quant import quant_gemv
 from .cuda import cuda_matmul
 from .formats import QuantScheme, dequantize, quantize
+from .memory import return_freed_heap
 
 _EXPAND_ROWS = 4096  # rows expanded at a time by the fallback, to bound its temporary memory
 
@@ -140,8 +141,9 @@ class FusedQuantLinear:
             for module, rows in zip(modules, self.sizes):
                 setattr(module, name, _frozen(fused[start:start + rows]))
                 start += rows
-
         self._cuda_cache = {}
+        if fused.device.type == "cpu":
+            return_freed_heap()  # the separate matrices just freed (see quant/memory.py)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return quantized_matmul(x, self.packed, self.scheme, self.out_features, self.in_features,
