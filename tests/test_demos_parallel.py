@@ -58,6 +58,10 @@ def multi_turn_2(tiny_llama_dir, tmp_path_factory):
 def test_multi_turn_two_processes_answer_like_generate(multi_turn_2, tiny_llama_model):
     server, client, followers = multi_turn_2
     assert len(followers) == 1, [command_line(p) for p in descendants(server.pid)]  # rank 1, spawned
+    # sampled: each rank has its own random state, the engine makes them take rank 0's tokens
+    _, history = client.predict("Hi", [], api_name="/show_user_input")
+    sampled = client.predict(history, "default", 16, 1.0, 1.0, api_name="/stream_model_output")
+    assert multi_turn.messages_to_qas(sampled)[-1][1] is not None
     history = []
     for question in ("Hi", "Name a fruit."):
         _, history = client.predict(question, history, api_name="/show_user_input")
