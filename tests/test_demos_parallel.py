@@ -154,6 +154,10 @@ def test_process_count_errors(monkeypatch, tiny_llama_dir):
 
     with pytest.raises(SystemExit, match="--n_gpus=0: give 1 or more"):
         multi_turn.main(["--pretrained_path", str(tiny_llama_dir), "--n_gpus", "0"])
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun, --n_gpus may only repeat its count
+    with pytest.raises(SystemExit, match="--n_gpus=3 under torchrun with 2 processes"):
+        multi_turn.main(["--pretrained_path", str(tiny_llama_dir), "--n_gpus", "3"])
+    monkeypatch.delenv("WORLD_SIZE")
     args = multi_turn.build_parser().parse_args(["--device", "cuda", "--n_gpus", "4"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

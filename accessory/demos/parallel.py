@@ -7,7 +7,7 @@ The demos start N processes in one of two ways, as the original's did:
   each runs the demo's ``main`` and calls ``run_under_torchrun``.
 * ``python accessory/demos/multi_turn.py --n_gpus N ...`` (multi_turn, multi_turn_mm): the demo's own
   process becomes rank 0 and ``run_with_spawned_followers`` starts ranks 1..N-1 itself (spawned, meeting
-  on --master_addr / --master_port, default: a free port).
+  on --master_addr / --master_port, default: a free port). Under torchrun these use torchrun's processes.
 
 Every rank joins one process group (nccl on CUDA, one GPU per rank; gloo on the CPU) and loads its
 slice of the model (``MetaModel.from_pretrained(mp_group=...)``). Rank 0 serves the page; the page's
@@ -277,11 +277,16 @@ def run_with_spawned_followers(args: argparse.Namespace, n_processes: int, load:
     """multi_turn / multi_turn_mm: this process is rank 0 of ``n_processes`` and starts the others.
     ``load`` must be a module-level function (the followers are spawned)."""
     check_process_count(n_processes, flag)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # started by torchrun after all: use its processes
+        if n_processes not in (1, world):
+            sys.exit(f"error: {flag}={n_processes} under torchrun with {world} processes: give {flag} {world} "
+                     f"(or leave it out), or run this demo with python and let {flag} start the processes")
+        run_under_torchrun(args, load, serve)
+        return
     if n_processes == 1:
         serve(load(args), args)
         return
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.exit(f"error: {flag}={n_processes} starts its own processes; run this demo with python, not torchrun")
     import multiprocessing
 
     backend = plan_backend(args, n_processes, flag)
