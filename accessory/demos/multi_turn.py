@@ -32,7 +32,7 @@ if not __package__:  # run as a file: make `import accessory` find this checkout
 from accessory.cli import _chat_template_for  # noqa: E402
 from accessory.data.conversation import conv_templates  # noqa: E402
 from accessory.demos.common import add_model_args, checkpoint_dirs, launch, load_model  # noqa: E402
-from accessory.demos.parallel import run_with_spawned_followers  # noqa: E402
+from accessory.demos.parallel import check_process_count, run_with_spawned_followers  # noqa: E402
 
 DEFAULT_TEMPERATURE = 0.1
 DEFAULT_TOP_P = 0.75
@@ -196,8 +196,7 @@ def add_chat_args(parser: argparse.ArgumentParser) -> None:
 
 def check_chat_args(args: argparse.Namespace) -> None:
     """Exit with the reason when --n_gpus or --template cannot be served."""
-    if args.n_gpus < 1:
-        sys.exit(f"error: --n_gpus={args.n_gpus}: give 1 or more processes")
+    check_process_count(args.n_gpus, "--n_gpus")
     if args.template != "auto" and args.template not in conv_templates:
         sys.exit(f"error: unknown --template {args.template!r}; known: auto, {', '.join(conv_templates)}")
 
