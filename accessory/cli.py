@@ -289,7 +289,8 @@ Serve a gradio demo in the browser. With no name it starts the multi-turn chat d
 --pretrained_path it uses the embedded SmolLM2-135M-Instruct demo model (built on first use).
 Everything after the name goes to the demo: `accessory demo multi_turn --help` lists its flags
 (--pretrained_path, --llama_type, --llama_config, --tokenizer_path, --dtype, --max_seq_len,
---quant, --host, --port, --share, ...).
+--quant, --host, --port, --share, ...). The multi-turn demos take --n_gpus N: the model cut over N
+processes (one GPU each; on the CPU, N processes); the single-turn ones run under torchrun for that.
 
 demos:
   single_turn   one instruction (plus optional input) in, one answer out (alpaca prompt)
@@ -301,6 +302,7 @@ examples:
   accessory demo multi_turn --pretrained_path /models/llama2-7b-chat --port 7860
   accessory demo single_turn --pretrained_path /models/llama2-7b --dtype fp16
   accessory demo --port 8000 --host 0.0.0.0
+  accessory demo multi_turn --pretrained_path /models/llama2-13b-chat --n_gpus 2
 """
 
 

@@ -3,11 +3,9 @@ layout and defaults, a real server asked through gradio_client, and the start.sh
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,8 +15,8 @@ gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install 
 from accessory.data.conversation import default_conversation  # noqa: E402
 from accessory.data.system_prompt import format_prompt  # noqa: E402
 from accessory.demos import multi_turn, single_turn  # noqa: E402
+from demo_utils import REPO, free_port, start_demo, stop_demo  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 GEN = dict(max_gen_len=12, temperature=0.0, top_p=0.75)  # greedy: the demo and generate must agree exactly
 
 
@@ -29,12 +27,6 @@ def _components(demo):
 
 def _buttons(demo):
     return [block.value for block in demo.blocks.values() if isinstance(block, gr.Button)]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ------------------------------------------------------------------ single turn
@@ -78,7 +70,7 @@ def test_single_turn_served_answer_equals_generate(tiny_llama_model):
 
     demo = single_turn.build_demo(tiny_llama_model)
     demo.queue(default_concurrency_limit=1)
-    port = _free_port()
+    port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, share=False, prevent_thread_lock=True, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -209,7 +201,7 @@ def test_multi_turn_cancelled_answer_stops_generating(tiny_llama_model, monkeypa
     monkeypatch.setattr(tiny_llama_model, "stream_generate", counter)  # undone after the test
     demo = multi_turn.build_demo(tiny_llama_model, "default", max_seq_len=2 * long_gen_len)
     demo.queue(default_concurrency_limit=1)
-    port = _free_port()
+    port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, share=False, prevent_thread_lock=True, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -240,7 +232,7 @@ def test_multi_turn_served_two_turns_equal_generate(tiny_llama_model):
 
     demo = multi_turn.build_demo(tiny_llama_model, "default", max_seq_len=256)
     demo.queue(default_concurrency_limit=1)
-    port = _free_port()
+    port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, share=False, prevent_thread_lock=True, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -269,7 +261,7 @@ def test_demo_flags():
     assert (args.pretrained_path, args.max_seq_len, args.n_gpus, args.dtype) == (None, 2048, 1, "bf16")
 
 
-def test_quant_flag_loads_quantized_and_n_gpus_exits_with_reason(tiny_llama_dir):
+def test_quant_flag_loads_quantized(tiny_llama_dir):
     from accessory.demos.common import load_model
     from accessory.quant import QuantLinear
     args = single_turn.build_parser().parse_args(["--pretrained_path", str(tiny_llama_dir), "--quant", "int8",
@@ -279,8 +271,6 @@ def test_quant_flag_loads_quantized_and_n_gpus_exits_with_reason(tiny_llama_dir)
     args = single_turn.build_parser().parse_args(["--pretrained_path", str(tiny_llama_dir), "--quant", "int3"])
     with pytest.raises(SystemExit, match="int8, int4, nf4"):
         load_model(args)
-    with pytest.raises(SystemExit, match="--n_gpus=2: model parallelism"):
-        multi_turn.main(["--pretrained_path", str(tiny_llama_dir), "--n_gpus", "2"])
 
 
 def test_demo_runs_as_a_file_help():
@@ -312,15 +302,21 @@ def test_start_sh_commands(tmp_path):
         f"python -m accessory.demos.single_turn_mm --pretrained_path {tmp_path}"
     assert _start("--scenario", "5").returncode == 2
     assert "does not exist" in _start("--pretrained_path", str(tmp_path / "nope")).stderr
-    assert "not available in the demos yet" in _start("--nproc", "2").stderr
+    # several processes: torchrun for the single-turn demos, --n_gpus for the multi-turn ones
+    assert _start("--nproc", "2").stdout.strip() == "python -m accessory.demos.multi_turn --n_gpus 2"
+    assert _start("--scenario", "1", "--nproc", "3").stdout.strip() == \
+        "python -m torch.distributed.run --nproc-per-node 3 -m accessory.demos.single_turn"
+    assert _start("--scenario", "3", "--pretrained_path", str(tmp_path), "--nproc", "2").stdout.strip() == \
+        f"python -m torch.distributed.run --nproc-per-node 2 -m accessory.demos.single_turn_mm --pretrained_path {tmp_path}"
+    assert _start("--scenario", "4", "--pretrained_path", str(tmp_path), "--nproc", "2").stdout.strip() == \
+        f"python -m accessory.demos.multi_turn_mm --pretrained_path {tmp_path} --n_gpus 2"
+    assert "1 or more" in _start("--nproc", "0").stderr
+    assert "runs one process" in _start("--scenario", "6", "--nproc", "2").stderr
 
 
-def test_multi_turn_subprocess_on_embedded_model():
+def test_multi_turn_subprocess_on_embedded_model(tmp_path):
     """As a user starts it: `python -m accessory.demos.multi_turn` on a free port, the embedded SmolLM2."""
-    import time
-
     import torch
-    from gradio_client import Client
 
     from accessory.checkpoint.demo_model import DEMO_MODEL_NAME, default_cache_dir
     from accessory.model.meta import MetaModel
@@ -328,27 +324,15 @@ def test_multi_turn_subprocess_on_embedded_model():
     model_dir = default_cache_dir() / "models" / DEMO_MODEL_NAME
     if not (model_dir / "config.json").is_file():
         pytest.skip(f"the embedded demo model is not built yet at {model_dir} (run `accessory chat` once)")
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "accessory.demos.multi_turn", "--port", str(port),
-                               "--dtype", "fp32", "--device", "cpu"], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    port = free_port()
+    server, client = start_demo([sys.executable, "-m", "accessory.demos.multi_turn", "--port", str(port),
+                                 "--dtype", "fp32", "--device", "cpu"], port, tmp_path / "demo.log", timeout_s=90)
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-                break
-            except Exception:
-                if server.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"the demo did not start: {server.stdout.read() if server.poll() is not None else ''}")
-                time.sleep(1)
         question = "What is the capital of France?"
         _, history = client.predict(question, [], api_name="/show_user_input")
         history = client.predict(history, "smollm2", 24, 0.0, 0.75, api_name="/stream_model_output")
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_demo(server)
     model = MetaModel.from_pretrained(str(model_dir), dtype=torch.float32, device="cpu", progress=False)
     prompt, stop = multi_turn.build_conversation_prompt([[question, None]], "smollm2")
     expected = model.generate([prompt], max_gen_len=24, temperature=0.0, additional_stop_symbols=[stop])[0].strip()

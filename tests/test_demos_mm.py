@@ -4,11 +4,8 @@ layout, a page served in this process and one started as a subprocess, asked thr
 with an uploaded image, and the refusals."""
 
 import os
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,15 +21,9 @@ from accessory.model.LLM import unregister_llama_type  # noqa: E402
 from accessory.model.meta import MetaModel  # noqa: E402
 
 import multimodal_tiny as mt  # noqa: E402
+from demo_utils import REPO, free_port, start_demo, stop_demo  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 GEN = dict(max_gen_len=12, temperature=0.0, top_p=0.75)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _components(demo):
@@ -100,7 +91,7 @@ def test_single_turn_mm_served_with_an_uploaded_image(mm_model, tmp_path):
     picture(2).save(path)
     demo = single_turn_mm.build_demo(mm_model, "padded_resize")
     demo.queue(default_concurrency_limit=1)
-    port = _free_port()
+    port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, share=False, prevent_thread_lock=True, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -154,35 +145,24 @@ def test_multi_turn_mm_page_layout(mm_model):
 def test_multi_turn_mm_subprocess_with_an_uploaded_image(mm_dir, mm_model, tmp_path):
     """As a user starts it (``python -m accessory.demos.multi_turn_mm``), with the test type
     registered by a two-line bootstrap, on a free port; two turns about one uploaded picture."""
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
 
     path = tmp_path / "picture.png"
     picture(4).save(path)
     bootstrap = ("import sys, runpy; sys.path.insert(0, 'tests'); import multimodal_tiny; multimodal_tiny.register(); "
                  "runpy.run_module('accessory.demos.multi_turn_mm', run_name='__main__')")
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-c", bootstrap, "--pretrained_path", str(mm_dir), "--port", str(port),
-                               "--dtype", "fp32", "--device", "cpu", "--max_seq_len", "256"], cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    port = free_port()
+    server, client = start_demo([sys.executable, "-c", bootstrap, "--pretrained_path", str(mm_dir), "--port",
+                                 str(port), "--dtype", "fp32", "--device", "cpu", "--max_seq_len", "256"], port,
+                                tmp_path / "demo.log")
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-                break
-            except Exception:
-                if server.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"the demo did not start: {server.stdout.read() if server.poll() is not None else ''}")
-                time.sleep(1)
         history = []
         for question in ("What is this?", "Which colours?"):
             _, history = client.predict(question, history, api_name="/show_user_input")
             history = client.predict(handle_file(str(path)), history, "padded_resize", "default", 12, 0.0, 0.75,
                                      api_name="/stream_model_output")
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_demo(server)
     from PIL import Image
     pixels = pixels_of(Image.open(path), "padded_resize")
     qas = multi_turn.messages_to_qas(history)
@@ -210,7 +190,7 @@ def test_mm_demos_refuse_models_without_images(tiny_llama_dir, tiny_llama_model,
         with pytest.raises(SystemExit, match="with_visual=True builds.*text-only checkpoint.*with_visual=False"):
             demo.main(["--pretrained_path", str(tiny_llama_dir), "--dtype", "fp32", "--device", "cpu"])
     # a model that loads but takes no images
-    monkeypatch.setattr("accessory.demos.common.load_model", lambda args, with_visual=False: tiny_llama_model)
+    monkeypatch.setattr("accessory.demos.common.load_model", lambda args, with_visual=False, mp_group=None: tiny_llama_model)
     for demo in (single_turn_mm, multi_turn_mm):
         with pytest.raises(SystemExit, match="llama_type 'llama' takes no images.*text demos"):
             demo.main(["--pretrained_path", str(tiny_llama_dir)])

@@ -7,7 +7,6 @@ A demo never touches a weight: it calls ``MetaModel.from_pretrained`` and then o
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -40,13 +39,6 @@ def add_model_args(parser: argparse.ArgumentParser, max_seq_len: int) -> None:
                         help="also open a public gradio.live link (off by default)")
 
 
-def check_single_process(n_processes: int, flag: str) -> None:
-    """Exit with a clear message when more than one model-parallel process is asked for."""
-    if n_processes != 1:
-        sys.exit(f"error: {flag}={n_processes}: model parallelism across several processes is not available "
-                 f"in the demos yet; run with one process (the model runs on one GPU or on the CPU)")
-
-
 def checkpoint_dirs(pretrained_path: Optional[Sequence[str]]) -> List[Path]:
     """The checkpoint directories to load: the given ones, or the embedded demo model (built on first use)."""
     if pretrained_path:
@@ -55,8 +47,9 @@ def checkpoint_dirs(pretrained_path: Optional[Sequence[str]]) -> List[Path]:
     return [ensure_demo_model()]
 
 
-def load_model(args: argparse.Namespace, with_visual: bool = False):
-    """``MetaModel.from_pretrained`` with the parsed flags; exits with the reason when loading fails."""
+def load_model(args: argparse.Namespace, with_visual: bool = False, mp_group=None):
+    """``MetaModel.from_pretrained`` with the parsed flags; exits with the reason when loading fails.
+    ``mp_group``: this process's model-parallel group (see demos/parallel.py), or None."""
     from accessory.errors import AccessoryError
     from accessory.model.meta import MetaModel
 
@@ -65,19 +58,23 @@ def load_model(args: argparse.Namespace, with_visual: bool = False):
         return MetaModel.from_pretrained([str(p) for p in paths], llama_type=args.llama_type,
                                          llama_config=args.llama_config, tokenizer_path=args.tokenizer_path,
                                          max_seq_len=args.max_seq_len, dtype=args.dtype, device=args.device,
-                                         quant=args.quant, with_visual=with_visual)
+                                         quant=args.quant, with_visual=with_visual, mp_group=mp_group)
     except NotImplementedError as exc:
         sys.exit(f"error: {exc}")
     except AccessoryError as exc:
-        sys.exit(f"error: cannot load {', '.join(map(str, paths))}: {exc}")
-
-
-def torchrun_world_size() -> int:
-    """WORLD_SIZE as torchrun sets it (1 when not launched by torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+        hint = ""
+        if mp_group is not None and "model-parallel" in str(exc):
+            hint = ("; start fewer processes (--n_gpus N, or torchrun --nproc-per-node N) with an N that "
+                    "divides the checkpoint's head counts")
+        sys.exit(f"error: cannot load {', '.join(map(str, paths))}: {exc}{hint}")
 
 
 def launch(demo, args: argparse.Namespace, **kwargs):
     """Queue (one generation at a time: the model is shared) and serve ``demo``."""
     demo.queue(default_concurrency_limit=1, api_open=True)
-    return demo.launch(server_name=args.host, server_port=args.port, share=args.share, **kwargs)
+    if kwargs.get("prevent_thread_lock"):
+        return demo.launch(server_name=args.host, server_port=args.port, share=args.share, **kwargs)
+    try:  # blocks until Ctrl-C (gradio then closes the server) or SIGTERM (SystemExit: closed here)
+        return demo.launch(server_name=args.host, server_port=args.port, share=args.share, **kwargs)
+    finally:
+        demo.close()

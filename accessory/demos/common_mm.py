@@ -18,12 +18,13 @@ def require_checkpoint(args: argparse.Namespace) -> None:
                  "the embedded demo model takes no images")
 
 
-def load_multimodal_model(args: argparse.Namespace):
-    """``load_model`` with ``with_visual=True``; exits with the reason when the model takes no images."""
+def load_multimodal_model(args: argparse.Namespace, mp_group=None):
+    """``load_model`` with ``with_visual=True``; exits with the reason when the model takes no images.
+    ``mp_group``: this process's model-parallel group (see demos/parallel.py), or None."""
     from accessory.demos.common import load_model
 
     require_checkpoint(args)
-    model = load_model(args, with_visual=True)
+    model = load_model(args, with_visual=True, mp_group=mp_group)
     if not model.takes_images:
         sys.exit(f"error: llama_type {model.llama_type!r} takes no images, so the multimodal demos cannot "
                  f"serve it; use a multimodal checkpoint (--pretrained_path), or the text demos "

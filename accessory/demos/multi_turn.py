@@ -4,6 +4,11 @@ Run it as::
 
     python -m accessory.demos.multi_turn                       # the embedded SmolLM2 demo model (ChatML)
     python accessory/demos/multi_turn.py --pretrained_path /models/llama2-7b-chat --n_gpus 1
+    python accessory/demos/multi_turn.py --pretrained_path /models/llama2-13b-chat --n_gpus 2
+
+With --n_gpus N > 1 the demo starts N-1 more processes and cuts the model over the N (one GPU each;
+with --device cpu, or without CUDA, N processes on the CPU); this process serves the page and the
+others follow its requests, Stop included (accessory/demos/parallel.py).
 
 The page, top to bottom: the chat window, the message box, buttons "Submit", "Stop", "Undo", "Clear",
 sliders "Single-turn max response length" (1..max_seq_len//2), "Temperature", "Top-p", and the
@@ -26,8 +31,8 @@ if not __package__:  # run as a file: make `import accessory` find this checkout
 
 from accessory.cli import _chat_template_for  # noqa: E402
 from accessory.data.conversation import conv_templates  # noqa: E402
-from accessory.demos.common import (add_model_args, check_single_process, checkpoint_dirs, launch,  # noqa: E402
-                                    load_model)
+from accessory.demos.common import add_model_args, checkpoint_dirs, launch, load_model  # noqa: E402
+from accessory.demos.parallel import check_process_count, run_with_spawned_followers  # noqa: E402
 
 DEFAULT_TEMPERATURE = 0.1
 DEFAULT_TOP_P = 0.75
@@ -175,20 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_chat_args(parser: argparse.ArgumentParser) -> None:
     """The multi-turn demos' flags (this demo and multi_turn_mm): model flags plus --n_gpus,
-    --template and the original's unused --master_port / --master_addr."""
+    --template and --master_port / --master_addr (where the --n_gpus processes meet)."""
     add_model_args(parser, max_seq_len=2048)
     parser.add_argument("--n_gpus", type=int, default=1,
-                        help="model-parallel processes (only 1 is available yet)")
+                        help="model-parallel processes, one GPU each (on the CPU: N processes sharing it); "
+                             "default 1")
     parser.add_argument("--template", type=str, default="auto",
                         help="starting conversation template: auto (from the tokenizer's chat template), "
                              f"or one of {', '.join(conv_templates)}")
-    parser.add_argument("--master_port", type=int, default=23560, help="accepted for compatibility; unused")
-    parser.add_argument("--master_addr", type=str, default="127.0.0.1", help="accepted for compatibility; unused")
+    parser.add_argument("--master_port", type=int, default=None,
+                        help="port where the --n_gpus processes meet (default: a free one)")
+    parser.add_argument("--master_addr", type=str, default="127.0.0.1",
+                        help="address where the --n_gpus processes meet (default 127.0.0.1)")
 
 
 def check_chat_args(args: argparse.Namespace) -> None:
     """Exit with the reason when --n_gpus or --template cannot be served."""
-    check_single_process(args.n_gpus, "--n_gpus")
+    check_process_count(args.n_gpus, "--n_gpus")
     if args.template != "auto" and args.template not in conv_templates:
         sys.exit(f"error: unknown --template {args.template!r}; known: auto, {', '.join(conv_templates)}")
 
@@ -198,8 +206,8 @@ def main(argv=None) -> None:
     check_chat_args(args)
     args.pretrained_path = [str(p) for p in checkpoint_dirs(args.pretrained_path)]
     template_name = _chat_template_for(Path(args.pretrained_path[-1]), args.template)
-    model = load_model(args)
-    launch(build_demo(model, template_name, args.max_seq_len), args)
+    run_with_spawned_followers(args, args.n_gpus, load_model,
+                               lambda model, args: launch(build_demo(model, template_name, args.max_seq_len), args))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Run it as::
 
     python -m accessory.demos.multi_turn_mm --pretrained_path /models/sphinx
-    python accessory/demos/multi_turn_mm.py --pretrained_path /models/sphinx --n_gpus 1 --port 7860
+    python accessory/demos/multi_turn_mm.py --pretrained_path /models/sphinx --n_gpus 2 --port 7860
 
 The page, top to bottom: "Image Input", the chat window, the message box, buttons "Submit", "Stop",
 "Undo", "Clear" (chat, message and picture), sliders "Single-turn max response length"
@@ -31,6 +31,7 @@ from accessory.demos.common_mm import (IMAGE_TRANSFORMS, check_transform, image_
 from accessory.demos.multi_turn import (DEFAULT_TEMPERATURE, DEFAULT_TOP_P, TEMPLATE_CHOICES,  # noqa: E402
                                         add_chat_args, build_conversation_prompt, check_chat_args,
                                         messages_to_qas, show_user_input, undo)
+from accessory.demos.parallel import run_with_spawned_followers  # noqa: E402
 
 __all__ = ["stream_reply", "stream_model_output", "show_user_input", "undo", "build_demo", "main"]
 
@@ -121,8 +122,8 @@ def main(argv=None) -> None:
     require_checkpoint(args)
     args.pretrained_path = [str(p) for p in checkpoint_dirs(args.pretrained_path)]
     template_name = _chat_template_for(Path(args.pretrained_path[-1]), args.template)
-    model = load_multimodal_model(args)
-    launch(build_demo(model, template_name, args.max_seq_len), args)
+    run_with_spawned_followers(args, args.n_gpus, load_multimodal_model,
+                               lambda model, args: launch(build_demo(model, template_name, args.max_seq_len), args))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ Run it as::
 
     python -m accessory.demos.single_turn                      # the embedded SmolLM2 demo model
     python accessory/demos/single_turn.py --pretrained_path /models/llama2-7b --dtype bf16 --port 7860
+    torchrun --nproc-per-node=2 accessory/demos/single_turn.py --pretrained_path /models/llama2-13b
+
+Under torchrun the model is cut over the N processes (one GPU each, or N processes on the CPU);
+rank 0 serves the page and the others follow its requests (accessory/demos/parallel.py).
 
 The page, top to bottom, is the original's: "Question", "Question Input (Optional)", "System Prompt"
 (alpaca / None / chatml), sliders "Max Length", "Temperature", "Top p", a "Run" button and "Text Out".
@@ -21,8 +25,8 @@ if not __package__:  # run as a file: make `import accessory` find this checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from accessory.data.system_prompt import format_prompt  # noqa: E402
-from accessory.demos.common import (add_model_args, check_single_process, launch, load_model,  # noqa: E402
-                                    torchrun_world_size)
+from accessory.demos.common import add_model_args, launch, load_model  # noqa: E402
+from accessory.demos.parallel import run_under_torchrun  # noqa: E402
 
 #: The "System Prompt" dropdown: the original's two, plus chatml for chat-tuned models.
 SYSTEM_PROMPTS = ["alpaca", "None", "chatml"]
@@ -91,8 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    check_single_process(torchrun_world_size(), "torchrun --nproc-per-node")
-    model = load_model(args)
+    run_under_torchrun(args, load_model, serve)
+
+
+def serve(model, args: argparse.Namespace) -> None:
+    """Build the page for ``model`` and serve it (blocks until the server stops)."""
     launch(build_demo(model), args)
 
 

@@ -4,6 +4,10 @@ Run it as::
 
     python -m accessory.demos.single_turn_mm --pretrained_path /models/sphinx --image_transform padded_resize
     python accessory/demos/single_turn_mm.py --pretrained_path /models/sphinx --port 7860
+    torchrun --nproc-per-node=2 accessory/demos/single_turn_mm.py --pretrained_path /models/sphinx
+
+Under torchrun the model is cut over the N processes; rank 0 serves the page and the others follow
+its requests (accessory/demos/parallel.py).
 
 The page is the original's: "Image Input" on top, then the text demo's "Question", "Question Input
 (Optional)", "System Prompt", sliders "Max Length", "Temperature", "Top p", a "Run" button and "Text
@@ -22,11 +26,12 @@ from pathlib import Path
 if not __package__:  # run as a file: make `import accessory` find this checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from accessory.demos.common import add_model_args, check_single_process, launch, torchrun_world_size  # noqa: E402
+from accessory.demos.common import add_model_args, launch  # noqa: E402
 from accessory.demos.common_mm import (IMAGE_TRANSFORMS, check_transform, image_tensor,  # noqa: E402
-                                       load_multimodal_model)
+                                       load_multimodal_model, require_checkpoint)
 from accessory.demos.single_turn import (DEFAULT_MAX_LENGTH, DEFAULT_SYSTEM_PROMPT, DEFAULT_TEMPERATURE,  # noqa: E402
                                          DEFAULT_TOP_P, SYSTEM_PROMPTS, build_prompt)
+from accessory.demos.parallel import run_under_torchrun  # noqa: E402
 
 DEFAULT_IMAGE_TRANSFORM = "resized_center_crop"  # the original single-turn demo's --image_transform
 
@@ -91,8 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    check_single_process(torchrun_world_size(), "torchrun --nproc-per-node")
-    model = load_multimodal_model(args)
+    require_checkpoint(args)
+    run_under_torchrun(args, load_multimodal_model, serve)
+
+
+def serve(model, args: argparse.Namespace) -> None:
+    """Build the page for ``model`` and serve it (blocks until the server stops)."""
     launch(build_demo(model, args.image_transform), args)
 
 

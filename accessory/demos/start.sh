@@ -5,6 +5,7 @@
 #   bash accessory/demos/start.sh --scenario 2          # multi-turn chat on the embedded SmolLM2 model
 #   bash accessory/demos/start.sh --scenario 1 --pretrained_path /models/llama2-7b --port 7860
 #   SCENARIO=2 PRETRAINED_PATH=/models/llama2-7b-chat bash accessory/demos/start.sh
+#   bash accessory/demos/start.sh --scenario 1 --nproc 2 --pretrained_path /models/llama2-13b   # 2 processes
 #
 # With no flags and no terminal (or --yes) it starts the multi-turn demo on the embedded demo model.
 # Flags: --scenario N, --pretrained_path DIR (repeatable), --llama_type T, --llama_config FILE (repeatable),
@@ -96,7 +97,7 @@ for p in ${pretrained[@]+"${pretrained[@]}"}; do [[ -d "$p" ]] || die "checkpoin
 for c in ${llama_config[@]+"${llama_config[@]}"}; do [[ -f "$c" ]] || die "config file $c does not exist"; done
 [[ -z "$port" || ( "$port" =~ ^[0-9]+$ && "$port" -le 65535 ) ]] || die "port must be 0-65535, got $port"
 [[ "$nproc" =~ ^[0-9]+$ ]] || die "--nproc must be a number, got $nproc"
-[[ "$nproc" == 1 ]] || die "--nproc $nproc: model parallelism across processes is not available in the demos yet; use 1"
+[[ "$nproc" -ge 1 ]] || die "--nproc must be 1 or more, got $nproc"
 
 args=()
 [[ ${#pretrained[@]} -gt 0 ]] && args+=(--pretrained_path "${pretrained[@]}")
@@ -111,14 +112,21 @@ args=()
 [[ -n "$share" ]] && args+=(--share)
 args+=(${extra[@]+"${extra[@]}"})
 
+# Several model-parallel processes: the single-turn demos run under torchrun (one process each), the
+# multi-turn ones start their followers themselves (--n_gpus).
+single=("$PYTHON" -m)
+[[ "$nproc" == 1 ]] || single=("$PYTHON" -m torch.distributed.run --nproc-per-node "$nproc" -m)
+
 case "$scenario" in
-  1) cmd=("$PYTHON" -m accessory.demos.single_turn ${args[@]+"${args[@]}"}) ;;
+  1) cmd=("${single[@]}" accessory.demos.single_turn ${args[@]+"${args[@]}"}) ;;
   2) cmd=("$PYTHON" -m accessory.demos.multi_turn --n_gpus "$nproc" ${args[@]+"${args[@]}"}) ;;
   3|4) [[ ${#pretrained[@]} -gt 0 ]] || die "scenario $scenario (multimodal) needs --pretrained_path: the embedded demo model sees no images"
-     demo=single_turn_mm; [[ "$scenario" == 4 ]] && demo=multi_turn_mm
-     cmd=("$PYTHON" -m "accessory.demos.$demo" ${args[@]+"${args[@]}"}) ;;
+     if [[ "$scenario" == 3 ]]; then cmd=("${single[@]}" accessory.demos.single_turn_mm ${args[@]+"${args[@]}"})
+     else cmd=("$PYTHON" -m accessory.demos.multi_turn_mm ${args[@]+"${args[@]}"})
+          [[ "$nproc" == 1 ]] || cmd+=(--n_gpus "$nproc"); fi ;;
   5) die "scenario 5 (multimodal box demo) is not available yet" ;;
-  6) cmd=("$PYTHON" -m accessory.cli chat ${pretrained[@]+"${pretrained[-1]}"}) ;;
+  6) [[ "$nproc" == 1 ]] || die "scenario 6 (terminal chat) runs one process; drop --nproc $nproc"
+     cmd=("$PYTHON" -m accessory.cli chat ${pretrained[@]+"${pretrained[-1]}"}) ;;
   7) die "scenario 7 (multimodal terminal tool) is not available yet" ;;
   *) die "unknown scenario $scenario: 1 single-turn, 2 multi-turn, 6 terminal chat" ;;
 esac
