@@ -252,6 +252,16 @@ def test_unknown_type_and_extra_keys_are_refused(source, tmp_path):
     assert not list(tmp_path.glob("m.gguf*"))  # nothing half-written left behind
 
 
+def test_missing_or_misshapen_tensors_are_refused(source, tmp_path):
+    state = {k: v for k, v in source[1].items() if k != "layers.1.ffn_norm.weight"}
+    directory = write_checkpoint(tmp_path / "missing", state, TINY_LLAMA)
+    with pytest.raises(CheckpointError, match="lacks 1 tensor.*llma.layers.1.ffn_norm.weight"):
+        export_gguf(directory, tmp_path / "m.gguf", progress=False)
+    directory = write_checkpoint(tmp_path / "wrong", source[1], dict(TINY_LLAMA, n_kv_heads=4))
+    with pytest.raises(CheckpointError, match="llma.layers.0.attention.wk.weight has shape"):
+        export_gguf(directory, tmp_path / "m.gguf", progress=False)
+
+
 def test_smaller_model_than_vocabulary_is_refused(tmp_path):
     ckpt_utils.llama_spm_tokenizer()
     directory = write_checkpoint(tmp_path / "narrow", random_llama_state(TINY_LLAMA, 1000), TINY_LLAMA)

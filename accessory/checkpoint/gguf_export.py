@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from .gguf import _GLOBAL_TENSORS, _LAYER_TENSORS, ffn_hidden_dim
+from .gguf import _GLOBAL_TENSORS, _LAYER_TENSORS, _expected_shapes, ffn_hidden_dim
 
 __all__ = ["GGUF_EXPORT_TYPES", "export_gguf"]
 
@@ -233,6 +233,7 @@ def export_gguf(src_dir: str | os.PathLike, dst: str | os.PathLike, out_type: st
     args = _llama_args(src, int(state["tok_embeddings.weight"].shape[0]))
     head_dim = args["dim"] // args["n_heads"]
     hidden = ffn_hidden_dim(args["dim"], args["multiple_of"], args["ffn_dim_multiplier"])
+    expected = _expected_shapes(args)
 
     plan = []
     for name, tensor in state.items():
@@ -243,12 +244,16 @@ def export_gguf(src_dir: str | os.PathLike, dst: str | os.PathLike, out_type: st
             raise CheckpointError(f"{src}: llma.{name} has no place in a llama GGUF (expected the `llama` keys "
                                   f"{sorted(_TO_GGUF_GLOBAL)} and layers.N.{{{', '.join(sorted(_TO_GGUF_LAYER))}}}); "
                                   "adapters (LoRA, bias, prefix) must be merged or dropped first")
-        layer = name.split(".")[1] if name.startswith("layers.") else None
-        if layer is not None and int(layer) >= args["n_layers"]:
+        if name not in expected:
             raise CheckpointError(f"{src}: llma.{name} is past n_layers = {args['n_layers']} in config.json")
+        if tuple(tensor.shape) != expected[name]:
+            raise CheckpointError(f"{src}: llma.{name} has shape {tuple(tensor.shape)}, but config.json's "
+                                  f"hyper-parameters make it {expected[name]}")
         plan.append((gguf_name, name, tuple(tensor.shape), _tensor_type(name, tuple(tensor.shape), matrix_type)))
-    if "output.weight" not in state:
-        raise CheckpointError(f"{src}: the checkpoint has no llma.output.weight")
+    missing = sorted(f"llma.{name}" for name in expected if name not in state)
+    if missing:
+        raise CheckpointError(f"{src}: the checkpoint lacks {len(missing)} tensor(s) a llama GGUF needs, e.g. "
+                              f"{', '.join(missing[:5])}")
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     partial = dst.with_name(dst.name + ".partial")
