@@ -1,7 +1,7 @@
 """Decode and prefill speed of Accessory's engine against HF transformers and llama.cpp on the same random weights.
 
     python benchmarks/decode.py [--shapes XS S] [--peers hf llama.cpp] [--gguf-types f16 q8_0 q4_0]
-                                [--threads 2] [--new-tokens 64] [--repeats 3]
+                                [--threads 2] [--new-tokens 32] [--repeats 3]
 
 Shapes: XS (dim 768, 12 layers, 12 heads, FFN 2048, vocab 32000) and S (TinyLlama-1.1B: dim 2048,
 22 layers, 32 heads, 4 KV heads, FFN 5632). Ours and HF run in bf16. Rates are medians over repeats:
@@ -16,6 +16,8 @@ same weights exported with ``accessory convert --to gguf`` (accessory/checkpoint
 ids in one batch), with llama.cpp's default context settings, n_threads = --threads. F16 is compared with
 our bf16; Q8_0 with our int8 and Q4_0 with our int4 (MetaModel quant=; Q4_0 keeps the output head Q8_0
 as our int4 keeps it 8-bit). Prints tables with accessory / HF and accessory / llama.cpp ratios.
+The GGUF files are written once next to the random checkpoint in --workdir and reused by later runs.
+Measure on a quiet machine: with other jobs on the cores every engine's numbers swing by 2x or more.
 """
 
 import argparse
