@@ -11,6 +11,7 @@ Examples::
     accessory convert --from gguf model.gguf /path/to/out --dtype bf16
     accessory convert --from hf /path/to/Llama-2-7b-hf /path/to/out --mp 2
     accessory convert --to hf /path/to/accessory-checkpoint /path/to/hf-out
+    accessory convert --to gguf /path/to/accessory-checkpoint model.Q8_0.gguf --type q8_0
     accessory quantize /path/to/checkpoint /path/to/out-int4 --quant int4
     accessory chat /path/to/checkpoint --quant int8
     accessory download --model_name alpaca --model_size 7B --down_config --output_path ./ckpts
@@ -113,8 +114,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     from .tools import dtype_option, run_writer
     if (args.source_format is None) == (args.target_format is None):
-        print("give exactly one of --from (gguf, hf: into the Accessory layout) or --to (hf: out of it)",
+        print("give exactly one of --from (gguf, hf: into the Accessory layout) or --to (hf, gguf: out of it)",
               file=sys.stderr)
+        return 2
+    if args.gguf_type is not None and args.target_format != "gguf":
+        print("--type applies to --to gguf only", file=sys.stderr)
         return 2
     dtype = dtype_option(args.dtype)
     if args.source_format == "gguf":
@@ -126,6 +130,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.target_format == "hf":
         from .checkpoint.hf import accessory_to_hf
         return run_writer(lambda: accessory_to_hf(args.src, args.dst, dtype=dtype))
+    if args.target_format == "gguf":
+        from .checkpoint.gguf_export import export_gguf
+        if args.dtype is not None:
+            print("--dtype does not apply to --to gguf; pick the weight type with --type", file=sys.stderr)
+            return 2
+        return run_writer(lambda: export_gguf(args.src, args.dst, out_type=args.gguf_type or "f16"), notes=True)
     print(f"conversion from {args.source_format!r} is not supported", file=sys.stderr)
     return 2
 
@@ -376,26 +386,32 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     convert = sub.add_parser(
-        "convert", help="convert a checkpoint into (or out of) the Accessory layout",
+        "convert", help="convert a checkpoint into (or out of) the Accessory layout, or write it as GGUF",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Convert a model into an Accessory checkpoint directory (consolidated.NN-of-MM.model.pth, "
                     "config.json, meta.json, tokenizer files) with --from, or an Accessory `llama`, `mixtral` or "
                     "`falcon` checkpoint (meta.json's llama_type) into an HF LlamaForCausalLM / "
-                    "MixtralForCausalLM / FalconForCausalLM directory with --to hf. With --from hf the "
+                    "MixtralForCausalLM / FalconForCausalLM directory with --to hf, or an Accessory `llama` "
+                    "checkpoint into one llama.cpp GGUF file with --to gguf (--type f16, bf16, f32, q8_0 or q4_0; "
+                    "norms stay F32, q4_0 keeps the output head Q8_0). With --from hf the "
                     "architecture is read from config.json's model_type (llama, mixtral, falcon).",
         epilog="examples:\n"
                "  accessory convert --from gguf SmolLM2-135M-Instruct.Q4_1.gguf ./smollm2 --dtype bf16\n"
                "  accessory convert --from hf ./Llama-2-7b-hf ./llama2-7b-accessory\n"
                "  accessory convert --from hf ./Llama-2-13b-hf ./llama2-13b-mp2 --mp 2 --dtype bf16\n"
                "  accessory convert --from hf ./Mixtral-8x7B-v0.1 ./mixtral-mp2 --mp 2 --dtype bf16\n"
-               "  accessory convert --to hf ./llama2-7b-accessory ./Llama-2-7b-hf-again")
+               "  accessory convert --to hf ./llama2-7b-accessory ./Llama-2-7b-hf-again\n"
+               "  accessory convert --to gguf ./llama2-7b-accessory ./llama2-7b.Q8_0.gguf --type q8_0")
     convert.add_argument("--from", dest="source_format", choices=["gguf", "hf"],
                          help="source format: gguf (a Llama GGUF file) or hf (an HF Llama/Mixtral/Falcon ForCausalLM "
                               "directory with safetensors)")
-    convert.add_argument("--to", dest="target_format", choices=["hf"],
-                         help="target format for an Accessory llama / mixtral / falcon checkpoint directory: hf")
+    convert.add_argument("--to", dest="target_format", choices=["hf", "gguf"],
+                         help="target format for an Accessory checkpoint directory: hf (llama / mixtral / falcon) "
+                              "or gguf (llama)")
     convert.add_argument("src", help="source file or directory")
-    convert.add_argument("dst", help="output directory")
+    convert.add_argument("dst", help="output directory (a .gguf file with --to gguf)")
+    convert.add_argument("--type", dest="gguf_type", default=None, choices=["f16", "bf16", "f32", "q8_0", "q4_0"],
+                         help="with --to gguf: type of the weight matrices (default f16)")
     convert.add_argument("--dtype", default=None,
                          help="weight dtype to write: bf16, fp16 or fp32 (default: bf16 for gguf, the "
                               "stored dtype otherwise)")

@@ -1,17 +1,31 @@
-"""Decode and prefill speed of Accessory's engine against HF transformers on the same random weights.
+"""Decode and prefill speed of Accessory's engine against HF transformers and llama.cpp on the same random weights.
 
-    python benchmarks/decode.py [--shapes XS S] [--threads 2] [--new-tokens 64] [--repeats 3]
+    python benchmarks/decode.py [--shapes XS S] [--peers hf llama.cpp] [--gguf-types f16 q8_0 q4_0]
+                                [--threads 2] [--new-tokens 32] [--repeats 3]
 
 Shapes: XS (dim 768, 12 layers, 12 heads, FFN 2048, vocab 32000) and S (TinyLlama-1.1B: dim 2048,
-22 layers, 32 heads, 4 KV heads, FFN 5632). Both run in bf16. Rates are medians over repeats:
+22 layers, 32 heads, 4 KV heads, FFN 5632). The default runs XS only (minutes on 2 quiet cores); S with
+every peer takes far longer (each engine runs its 16-stream prompts and decodes 4 times): --shapes XS S.
+Ours and HF run in bf16. Rates are medians over repeats:
   decode  = tokens/s of one stream after the prompt (time(N+1 tokens) - time(1 token)) / N
   prefill = prompt tokens/s for a 128-token prompt
   batch16 = aggregate new tokens/s of 16 streams decoding together
-Prints a table with accessory / HF ratios.
+Every engine decodes greedily and generates exactly the tokens asked for (no stop token).
+
+llama.cpp (when llama-cpp-python is installed: pip install llama-cpp-python, or the `bench` extra) runs the
+same weights exported with ``accessory convert --to gguf`` (accessory/checkpoint/gguf_export.py) to each
+--gguf-types file, through llama.cpp's C API (llama_decode with a llama_batch; 16 streams are 16 sequence
+ids in one batch), with llama.cpp's default context settings, n_threads = --threads. F16 is compared with
+our bf16; Q8_0 with our int8 and Q4_0 with our int4 (MetaModel quant=; Q4_0 keeps the output head Q8_0
+as our int4 keeps it 8-bit). Prints tables with accessory / HF and accessory / llama.cpp ratios.
+The GGUF files are written once next to the random checkpoint in --workdir and reused by later runs.
+Measure on a quiet machine: with other jobs on the cores every engine's numbers swing by 2x or more.
 """
 
 import argparse
+import importlib
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -20,10 +34,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from accessory.checkpoint.gguf_export import export_gguf  # noqa: E402
 from accessory.generation.engine import GenerationEngine  # noqa: E402
 from accessory.generation.sampling import SamplingParams  # noqa: E402
 from accessory.model.LLM.llama import ModelArgs, Transformer, ffn_hidden_dim  # noqa: E402
@@ -34,6 +50,10 @@ SHAPES = {
     "S": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, multiple_of=256, norm_eps=1e-5),
 }
 VOCAB = 32000
+GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0")
+#: our weights each GGUF type is compared with
+OURS_FOR_GGUF = {"f16": "bf16", "bf16": "bf16", "q8_0": "int8", "q4_0": "int4"}
+METRICS = ("decode", "prefill", "batch16")
 TOKENIZER = Path(os.environ.get("ACCESSORY_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "fixtures" / \
     "tokenizers" / "llama-spm"
 
@@ -125,40 +145,206 @@ def hf_runner(hf):
     return run
 
 
-def measure(run, new_tokens: int, repeats: int) -> dict:
-    one = prompts(1, 16)
-    t1 = median_time(lambda: run(one, 1), repeats)
-    tn = median_time(lambda: run(one, new_tokens + 1), repeats)
-    long_prompt = prompts(1, 128)
-    tp = median_time(lambda: run(long_prompt, 1), repeats)
-    batch = prompts(16, 16)
-    b1 = median_time(lambda: run(batch, 1), repeats)
-    bn = median_time(lambda: run(batch, new_tokens + 1), repeats)
-    return {"decode": new_tokens / (tn - t1), "prefill": 128 / tp, "batch16": 16 * new_tokens / (bn - b1)}
+def measure(run, new_tokens: int, repeats: int, metrics=METRICS) -> dict:
+    """tok/s of ``run(ids, new_tokens)`` for each of ``metrics`` (see the module notes)."""
+    rates = {}
+    if "decode" in metrics:
+        one = prompts(1, 16)
+        t1 = median_time(lambda: run(one, 1), repeats)
+        tn = median_time(lambda: run(one, new_tokens + 1), repeats)
+        rates["decode"] = new_tokens / (tn - t1)
+    if "prefill" in metrics:
+        long_prompt = prompts(1, 128)
+        rates["prefill"] = 128 / median_time(lambda: run(long_prompt, 1), repeats)
+    if "batch16" in metrics:
+        batch = prompts(16, 16)
+        b1 = median_time(lambda: run(batch, 1), repeats)
+        bn = median_time(lambda: run(batch, new_tokens + 1), repeats)
+        rates["batch16"] = 16 * new_tokens / (bn - b1)
+    return rates
+
+
+def llama_cpp_missing() -> str:
+    """Why llama.cpp cannot run here ('' when it can)."""
+    try:
+        importlib.import_module("llama_cpp")
+    except (ImportError, OSError) as exc:  # OSError: a build whose shared library does not load
+        return f"llama-cpp-python is not installed ({exc}); pip install llama-cpp-python (builds llama.cpp, minutes)"
+    return ""
+
+
+def export_ggufs(directory: Path, types) -> dict:
+    """{type: path} of the checkpoint in ``directory`` written as GGUF (kept next to it for later runs)."""
+    paths = {}
+    for gguf_type in types:
+        path = directory / f"model.{gguf_type}.gguf"
+        if not path.exists():
+            export_gguf(directory, path, gguf_type, progress=False)
+        paths[gguf_type] = path
+    return paths
+
+
+class LlamaCpp:
+    """One GGUF model in llama.cpp through llama-cpp-python's bindings of the C API.
+
+    ``run(ids, new_tokens)`` has the contract of ``ours_runner``: the (streams, length) prompts go in as one
+    llama_batch (sequence id = stream), then one llama_decode per new token with the greedy token of every
+    stream; the KV cache is cleared first. A context per stream count, built on first use."""
+
+    def __init__(self, path: Path, threads: int, max_tokens: int):
+        import llama_cpp
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load messages
+        self.lib, self.threads, self.max_tokens = llama_cpp, threads, max_tokens
+        llama_cpp.llama_backend_init()
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {path}")
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.contexts = {}
+
+    def _context(self, streams: int):
+        if streams not in self.contexts:
+            lib = self.lib
+            params = lib.llama_context_default_params()
+            per_stream = (self.max_tokens + 255) // 256 * 256
+            params.n_ctx = streams * per_stream
+            params.n_batch = params.n_ubatch = 512
+            params.n_seq_max = streams
+            params.n_threads = params.n_threads_batch = self.threads
+            ctx = lib.llama_init_from_model(self.model, params)
+            if not ctx:
+                raise RuntimeError("llama.cpp could not create a context")
+            self.contexts[streams] = (ctx, lib.llama_batch_init(512, 0, 1))
+        return self.contexts[streams]
+
+    def _decode(self, ctx, batch, entries) -> None:
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+            batch.seq_id[i][0] = seq
+        batch.n_tokens = len(entries)
+        code = self.lib.llama_decode(ctx, batch)
+        if code != 0:
+            raise RuntimeError(f"llama_decode returned {code}")
+
+    def _greedy(self, ctx, index: int) -> int:
+        logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(ctx, index), shape=(self.n_vocab,))
+        return int(logits.argmax())
+
+    def run(self, ids: torch.Tensor, new_tokens: int) -> None:
+        streams, length = ids.shape
+        ctx, batch = self._context(streams)
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(ctx), True)
+        prompt = ids.tolist()
+        self._decode(ctx, batch, [(t, p, s, p == length - 1) for s in range(streams)
+                                  for p, t in enumerate(prompt[s])])
+        tokens = [self._greedy(ctx, (s + 1) * length - 1) for s in range(streams)]
+        for step in range(new_tokens - 1):
+            self._decode(ctx, batch, [(tokens[s], length + step, s, True) for s in range(streams)])
+            tokens = [self._greedy(ctx, s) for s in range(streams)]
+
+    def close(self) -> None:
+        for ctx, batch in self.contexts.values():
+            self.lib.llama_batch_free(batch)
+            self.lib.llama_free(ctx)
+        self.contexts = {}
+        self.lib.llama_model_free(self.model)
+
+
+def load_ours(directory: Path, weights: str) -> MetaModel:
+    return MetaModel.from_pretrained(str(directory), max_seq_len=512, dtype=torch.bfloat16, device="cpu",
+                                     quant=None if weights == "bf16" else weights, progress=False)
+
+
+def print_table(title: str, columns, rows) -> None:
+    """rows: (shape, metric, [value or None per column]); a column named 'x NAME' is a ratio."""
+    print(f"\n{title}")
+    print(f"{'shape':<6}{'metric':<9}" + "".join(f"{c:>{max(10, len(c) + 2)}}" for c in columns))
+    for shape, metric, values in rows:
+        cells = "".join(f"{'n/a' if v is None else (f'{v:.2f}' if c.startswith('x ') else f'{v:.1f}'):>{max(10, len(c) + 2)}}"
+                        for c, v in zip(columns, values))
+        print(f"{shape:<6}{metric:<9}{cells}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=["XS", "S"], choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=["XS"], choices=list(SHAPES),
+                        help="model shapes (default XS; the issue's full table is --shapes XS S)")
+    parser.add_argument("--peers", nargs="*", default=["hf", "llama.cpp"], choices=["hf", "llama.cpp"],
+                        help="engines to compare with (default both; none: ours only)")
+    parser.add_argument("--gguf-types", nargs="+", default=["f16", "q8_0", "q4_0"], choices=GGUF_TYPES,
+                        help="GGUF files llama.cpp runs; q8_0 / q4_0 also run our int8 / int4 (default all three)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "accessory-bench"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = []
+    t0 = time.perf_counter()
+    why_not = llama_cpp_missing() if "llama.cpp" in args.peers else "not asked for (--peers)"
+    if why_not:
+        print(f"llama.cpp: skipped, {why_not}", flush=True)
+    gguf_types = args.gguf_types if not why_not else []
+    ours_weights = ["bf16"] + [OURS_FOR_GGUF[t] for t in gguf_types if OURS_FOR_GGUF[t] != "bf16"]
+    results = {}  # (shape, engine) -> rates
     for shape in args.shapes:
         directory = build_checkpoint(shape, Path(args.workdir))
-        model = MetaModel.from_pretrained(str(directory), max_seq_len=512, dtype=torch.bfloat16, device="cpu")
-        ours = measure(ours_runner(model), args.new_tokens, args.repeats)
-        hf = measure(hf_runner(to_hf(model)), args.new_tokens, args.repeats)
-        rows.append((shape, ours, hf))
-        del model
-    print(f"\n{args.threads} threads, bf16, {args.new_tokens} new tokens, median of {args.repeats}")
-    print(f"{'shape':<6}{'metric':<9}{'accessory tok/s':>16}{'HF tok/s':>10}{'ratio':>7}")
-    for shape, ours, hf in rows:
-        for metric in ("decode", "prefill", "batch16"):
-            print(f"{shape:<6}{metric:<9}{ours[metric]:>16.1f}{hf[metric]:>10.1f}{ours[metric] / hf[metric]:>7.2f}")
+        for weights in dict.fromkeys(ours_weights):
+            model = load_ours(directory, weights)
+            results[shape, weights] = measure(ours_runner(model), args.new_tokens, args.repeats)
+            if weights == "bf16" and "hf" in args.peers:
+                results[shape, "hf"] = measure(hf_runner(to_hf(model)), args.new_tokens, args.repeats)
+            del model
+            print(f"  {shape} ours {weights} done", flush=True)
+        for gguf_type, path in export_ggufs(directory, gguf_types).items():
+            peer = LlamaCpp(path, args.threads, max_tokens=128 + args.new_tokens + 1)
+            try:
+                results[shape, f"llama.cpp {gguf_type}"] = measure(peer.run, args.new_tokens, args.repeats)
+            finally:
+                peer.close()
+            print(f"  {shape} llama.cpp {gguf_type} done", flush=True)
+
+    def value(shape, engine, metric):
+        return results.get((shape, engine), {}).get(metric)
+
+    def ratio(shape, a, b, metric):
+        x, y = value(shape, a, metric), value(shape, b, metric)
+        return None if x is None or y is None else x / y
+
+    header = f"{args.threads} threads, {args.new_tokens} new tokens, median of {args.repeats}"
+    columns = ["ours bf16"]
+    if "hf" in args.peers:
+        columns += ["HF bf16", "x HF"]
+    if "f16" in gguf_types or "bf16" in gguf_types:
+        half = "f16" if "f16" in gguf_types else "bf16"
+        columns += [f"llama.cpp {half}", f"x llama.cpp {half}"]
+    rows = []
+    for shape in args.shapes:
+        for metric in METRICS:
+            values = []
+            for column in columns:
+                if column == "x HF":
+                    values.append(ratio(shape, "bf16", "hf", metric))
+                elif column.startswith("x llama.cpp"):
+                    values.append(ratio(shape, "bf16", column[2:], metric))
+                else:
+                    values.append(value(shape, {"ours bf16": "bf16", "HF bf16": "hf"}.get(column, column), metric))
+            rows.append((shape, metric, values))
+    print_table(f"16-bit weights, tok/s ({header})", columns, rows)
+    quantized = [t for t in gguf_types if t in ("q8_0", "q4_0")]
+    if quantized:
+        columns, rows = [], []
+        for t in quantized:
+            columns += [f"ours {OURS_FOR_GGUF[t]}", f"llama.cpp {t}", f"x llama.cpp {t}"]
+        for shape in args.shapes:
+            for metric in METRICS:
+                values = []
+                for t in quantized:
+                    ours, theirs = OURS_FOR_GGUF[t], f"llama.cpp {t}"
+                    values += [value(shape, ours, metric), value(shape, theirs, metric),
+                               ratio(shape, ours, theirs, metric)]
+                rows.append((shape, metric, values))
+        print_table(f"quantized weights, tok/s ({header})", columns, rows)
+    print(f"\n({time.perf_counter() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

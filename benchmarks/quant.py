@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from decode import SHAPES, build_checkpoint, median_time, ours_runner, prompts  # noqa: E402
+from decode import SHAPES, build_checkpoint, measure, ours_runner  # noqa: E402
 
 from accessory.model.meta import MetaModel  # noqa: E402
 
@@ -52,11 +52,7 @@ why coastal towns see so much drizzle: the air above the sea carries both moistu
 
 
 def decode_rates(model: MetaModel, new_tokens: int, repeats: int) -> dict:
-    run = ours_runner(model)
-    one, batch = prompts(1, 16), prompts(16, 16)
-    t1, tn = median_time(lambda: run(one, 1), repeats), median_time(lambda: run(one, new_tokens + 1), repeats)
-    b1, bn = median_time(lambda: run(batch, 1), repeats), median_time(lambda: run(batch, new_tokens + 1), repeats)
-    return {"decode": new_tokens / (tn - t1), "batch16": 16 * new_tokens / (bn - b1)}
+    return measure(ours_runner(model), new_tokens, repeats, metrics=("decode", "batch16"))
 
 
 def speed(args) -> None:
