@@ -143,7 +143,7 @@ class FusedQuantLinear:
                 start += rows
         self._cuda_cache = {}
         if fused.device.type == "cpu":
-            return_freed_heap()  # the separate matrices just freed (see quant/memory.py)
+            return_freed_heap(0)  # the separate matrices just freed (see quant/memory.py)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return quantized_matmul(x, self.packed, self.scheme, self.out_features, self.in_features,

@@ -21,9 +21,10 @@ def return_freed_heap(min_free_bytes: int = 256 << 20) -> bool:
 
     Packing a matrix allocates float32 temporaries of tens of MB, and fusing packed q/k/v or w1/w3
     frees the separate matrices for one larger copy; glibc keeps those holes inside its heap, where
-    what comes next does not fit them all: a 7B int4 load peaked at 5403 MiB without this, 4724
-    with it. The threshold keeps the cost down: memory handed back is faulted in again when next
-    used (trimming after every weight made a 1.1B load 1.6x slower). Returns whether it trimmed."""
+    what comes next does not fit them all: a 7B int4 load peaked at 5403 MiB without this, 4719
+    with it (packing trims past 256 MB free, fusing always). The threshold keeps the cost down:
+    memory handed back is faulted in again when next used (trimming after every packed weight made
+    a 1.1B load 1.6x slower). Returns whether it trimmed."""
     global _malloc_trim, _mallinfo2
     if _malloc_trim is None:
         try:
