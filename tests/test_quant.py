@@ -128,6 +128,23 @@ def test_fallback_without_native_kernels_gives_the_same_products(monkeypatch):
                           atol=1e-5)
 
 
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_bf16_prefill_products_on_cpus_with_and_without_native_bf16(monkeypatch, native_bf16):
+    """Prompt-sized bf16 inputs expand the packed matrix: in float32 blocks of rows where the CPU
+    lacks native bf16 (what this path is for), in bf16 otherwise; both near the float64 product."""
+    import accessory.quant.linear as ql
+    monkeypatch.setattr(ql, "cpu_has_native_bf16", lambda: native_bf16)
+    scheme = QuantScheme("int4", 32)
+    gen = torch.Generator().manual_seed(5)
+    packed = quantize(torch.randn(9000, 128, generator=gen) * 0.05, scheme)  # several blocks of rows
+    x = torch.randn(2, 20, 128, generator=gen).bfloat16()
+    got = quantized_matmul(x, packed, scheme, 9000, 128)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 20, 9000)
+    reference = x.double() @ dequantize(packed, scheme, torch.float64).T
+    error = ((got.double() - reference).abs().max() / reference.abs().max()).item()
+    assert error < (1e-2 if native_bf16 else 5e-3)
+
+
 # --------------------------------------------------------------------------- models
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-_WIDEN_FLOATS = 1 << 20  # float32 elements of weight widened at a time (4 MB)
+WIDEN_BLOCK_FLOATS = 1 << 20  # float32 elements of weight widened at a time (4 MB)
 
 
 def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
@@ -63,7 +63,7 @@ def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Te
     the result in ``x``'s dtype."""
     x32 = x.reshape(-1, x.shape[-1]).float()
     out = torch.empty((x32.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
-    block = max(64, _WIDEN_FLOATS // weight.shape[1])
+    block = max(64, WIDEN_BLOCK_FLOATS // weight.shape[1])
     for start in range(0, weight.shape[0], block):
         part = F.linear(x32, weight[start:start + block].float(),
                         None if bias is None else bias[start:start + block].float())
