@@ -10,6 +10,7 @@ from torch import nn
 from ...kernels.linear import NativeLinear
 from ...kernels.linear import linear as fast_linear
 from ...quant.linear import fuse_quant_linears
+from ...quant.memory import release_file_pages
 
 _FUSABLE = (nn.Linear, NativeLinear)
 
@@ -101,6 +102,9 @@ def fuse_linears(*linears: nn.Module):
         rows = weight.shape[0]
         module.weight = nn.Parameter(fused[start:start + rows], requires_grad=weight.requires_grad)
         start += rows
+        # a weight used in place from the memory-mapped checkpoint: its pages, read once for the
+        # copy, would otherwise stay resident beside the fused matrix
+        release_file_pages(weight)
     return FusedLinear(fused, [w.shape[0] for w in weights])
 
 
