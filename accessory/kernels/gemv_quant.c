@@ -216,7 +216,7 @@ static inline __attribute__((always_inline)) __m256i int4_block_codes(const uint
 
 /* group_shift: log2(G / 32). Blocks are taken two at a time into two accumulators per row. */
 static inline __attribute__((always_inline)) void int4_tile(
-        const uint8_t *p, const uint16_t *s, const uint16_t *z, const int8_t *xq, const float *dx,
+        const uint8_t *p, const float *s, const uint16_t *z, const int8_t *xq, const float *dx,
         const float *xsum, void *y, int dtype, int64_t O, int64_t I, int group_shift, int64_t o,
         int64_t m0, const int mt) {
     const int64_t n_blocks = I / 32, n_groups = n_blocks >> group_shift;
@@ -225,7 +225,7 @@ static inline __attribute__((always_inline)) void int4_tile(
     int64_t k = 0;
     for (; k + 1 < n_blocks; k += 2) {
         const __m256i c0 = int4_block_codes(p + k * 16), c1 = int4_block_codes(p + k * 16 + 16);
-        const float s0 = half_to_float(s[k >> group_shift]), s1 = half_to_float(s[(k + 1) >> group_shift]);
+        const float s0 = s[k >> group_shift], s1 = s[(k + 1) >> group_shift];
         for (int j = 0; j < mt; ++j) {
             const int8_t *xr = xq + (m0 + j) * I + k * 32;
             const float *d = dx + (m0 + j) * n_blocks + k;
@@ -235,15 +235,20 @@ static inline __attribute__((always_inline)) void int4_tile(
     }
     if (k < n_blocks) {
         const __m256i c0 = int4_block_codes(p + k * 16);
-        const float s0 = half_to_float(s[k >> group_shift]);
+        const float s0 = s[k >> group_shift];
         for (int j = 0; j < mt; ++j)
             total[j][0] = _mm256_fmadd_ps(int4_block_dot(c0, xq + (m0 + j) * I + k * 32),
                                           _mm256_set1_ps(s0 * dx[(m0 + j) * n_blocks + k]), total[j][0]);
     }
     for (int j = 0; j < mt; ++j) {
-        float offset = 0.0f;
         const float *xs = xsum + (m0 + j) * n_groups;
-        for (int64_t g = 0; g < n_groups; ++g) offset += half_to_float(z[g]) * xs[g];
+        __m256 offsets = _mm256_setzero_ps();  /* eight fp16 offsets at a time (F16C) */
+        int64_t g = 0;
+        for (; g + 8 <= n_groups; g += 8)
+            offsets = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(z + g))),
+                                      _mm256_loadu_ps(xs + g), offsets);
+        float offset = hsum(offsets);
+        for (; g < n_groups; ++g) offset += half_to_float(z[g]) * xs[g];
         store(y, dtype, (m0 + j) * O + o, hsum(_mm256_add_ps(total[j][0], total[j][1])) + offset);
     }
 }
@@ -254,9 +259,14 @@ static void int4_rows(const uint8_t *P, const uint16_t *scale, const uint16_t *o
     const int64_t n_groups = I / G;
     int group_shift = 0;
     while ((32 << group_shift) < G) ++group_shift; /* G is 32, 64 or 128 */
+    float s[n_groups];  /* one row's scales in float32, converted eight at a time (F16C) */
     for (int64_t o = o_begin; o < o_end; ++o) {
         const uint8_t *p = P + o * (I / 2);
-        const uint16_t *s = scale + o * n_groups, *z = offset + o * n_groups;
+        const uint16_t *s16 = scale + o * n_groups, *z = offset + o * n_groups;
+        int64_t g = 0;
+        for (; g + 8 <= n_groups; g += 8)
+            _mm256_storeu_ps(s + g, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s16 + g))));
+        for (; g < n_groups; ++g) s[g] = half_to_float(s16[g]);
         for (int64_t m0 = 0; m0 < M; m0 += TILE) {
             switch ((M - m0) < TILE ? (M - m0) : TILE) {
                 case 1: int4_tile(p, s, z, xq, dx, xsum, y, dtype, O, I, group_shift, o, m0, 1); break;
