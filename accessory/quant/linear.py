@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.linear import WIDEN_BLOCK_FLOATS, cpu_has_native_bf16
+from ..kernels.linear import cpu_has_native_bf16, linear_in_float32_blocks
 from ..kernels.quant import quant_gemv
 from .cuda import cuda_matmul
 from .formats import QuantScheme, dequantize, quantize
@@ -116,14 +116,10 @@ def quantized_matmul(x: torch.Tensor, packed: Dict[str, torch.Tensor], scheme: Q
     if out is not None:
         return out
     if x.device.type == "cpu" and x.dtype is torch.bfloat16 and not cpu_has_native_bf16():
-        # prefill on a CPU without native bf16: float32 blocks, as kernels.linear.widened_linear
-        x32 = x.float()
-        out = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
-        block = max(64, WIDEN_BLOCK_FLOATS // in_features)
-        for start in range(0, out_features, block):
-            rows = {name: t[start:start + block] for name, t in packed.items()}
-            out[..., start:start + block] = F.linear(x32, dequantize(rows, scheme, torch.float32))
-        return out
+        # prefill on a CPU without native bf16: float32 blocks, as the bf16 prefill product
+        return linear_in_float32_blocks(
+            x, out_features,
+            lambda start, stop: dequantize({name: t[start:stop] for name, t in packed.items()}, scheme, torch.float32))
     compute_dtype = x.dtype if x.is_floating_point() else torch.float32
     if out_features <= _EXPAND_ROWS:
         return F.linear(x, dequantize(packed, scheme, compute_dtype))

@@ -27,17 +27,15 @@ def return_freed_heap(min_free_bytes: int = 256 << 20) -> bool:
     a 1.1B load 1.6x slower). Returns whether it trimmed."""
     global _malloc_trim, _mallinfo2
     if _malloc_trim is None:
+        _malloc_trim = _mallinfo2 = False
         try:
             libc = ctypes.CDLL(None)
             _malloc_trim = libc.malloc_trim
             _malloc_trim.argtypes, _malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
-        except (OSError, AttributeError):
-            _malloc_trim = False
-        try:
-            _mallinfo2 = libc.mallinfo2
+            _mallinfo2 = libc.mallinfo2  # glibc 2.33 and later
             _mallinfo2.argtypes, _mallinfo2.restype = [], _MallInfo2
-        except (NameError, AttributeError):
-            _mallinfo2 = False
+        except (OSError, AttributeError):
+            pass
     if not _malloc_trim:
         return False
     if _mallinfo2 and _mallinfo2().fordblks < min_free_bytes:

@@ -105,7 +105,7 @@ def _hooked(module: nn.Module) -> bool:
 
 
 def _norm_weight(norm: nn.Module):
-    if type(norm) is not RMSNorm or _hooked(norm):
+    if type(norm) is not RMSNorm:  # (hooks: _layer_plan checks the whole layer)
         return None
     weight = norm.weight
     if weight.device.type != "cpu" or not weight.is_contiguous() or weight.dtype not in (torch.bfloat16, torch.float32):
@@ -137,7 +137,8 @@ def _layer_plan(layer, block_types) -> Optional[SimpleNamespace]:
                            attention_norm=norms[0], ffn_norm=norms[1], layer_id=layer.layer_id,
                            n_heads=attention.n_heads, n_kv_heads=attention.n_kv_heads, head_dim=attention.head_dim,
                            fused=(attention._wqkv, feed_forward._w13),
-                           watched=(layer, attention, feed_forward, attention.wo, feed_forward.w2))
+                           watched=(layer, attention, feed_forward, attention.wo, feed_forward.w2,
+                                    layer.attention_norm, layer.ffn_norm))
 
 
 def _still_valid(layer, plan: SimpleNamespace) -> bool:
@@ -151,7 +152,8 @@ def _still_valid(layer, plan: SimpleNamespace) -> bool:
             and _weight_pointer(feed_forward.w2) == plan.w2.pointers[0]
             and layer.attention_norm.weight.data_ptr() == plan.attention_norm[0]
             and layer.ffn_norm.weight.data_ptr() == plan.ffn_norm[0]
-            and (layer, attention, feed_forward, attention.wo, feed_forward.w2) == plan.watched
+            and (layer, attention, feed_forward, attention.wo, feed_forward.w2, layer.attention_norm,
+                 layer.ffn_norm) == plan.watched
             and not any(m._forward_hooks or m._forward_pre_hooks for m in plan.watched))
 
 
@@ -222,9 +224,7 @@ def decode_layers(model, h: torch.Tensor, positions: torch.Tensor, kv_cache, blo
     keys, values = kv_cache.keys, kv_cache.values
     if not keys or keys[0].dtype is not torch.float32 or keys[0].shape[0] < rows:
         return None
-    rotary = model.rotary
-    if rotary.style not in ("interleaved", "half") or rotary.cos.dtype is not torch.float32:
-        return None
+    rotary = model.rotary  # its tables are float32 and its style one the kernel knows (rotary.py)
     kernels = decode_kernels()
     if kernels is None:
         return None
