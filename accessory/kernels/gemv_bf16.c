@@ -12,6 +12,13 @@
 #include <stdint.h>
 #include <string.h>
 
+/* Weight bytes are software-prefetched this far ahead of the loads, one cache line per 64 bytes:
+ * on the 2-core AVX2 machine of benchmarks/README.md this read matrices larger than the caches
+ * 5-12% faster at two threads than the hardware prefetchers alone (1 KB measured best of
+ * 1, 2 and 4 KB for one activation row). */
+#define PREFETCH_BYTES 1024
+#define PREFETCH(address) _mm_prefetch((const char *)(address) + PREFETCH_BYTES, _MM_HINT_T0)
+
 static inline float hsum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
     lo = _mm_add_ps(lo, hi);
@@ -55,6 +62,7 @@ static inline __attribute__((always_inline)) void bf16_tile(const uint16_t *w, c
     __m256 acc[4][2];
     for (int j = 0; j < mt; ++j) { acc[j][0] = _mm256_setzero_ps(); acc[j][1] = _mm256_setzero_ps(); }
     for (int64_t i = 0; i < I32; i += 32) {
+        PREFETCH(w + i);
         const __m256i r0 = _mm256_loadu_si256((const __m256i *)(w + i));
         const __m256i r1 = _mm256_loadu_si256((const __m256i *)(w + i + 16));
         const __m256 w0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, r0));
@@ -93,6 +101,10 @@ static inline __attribute__((always_inline)) void bf16_tile_pair(const uint16_t 
     __m256 acc_a[4], acc_b[4];
     for (int j = 0; j < mt; ++j) { acc_a[j] = _mm256_setzero_ps(); acc_b[j] = _mm256_setzero_ps(); }
     for (int64_t i = 0; i < I32; i += 16) {
+        if (!(i & 31)) {
+            PREFETCH(wa + i);
+            PREFETCH(wb + i);
+        }
         const __m256i ra = _mm256_loadu_si256((const __m256i *)(wa + i));
         const __m256i rb = _mm256_loadu_si256((const __m256i *)(wb + i));
         const __m256 a0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, ra));
