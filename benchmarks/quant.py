@@ -15,6 +15,7 @@
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,21 +52,27 @@ why coastal towns see so much drizzle: the air above the sea carries both moistu
 """
 
 
-def decode_rates(model: MetaModel, new_tokens: int, repeats: int) -> dict:
-    return measure(ours_runner(model), new_tokens, repeats, metrics=("decode", "batch16"))
-
-
 def speed(args) -> None:
+    """Every scheme is loaded first, then measured in interleaved rounds (one sample of each per
+    round, medians over rounds): a shared machine's speed drifts over minutes, and measuring the
+    schemes one after another would put that drift into their ratios."""
     directory = build_checkpoint("S", Path(args.workdir))
-    rows = {}
-    for scheme in ["bf16", *args.schemes]:
+    schemes = ["bf16", *args.schemes]
+    runners = {}
+    for scheme in schemes:
         model = MetaModel.from_pretrained(str(directory), max_seq_len=512, dtype=torch.bfloat16, device="cpu",
                                           quant=None if scheme == "bf16" else scheme, progress=False)
-        rows[scheme] = decode_rates(model, args.new_tokens, args.repeats)
-        print(f"  {scheme:<9} decode {rows[scheme]['decode']:6.1f} tok/s   batch16 {rows[scheme]['batch16']:6.1f} "
-              f"tok/s", flush=True)
-        del model
-    print(f"\nS shape (1.1B), {args.threads} threads, {args.new_tokens} new tokens, median of {args.repeats}")
+        runners[scheme] = ours_runner(model)
+    samples = {scheme: [] for scheme in schemes}
+    for round_ in range(args.repeats):
+        for scheme, run in runners.items():
+            samples[scheme].append(measure(run, args.new_tokens, 1, metrics=("decode", "batch16")))
+        print(f"  round {round_ + 1}/{args.repeats}: " + "  ".join(
+            f"{scheme} {samples[scheme][-1]['decode']:.1f}" for scheme in schemes) + " tok/s", flush=True)
+    rows = {scheme: {metric: statistics.median(s[metric] for s in samples[scheme]) for metric in ("decode", "batch16")}
+            for scheme in schemes}
+    print(f"\nS shape (1.1B), {args.threads} threads, {args.new_tokens} new tokens, median of {args.repeats} "
+          f"interleaved rounds")
     print(f"{'weights':<10}{'decode tok/s':>13}{'x bf16':>8}{'batch16 tok/s':>15}{'x bf16':>8}")
     for scheme, r in rows.items():
         print(f"{scheme:<10}{r['decode']:>13.1f}{r['decode'] / rows['bf16']['decode']:>8.2f}"
@@ -158,7 +165,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--schemes", nargs="+", default=["int8", "int4", "int4-g64", "nf4"])
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--memory-shapes", nargs="*", default=["S"], choices=list(MEMORY_SHAPES))

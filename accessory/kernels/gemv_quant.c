@@ -223,67 +223,96 @@ static inline __attribute__((always_inline)) __m256i int4_block_codes(const uint
                             _mm256_set1_epi8(0x0F));
 }
 
-/* group_shift: log2(G / 32). Blocks are taken two at a time into two accumulators per row. */
-static inline __attribute__((always_inline)) void int4_tile(
-        const uint8_t *p, const float *s, const uint16_t *z, const int8_t *xq, const float *dx,
-        const float *xsum, void *y, int dtype, int64_t O, int64_t I, int group_shift, int64_t o,
-        int64_t m0, const int mt) {
-    const int64_t n_blocks = I / 32, n_groups = n_blocks >> group_shift;
-    __m256 total[TILE][2];
-    for (int j = 0; j < mt; ++j) total[j][0] = total[j][1] = _mm256_setzero_ps();
+/* One weight row against `mt` activation rows (a compile-time constant at every call site).
+ * sd[j * n_blocks + k]: the row's scale for block k times activation row j's step for it.
+ * One activation row spreads the blocks over four accumulators, two rows over two each, so
+ * enough products are in flight to hide the FMA latency. Returns the sums without the offset
+ * term in out[j]. (Measured against two weight rows sharing each activation load, and against
+ * 64 codes per 32-byte load: neither was faster on matrices larger than the caches.) */
+static inline __attribute__((always_inline)) void int4_tile(const uint8_t *p, const float *sd, const int8_t *xq,
+                                                            int64_t I, int64_t n_blocks, int64_t m0, float *out,
+                                                            const int mt) {
+    const int unroll = mt == 1 ? 4 : mt == 2 ? 2 : 1;
+    __m256 acc[TILE][4];
+    for (int j = 0; j < mt; ++j)
+        for (int u = 0; u < 4; ++u) acc[j][u] = _mm256_setzero_ps();
     int64_t k = 0;
-    for (; k + 1 < n_blocks; k += 2) {
-        if (!(k & 3)) PREFETCH(p + k * 16);
-        const __m256i c0 = int4_block_codes(p + k * 16), c1 = int4_block_codes(p + k * 16 + 16);
-        const float s0 = s[k >> group_shift], s1 = s[(k + 1) >> group_shift];
+    for (; k + unroll <= n_blocks; k += unroll) {
+        if (!(k & 3) || unroll == 4) PREFETCH(p + k * 16);
+        __m256i c[4];
+        for (int u = 0; u < unroll; ++u) c[u] = int4_block_codes(p + (k + u) * 16);
         for (int j = 0; j < mt; ++j) {
             const int8_t *xr = xq + (m0 + j) * I + k * 32;
-            const float *d = dx + (m0 + j) * n_blocks + k;
-            total[j][0] = _mm256_fmadd_ps(int4_block_dot(c0, xr), _mm256_set1_ps(s0 * d[0]), total[j][0]);
-            total[j][1] = _mm256_fmadd_ps(int4_block_dot(c1, xr + 32), _mm256_set1_ps(s1 * d[1]), total[j][1]);
+            const float *d = sd + j * n_blocks + k;
+            for (int u = 0; u < unroll; ++u)
+                acc[j][u] = _mm256_fmadd_ps(int4_block_dot(c[u], xr + 32 * u), _mm256_broadcast_ss(d + u), acc[j][u]);
         }
     }
-    if (k < n_blocks) {
-        const __m256i c0 = int4_block_codes(p + k * 16);
-        const float s0 = s[k >> group_shift];
+    for (; k < n_blocks; ++k) {
+        const __m256i c = int4_block_codes(p + k * 16);
         for (int j = 0; j < mt; ++j)
-            total[j][0] = _mm256_fmadd_ps(int4_block_dot(c0, xq + (m0 + j) * I + k * 32),
-                                          _mm256_set1_ps(s0 * dx[(m0 + j) * n_blocks + k]), total[j][0]);
+            acc[j][0] = _mm256_fmadd_ps(int4_block_dot(c, xq + (m0 + j) * I + k * 32),
+                                        _mm256_broadcast_ss(sd + j * n_blocks + k), acc[j][0]);
     }
+    for (int j = 0; j < mt; ++j)
+        out[j] = hsum(_mm256_add_ps(_mm256_add_ps(acc[j][0], acc[j][1]), _mm256_add_ps(acc[j][2], acc[j][3])));
+}
+
+/* sum_g offset[g] * xsum[g] over a row's groups, eight fp16 offsets at a time (F16C). */
+static inline float int4_offset_term(const uint16_t *z, const float *xs, int64_t n_groups) {
+    __m256 sum = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= n_groups; g += 8)
+        sum = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(z + g))), _mm256_loadu_ps(xs + g), sum);
+    float total = hsum(sum);
+    for (; g < n_groups; ++g) total += half_to_float(z[g]) * xs[g];
+    return total;
+}
+
+/* A row's fp16 group scales in float32, one per block of 32 (a group spans 1 << group_shift
+ * blocks), times the block steps of activation rows m0..m0+mt-1: sd[j * n_blocks + k].
+ * s: room for n_blocks floats. */
+static void int4_scale_products(const uint16_t *s16, const float *dx, int group_shift, int64_t n_blocks,
+                                int64_t m0, int mt, float *s, float *sd) {
+    const int64_t n_groups = n_blocks >> group_shift;
+    int64_t g = 0;
+    for (; g + 8 <= n_groups; g += 8)
+        _mm256_storeu_ps(s + g, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s16 + g))));
+    for (; g < n_groups; ++g) s[g] = half_to_float(s16[g]);
+    if (group_shift) /* spread in place, from the end, to one scale per block */
+        for (int64_t k = n_blocks - 1; k > 0; --k) s[k] = s[k >> group_shift];
     for (int j = 0; j < mt; ++j) {
-        const float *xs = xsum + (m0 + j) * n_groups;
-        __m256 offsets = _mm256_setzero_ps();  /* eight fp16 offsets at a time (F16C) */
-        int64_t g = 0;
-        for (; g + 8 <= n_groups; g += 8)
-            offsets = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(z + g))),
-                                      _mm256_loadu_ps(xs + g), offsets);
-        float offset = hsum(offsets);
-        for (; g < n_groups; ++g) offset += half_to_float(z[g]) * xs[g];
-        store(y, dtype, (m0 + j) * O + o, hsum(_mm256_add_ps(total[j][0], total[j][1])) + offset);
+        const float *d = dx + (m0 + j) * n_blocks;
+        float *out = sd + j * n_blocks;
+        int64_t k = 0;
+        for (; k + 8 <= n_blocks; k += 8)
+            _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_loadu_ps(s + k), _mm256_loadu_ps(d + k)));
+        for (; k < n_blocks; ++k) out[k] = s[k] * d[k];
     }
 }
 
 static void int4_rows(const uint8_t *P, const uint16_t *scale, const uint16_t *offset, const int8_t *xq,
                       const float *dx, const float *xsum, void *y, int dtype,
                       int64_t M, int64_t O, int64_t I, int64_t G, int64_t o_begin, int64_t o_end) {
-    const int64_t n_groups = I / G;
+    const int64_t n_groups = I / G, n_blocks = I / 32;
     int group_shift = 0;
     while ((32 << group_shift) < G) ++group_shift; /* G is 32, 64 or 128 */
-    float s[n_groups];  /* one row's scales in float32, converted eight at a time (F16C) */
+    float s[n_blocks], sd[TILE * n_blocks];
     for (int64_t o = o_begin; o < o_end; ++o) {
         const uint8_t *p = P + o * (I / 2);
-        const uint16_t *s16 = scale + o * n_groups, *z = offset + o * n_groups;
-        int64_t g = 0;
-        for (; g + 8 <= n_groups; g += 8)
-            _mm256_storeu_ps(s + g, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s16 + g))));
-        for (; g < n_groups; ++g) s[g] = half_to_float(s16[g]);
         for (int64_t m0 = 0; m0 < M; m0 += TILE) {
-            switch ((M - m0) < TILE ? (M - m0) : TILE) {
-                case 1: int4_tile(p, s, z, xq, dx, xsum, y, dtype, O, I, group_shift, o, m0, 1); break;
-                case 2: int4_tile(p, s, z, xq, dx, xsum, y, dtype, O, I, group_shift, o, m0, 2); break;
-                case 3: int4_tile(p, s, z, xq, dx, xsum, y, dtype, O, I, group_shift, o, m0, 3); break;
-                default: int4_tile(p, s, z, xq, dx, xsum, y, dtype, O, I, group_shift, o, m0, 4); break;
+            const int mt = (M - m0) < TILE ? (int)(M - m0) : TILE;
+            int4_scale_products(scale + o * n_groups, dx, group_shift, n_blocks, m0, mt, s, sd);
+            float out[TILE];
+            switch (mt) {
+                case 1: int4_tile(p, sd, xq, I, n_blocks, m0, out, 1); break;
+                case 2: int4_tile(p, sd, xq, I, n_blocks, m0, out, 2); break;
+                case 3: int4_tile(p, sd, xq, I, n_blocks, m0, out, 3); break;
+                default: int4_tile(p, sd, xq, I, n_blocks, m0, out, 4); break;
             }
+            for (int j = 0; j < mt; ++j)
+                store(y, dtype, (m0 + j) * O + o,
+                      out[j] + int4_offset_term(offset + o * n_groups, xsum + (m0 + j) * n_groups, n_groups));
         }
     }
 }
