@@ -105,8 +105,51 @@ def test_native_kernel_computes_the_formats_product(scheme, rows, dtype):
     assert y is not None and y.dtype == dtype and y.shape == (rows, out_features)
     reference = x.double() @ dequantize(packed, scheme, torch.float64).T
     scale = reference.abs().max()
-    tolerance = {"int4": 2e-2}.get(scheme.name, 1e-5 if dtype == torch.float32 else 1e-2)
+    # int8 and int4 round the activations to int8 per block of 32 (see the test below)
+    tolerance = 2e-2 if scheme.name in ("int8", "int4") else 1e-5 if dtype == torch.float32 else 1e-2
     assert ((y.double() - reference).abs().max() / scale) < tolerance
+
+
+def _blockwise_int8(x: torch.Tensor):
+    """x (rows, n * 32) float32 -> the kernels' int8 codes and float32 step per block of 32:
+    step = amax / 127, codes = round-half-even(x * (127 / amax)) in float32."""
+    blocks = x.view(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(dim=2, keepdim=True)
+    inverse = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    return torch.round(blocks * inverse), amax / 127
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", [QuantScheme("int8"), QuantScheme("int4"), QuantScheme("int4", 128)], ids=_ids)
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])
+def test_integer_kernels_compute_their_stated_arithmetic(scheme, rows):
+    """int8 / int4 against a float64 re-statement of what they compute: the weight codes times
+    the activations' block codes, scaled per block (int4: plus each group's offset times the
+    exact sum of its activations; int8: the inputs past the last block of 32 in float)."""
+    gen = torch.Generator().manual_seed(rows)
+    out_features, in_features = 37, 200 if scheme.name == "int8" else 384
+    w = torch.randn(out_features, in_features, generator=gen) * 0.05
+    packed = quantize(w, scheme)
+    x = torch.randn(rows, in_features, generator=gen)
+    x[:, 5] *= 40  # an outlier channel: its block gets a coarse step, the others do not
+    y = kq.quant_gemv(x, packed, scheme, out_features, in_features)
+    whole = in_features // 32 * 32
+    xq, step = _blockwise_int8(x[:, :whole])
+    xq, step = xq.double(), step.double()
+    if scheme.name == "int8":
+        q = packed["qweight"].double()
+        per_block = torch.einsum("mbk,obk->mob", xq, q[:, :whole].view(out_features, -1, 32))
+        reference = (per_block * step[:, None, :, 0]).sum(-1) + x[:, whole:].double() @ q[:, whole:].T
+        reference = reference * packed["scales"].double()
+    else:
+        codes = dequantize({**packed, "scales": torch.ones_like(packed["scales"]),
+                            "offsets": torch.zeros_like(packed["offsets"])}, scheme, torch.float64)
+        per_block = torch.einsum("mbk,obk->mob", xq, codes.view(out_features, -1, 32))
+        block_scale = packed["scales"].double().repeat_interleave(scheme.group_size // 32, dim=1)
+        reference = (per_block * step[:, None, :, 0] * block_scale).sum(-1)
+        group_sums = x.double().view(rows, -1, scheme.group_size).sum(-1)
+        reference = reference + group_sums @ packed["offsets"].double().T
+    assert torch.allclose(y.double(), reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
 
 
 def test_kernel_declines_what_it_does_not_handle():
@@ -223,8 +266,8 @@ def test_quantized_model_is_close_to_full_precision_and_exact_to_its_format(tiny
     try:
         for logits_of in (_logits, _decode_logits):  # prefill (expansion) and decode (kernels)
             exact = logits_of(full_model)
-            if scheme.name == "int4" and logits_of is _decode_logits:  # int8-rounded activations
-                assert _rms(logits_of(model), exact) < 0.05
+            if logits_of is _decode_logits:  # the int8/int4 kernels round activations to int8
+                assert _rms(logits_of(model), exact) < 0.05  # (nf4 too, through its int8 head)
             else:
                 assert _rel(logits_of(model), exact) < 1e-4, logits_of.__name__
     finally:
@@ -286,7 +329,8 @@ def test_lora_bias_and_norms_stay_full_precision(tmp_path):
     for name, module in quantized.named_modules():  # LoRA and biases apply on top of the format's weight
         if isinstance(module, QuantLinear):
             full.get_submodule(name).weight.data = module.dequantized_weight(torch.float32)
-    assert _rel(_decode_logits(quantized), _decode_logits(full)) < 1e-4
+    assert _rel(_logits(quantized), _logits(full)) < 1e-4
+    assert _rms(_decode_logits(quantized), _decode_logits(full)) < 0.05  # int8-rounded activations
 
 
 def test_blocklist_and_routers_are_not_quantized():

@@ -10,10 +10,12 @@
  * 4-bit codes are packed per block of 32 inputs: byte j (0..15) holds code j in its low nibble and
  * code j + 16 in its high nibble. G is a multiple of 32.
  *
- * Decoding reads every weight once per token, so these loops are built to stream the packed bytes:
- * each block is expanded to float32 in registers and applied to every activation row while it is
- * there; nothing is ever dequantized to memory. Rows are spread over OpenMP threads (torch's
- * libgomp, so no second thread pool competes for the cores).
+ * Decoding reads every weight once per token, so these loops are built to stream the packed bytes
+ * and apply each block to every activation row while it is in registers; nothing is ever
+ * dequantized to memory. int8 and int4 multiply their integer codes with the activations
+ * quantized to int8 per block of 32 (one float step per block, as llama.cpp's Q8 activations),
+ * summed by integer multiply-adds; nf4 expands its levels to float32. Rows are spread over OpenMP
+ * threads (torch's libgomp, so no second thread pool competes for the cores).
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -69,50 +71,6 @@ static inline void store(void *y, int dtype, int64_t index, float value) {
     if (dtype == F32) ((float *)y)[index] = value;
     else if (dtype == BF16) ((uint16_t *)y)[index] = float_to_bf16(value);
     else ((uint16_t *)y)[index] = _cvtss_sh(value, _MM_FROUND_TO_NEAREST_INT);
-}
-
-/* ------------------------------------------------------------------------------------------ int8 */
-
-/* One weight row against `mt` activation rows; `mt` is a compile-time constant at every call
- * site (see the switch below), so the accumulators stay in registers. */
-static inline __attribute__((always_inline)) void int8_tile(const int8_t *w, float scale, const float *x,
-                                                            void *y, int dtype, int64_t O, int64_t I,
-                                                            int64_t o, int64_t m0, const int mt) {
-    const int64_t I16 = I & ~(int64_t)15;
-    __m256 acc[TILE][2];
-    for (int j = 0; j < mt; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i < I16; i += 16) {
-        if (!(i & 63)) PREFETCH(w + i);
-        __m128i raw = _mm_loadu_si128((const __m128i *)(w + i));
-        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
-        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8)));
-        for (int j = 0; j < mt; ++j) {
-            const float *xr = x + (m0 + j) * I + i;
-            acc[j][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[j][0]);
-            acc[j][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[j][1]);
-        }
-    }
-    for (int j = 0; j < mt; ++j) {
-        float s = hsum(_mm256_add_ps(acc[j][0], acc[j][1]));
-        const float *xr = x + (m0 + j) * I;
-        for (int64_t k = i; k < I; ++k) s += (float)w[k] * xr[k];
-        store(y, dtype, (m0 + j) * O + o, s * scale);
-    }
-}
-
-static void int8_rows(const int8_t *W, const float *scale, const float *x, void *y, int dtype,
-                      int64_t M, int64_t O, int64_t I, int64_t o_begin, int64_t o_end) {
-    for (int64_t o = o_begin; o < o_end; ++o) {
-        for (int64_t m0 = 0; m0 < M; m0 += TILE) {
-            switch ((M - m0) < TILE ? (M - m0) : TILE) {
-                case 1: int8_tile(W + o * I, scale[o], x, y, dtype, O, I, o, m0, 1); break;
-                case 2: int8_tile(W + o * I, scale[o], x, y, dtype, O, I, o, m0, 2); break;
-                case 3: int8_tile(W + o * I, scale[o], x, y, dtype, O, I, o, m0, 3); break;
-                default: int8_tile(W + o * I, scale[o], x, y, dtype, O, I, o, m0, 4); break;
-            }
-        }
-    }
 }
 
 /* ------------------------------------------------------------------------------------------ 4-bit */
@@ -329,19 +287,92 @@ static void quantize_activations(const float *x, int8_t *xq, float *dx, int64_t 
     }
 }
 
+/* ------------------------------------------------------------------------------------------ int8 */
+
+/* int8 weights against activations quantized to int8 per block of 32, as the int4 path:
+ * maddubs multiplies unsigned by signed bytes, so |w| meets x carrying w's sign. Pairs of
+ * products (at most 2 * 127 * 127) fit its int16 sums. Half the instructions per weight byte of
+ * expanding the weights to float32, which kept one thread below the memory's pace. */
+static inline __attribute__((always_inline)) __m256 int8_block_dot(__m256i w, const int8_t *xq) {
+    const __m256i x = _mm256_loadu_si256((const __m256i *)xq);
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+/* One weight row against `mt` activation rows (a compile-time constant at every call site):
+ * blocks of 32 through int8_block_dot, scaled by each block's activation step; the I % 32 inputs
+ * past the last block in float32 (x). Returns the row's sums, before its scale, in out[j]. */
+static inline __attribute__((always_inline)) void int8_tile(const int8_t *w, const int8_t *xq, const float *dx,
+                                                            const float *x, int64_t I, int64_t m0, float *out,
+                                                            const int mt) {
+    const int unroll = mt == 1 ? 4 : mt == 2 ? 2 : 1;
+    const int64_t n_blocks = I / 32;
+    __m256 acc[TILE][4];
+    for (int j = 0; j < mt; ++j)
+        for (int u = 0; u < 4; ++u) acc[j][u] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + unroll <= n_blocks; k += unroll) {
+        __m256i c[4];
+        for (int u = 0; u < unroll; ++u) {
+            if (!((k + u) & 1)) PREFETCH(w + (k + u) * 32); /* one cache line per 64 bytes */
+            c[u] = _mm256_loadu_si256((const __m256i *)(w + (k + u) * 32));
+        }
+        for (int j = 0; j < mt; ++j) {
+            const int8_t *xr = xq + (m0 + j) * I + k * 32;
+            const float *d = dx + (m0 + j) * n_blocks + k;
+            for (int u = 0; u < unroll; ++u)
+                acc[j][u] = _mm256_fmadd_ps(int8_block_dot(c[u], xr + 32 * u), _mm256_broadcast_ss(d + u), acc[j][u]);
+        }
+    }
+    for (; k < n_blocks; ++k) {
+        const __m256i c = _mm256_loadu_si256((const __m256i *)(w + k * 32));
+        for (int j = 0; j < mt; ++j)
+            acc[j][0] = _mm256_fmadd_ps(int8_block_dot(c, xq + (m0 + j) * I + k * 32),
+                                        _mm256_broadcast_ss(dx + (m0 + j) * n_blocks + k), acc[j][0]);
+    }
+    for (int j = 0; j < mt; ++j) {
+        float sum = hsum(_mm256_add_ps(_mm256_add_ps(acc[j][0], acc[j][1]), _mm256_add_ps(acc[j][2], acc[j][3])));
+        const float *xr = x + (m0 + j) * I;
+        for (int64_t i = n_blocks * 32; i < I; ++i) sum += (float)w[i] * xr[i];
+        out[j] = sum;
+    }
+}
+
+static void int8_rows(const int8_t *W, const float *scale, const int8_t *xq, const float *dx, const float *x,
+                      void *y, int dtype, int64_t M, int64_t O, int64_t I, int64_t o_begin, int64_t o_end) {
+    for (int64_t o = o_begin; o < o_end; ++o) {
+        const int8_t *w = W + o * I;
+        for (int64_t m0 = 0; m0 < M; m0 += TILE) {
+            const int mt = (M - m0) < TILE ? (int)(M - m0) : TILE;
+            float out[TILE];
+            switch (mt) {
+                case 1: int8_tile(w, xq, dx, x, I, m0, out, 1); break;
+                case 2: int8_tile(w, xq, dx, x, I, m0, out, 2); break;
+                case 3: int8_tile(w, xq, dx, x, I, m0, out, 3); break;
+                default: int8_tile(w, xq, dx, x, I, m0, out, 4); break;
+            }
+            for (int j = 0; j < mt; ++j) store(y, dtype, (m0 + j) * O + o, out[j] * scale[o]);
+        }
+    }
+}
+
 /* ------------------------------------------------------------------------------------------ entry points */
 
 #define ROWS_PER_TASK 16 /* small enough to balance two threads, big enough to amortise a task */
 
-/* y (M, O) = x (M, I) @ W^T with int8 W. scratch: M * I floats. */
+/* y (M, O) = x (M, I) @ W^T with int8 W. scratch: M * I + M * (I / 32) + M * I / 4 + 1 floats. */
 void accessory_gemv_int8(const int8_t *W, const float *scale, const void *x, void *y, int dtype,
                          float *scratch, int64_t M, int64_t O, int64_t I) {
-    load_activations(x, dtype, scratch, M * I);
+    const int64_t n_blocks = I / 32;
+    float *x_f32 = scratch, *dx = scratch + M * I;
+    int8_t *xq = (int8_t *)(dx + M * n_blocks);
+    load_activations(x, dtype, x_f32, M * I);
+    for (int64_t m = 0; m < M; ++m) quantize_activations(x_f32 + m * I, xq + m * I, dx + m * n_blocks, n_blocks);
     const int64_t n_tasks = (O + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < n_tasks; ++t) {
         const int64_t end = (t + 1) * ROWS_PER_TASK < O ? (t + 1) * ROWS_PER_TASK : O;
-        int8_rows(W, scale, scratch, y, dtype, M, O, I, t * ROWS_PER_TASK, end);
+        int8_rows(W, scale, xq, dx, x_f32, y, dtype, M, O, I, t * ROWS_PER_TASK, end);
     }
 }
 

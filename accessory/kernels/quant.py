@@ -58,7 +58,8 @@ def quant_gemv(x: torch.Tensor, tensors: Dict[str, torch.Tensor], scheme, out_fe
     qweight, scales = tensors["qweight"], tensors["scales"]
     if scheme.name == "int8":
         kernels[0](qweight.data_ptr(), scales.data_ptr(), x2.data_ptr(), y.data_ptr(), code,
-                   scratch_floats(rows * in_features).data_ptr(), rows, out_features, in_features)
+                   scratch_floats(rows * (in_features + in_features // 32 + in_features // 4 + 1)).data_ptr(),
+                   rows, out_features, in_features)
     else:
         offsets = tensors.get("offsets")
         groups = in_features // scheme.group_size

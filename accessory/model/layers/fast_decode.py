@@ -86,7 +86,7 @@ class _Product:
         if self.kind == "bf16":
             return n
         if self.kind == "int8":
-            return n
+            return n + n // 32 + n // 4 + rows
         return n + n // self.group_size + n // 32 + n // 4 + 1
 
     def run(self, kernels, x: int, y: int, rows: int, scratch: int) -> None:
