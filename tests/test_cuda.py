@@ -90,6 +90,8 @@ def test_quantized_model_on_cuda_matches_the_cpu_quantized_model(ckpt, quant, dt
     tolerance = 1e-3 if dtype == torch.float32 else 6e-2  # bf16: a few last-bit steps of a logit
     got, want = _logits(gpu, LONG), _logits(cpu, LONG)
     assert ((got - want).abs().max() / want.std()) < tolerance
-    got, want = _logits(gpu, PROMPTS[0]), _logits(cpu, PROMPTS[0])  # short: decode-sized products
-    assert ((got - want).abs().max() / want.std()) < (0.05 if quant == "int4" else tolerance)
+    # short: decode-sized products, where the CPU's int8/int4 kernels round the activations to int8
+    # per block of 32 (nf4 too, through its int8 output head)
+    got, want = _logits(gpu, PROMPTS[0]), _logits(cpu, PROMPTS[0])
+    assert ((got - want).abs().max() / want.std()) < 0.05
     assert isinstance(gpu.generate(PROMPTS, max_gen_len=8)[0], str)
