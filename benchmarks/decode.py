@@ -6,7 +6,8 @@
 Shapes: XS (dim 768, 12 layers, 12 heads, FFN 2048, vocab 32000) and S (TinyLlama-1.1B: dim 2048,
 22 layers, 32 heads, 4 KV heads, FFN 5632). The default runs XS only (minutes on 2 quiet cores); S with
 every peer takes far longer (each engine runs its 16-stream prompts and decodes 4 times): --shapes XS S.
-Ours and HF run in bf16. Rates are medians over repeats:
+Ours and HF run in bf16. Every engine of a shape is loaded at once and measured in interleaved rounds
+(one sample of each per round; rates are medians over the --repeats rounds):
   decode  = tokens/s of one stream after the prompt (time(N+1 tokens) - time(1 token)) / N
   prefill = prompt tokens/s for a 128-token prompt
   batch16 = aggregate new tokens/s of 16 streams decoding together
@@ -113,8 +114,9 @@ def to_hf(model: MetaModel):
     return hf.eval()
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
+def median_time(fn, repeats: int, warm_up: bool = True) -> float:
+    if warm_up:
+        fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -145,23 +147,37 @@ def hf_runner(hf):
     return run
 
 
-def measure(run, new_tokens: int, repeats: int, metrics=METRICS) -> dict:
+def measure(run, new_tokens: int, repeats: int, metrics=METRICS, warm_up: bool = True) -> dict:
     """tok/s of ``run(ids, new_tokens)`` for each of ``metrics`` (see the module notes)."""
     rates = {}
     if "decode" in metrics:
         one = prompts(1, 16)
-        t1 = median_time(lambda: run(one, 1), repeats)
-        tn = median_time(lambda: run(one, new_tokens + 1), repeats)
+        t1 = median_time(lambda: run(one, 1), repeats, warm_up)
+        tn = median_time(lambda: run(one, new_tokens + 1), repeats, warm_up)
         rates["decode"] = new_tokens / (tn - t1)
     if "prefill" in metrics:
         long_prompt = prompts(1, 128)
-        rates["prefill"] = 128 / median_time(lambda: run(long_prompt, 1), repeats)
+        rates["prefill"] = 128 / median_time(lambda: run(long_prompt, 1), repeats, warm_up)
     if "batch16" in metrics:
         batch = prompts(16, 16)
-        b1 = median_time(lambda: run(batch, 1), repeats)
-        bn = median_time(lambda: run(batch, new_tokens + 1), repeats)
+        b1 = median_time(lambda: run(batch, 1), repeats, warm_up)
+        bn = median_time(lambda: run(batch, new_tokens + 1), repeats, warm_up)
         rates["batch16"] = 16 * new_tokens / (bn - b1)
     return rates
+
+
+def measure_interleaved(shape: str, runners: dict, new_tokens: int, repeats: int) -> dict:
+    """{(shape, engine): rates}: every engine loaded at once and measured in rounds, one sample of
+    each per round, medians over rounds. A shared machine's speed drifts over minutes; engines
+    measured one after another would carry that drift into their ratios."""
+    samples = {engine: [] for engine in runners}
+    for round_ in range(repeats):
+        for engine, run in runners.items():
+            samples[engine].append(measure(run, new_tokens, 1, warm_up=round_ == 0))
+        print(f"  {shape} round {round_ + 1}/{repeats}: decode " + "  ".join(
+            f"{engine} {samples[engine][-1]['decode']:.1f}" for engine in runners) + " tok/s", flush=True)
+    return {(shape, engine): {metric: statistics.median(s[metric] for s in rates) for metric in METRICS}
+            for engine, rates in samples.items()}
 
 
 def llama_cpp_missing() -> str:
@@ -288,20 +304,20 @@ def main() -> None:
     results = {}  # (shape, engine) -> rates
     for shape in args.shapes:
         directory = build_checkpoint(shape, Path(args.workdir))
-        for weights in dict.fromkeys(ours_weights):
-            model = load_ours(directory, weights)
-            results[shape, weights] = measure(ours_runner(model), args.new_tokens, args.repeats)
-            if weights == "bf16" and "hf" in args.peers:
-                results[shape, "hf"] = measure(hf_runner(to_hf(model)), args.new_tokens, args.repeats)
-            del model
-            print(f"  {shape} ours {weights} done", flush=True)
-        for gguf_type, path in export_ggufs(directory, gguf_types).items():
-            peer = LlamaCpp(path, args.threads, max_tokens=128 + args.new_tokens + 1)
-            try:
-                results[shape, f"llama.cpp {gguf_type}"] = measure(peer.run, args.new_tokens, args.repeats)
-            finally:
+        runners, peers = {}, []  # engine -> run(ids, new_tokens); llama.cpp models to close
+        try:
+            for weights in dict.fromkeys(ours_weights):
+                model = load_ours(directory, weights)
+                runners[weights] = ours_runner(model)
+                if weights == "bf16" and "hf" in args.peers:
+                    runners["hf"] = hf_runner(to_hf(model))
+            for gguf_type, path in export_ggufs(directory, gguf_types).items():
+                peers.append(LlamaCpp(path, args.threads, max_tokens=128 + args.new_tokens + 1))
+                runners[f"llama.cpp {gguf_type}"] = peers[-1].run
+            results.update(measure_interleaved(shape, runners, args.new_tokens, args.repeats))
+        finally:
+            for peer in peers:
                 peer.close()
-            print(f"  {shape} llama.cpp {gguf_type} done", flush=True)
 
     def value(shape, engine, metric):
         return results.get((shape, engine), {}).get(metric)
@@ -310,7 +326,7 @@ def main() -> None:
         x, y = value(shape, a, metric), value(shape, b, metric)
         return None if x is None or y is None else x / y
 
-    header = f"{args.threads} threads, {args.new_tokens} new tokens, median of {args.repeats}"
+    header = f"{args.threads} threads, {args.new_tokens} new tokens, median of {args.repeats} interleaved rounds"
     columns = ["ours bf16"]
     if "hf" in args.peers:
         columns += ["HF bf16", "x HF"]

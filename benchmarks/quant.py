@@ -66,7 +66,7 @@ def speed(args) -> None:
     samples = {scheme: [] for scheme in schemes}
     for round_ in range(args.repeats):
         for scheme, run in runners.items():
-            samples[scheme].append(measure(run, args.new_tokens, 1, metrics=("decode", "batch16")))
+            samples[scheme].append(measure(run, args.new_tokens, 1, metrics=("decode", "batch16"), warm_up=round_ == 0))
         print(f"  round {round_ + 1}/{args.repeats}: " + "  ".join(
             f"{scheme} {samples[scheme][-1]['decode']:.1f}" for scheme in schemes) + " tok/s", flush=True)
     rows = {scheme: {metric: statistics.median(s[metric] for s in samples[scheme]) for metric in ("decode", "batch16")}
