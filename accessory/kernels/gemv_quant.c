@@ -24,6 +24,11 @@
 
 #define TILE 4 /* activation rows handled per pass over a weight row */
 
+/* CALL(n) with n = mt (1..TILE) as a compile-time constant, so a tile's loops over its activation
+ * rows unroll and its accumulators stay in registers. */
+#define WITH_CONSTANT_ROWS(mt, CALL) \
+    switch (mt) { case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; default: CALL(4); break; }
+
 /* Weight bytes are software-prefetched this far ahead of the loads (one cache line per 64
  * bytes): decoding streams matrices far larger than the caches, and on the 2-core AVX2 machine
  * of benchmarks/README.md this measured 1.2-1.4x per matrix for one thread, 1.1-1.2x for two,
@@ -82,27 +87,24 @@ static const float NF4_LEVELS[16] = {
     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
 
-/* 8 codes (low bytes of `codes`) to 8 floats: the code itself, or its NF4 level. */
-static inline __m256 expand8(__m128i codes, int nf4, __m256 lut_lo, __m256 lut_hi) {
+/* 8 codes (low bytes of `codes`) to their 8 NF4 levels: two 8-lane table permutes, picked by
+ * the code's high bit. */
+static inline __m256 nf4_levels8(__m128i codes, __m256 lut_lo, __m256 lut_hi) {
     __m256i idx = _mm256_cvtepu8_epi32(codes);
-    if (!nf4) return _mm256_cvtepi32_ps(idx);
     __m256 lo = _mm256_permutevar8x32_ps(lut_lo, idx);
     __m256 hi = _mm256_permutevar8x32_ps(lut_hi, idx);
     return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
-/* One weight row against `mt` activation rows (a compile-time constant, as in int8_tile).
- * offset == NULL: symmetric codes (nf4). xsum: (M, I/G) per-group sums of x (int4 only). */
-static inline __attribute__((always_inline)) void q4_tile(
-        const uint8_t *p, const uint16_t *s, const uint16_t *z, const int nf4, const float *x,
-        const float *xsum, void *y, int dtype, int64_t O, int64_t I, int64_t G, int64_t o, int64_t m0,
-        const int mt) {
+/* One nf4 weight row against `mt` activation rows (float32; a compile-time constant). */
+static inline __attribute__((always_inline)) void nf4_tile(const uint8_t *p, const uint16_t *s, const float *x,
+                                                           int64_t I, int64_t G, int64_t m0, float *out,
+                                                           const int mt) {
     const int64_t n_groups = I / G, blocks_per_group = G / 32;
     const __m128i low_nibbles = _mm_set1_epi8(0x0F);
     const __m256 lut_lo = _mm256_loadu_ps(NF4_LEVELS), lut_hi = _mm256_loadu_ps(NF4_LEVELS + 8);
     __m256 total[TILE];
-    float offsets[TILE];
-    for (int j = 0; j < mt; ++j) { total[j] = _mm256_setzero_ps(); offsets[j] = 0.0f; }
+    for (int j = 0; j < mt; ++j) total[j] = _mm256_setzero_ps();
     for (int64_t g = 0; g < n_groups; ++g) {
         __m256 acc[TILE][2];
         for (int j = 0; j < mt; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
@@ -112,10 +114,10 @@ static inline __attribute__((always_inline)) void q4_tile(
             __m128i raw = _mm_loadu_si128((const __m128i *)(p + block * 16));
             __m128i lo = _mm_and_si128(raw, low_nibbles);
             __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low_nibbles);
-            __m256 w0 = expand8(lo, nf4, lut_lo, lut_hi);
-            __m256 w1 = expand8(_mm_srli_si128(lo, 8), nf4, lut_lo, lut_hi);
-            __m256 w2 = expand8(hi, nf4, lut_lo, lut_hi);
-            __m256 w3 = expand8(_mm_srli_si128(hi, 8), nf4, lut_lo, lut_hi);
+            __m256 w0 = nf4_levels8(lo, lut_lo, lut_hi);
+            __m256 w1 = nf4_levels8(_mm_srli_si128(lo, 8), lut_lo, lut_hi);
+            __m256 w2 = nf4_levels8(hi, lut_lo, lut_hi);
+            __m256 w3 = nf4_levels8(_mm_srli_si128(hi, 8), lut_lo, lut_hi);
             for (int j = 0; j < mt; ++j) {
                 const float *xr = x + (m0 + j) * I + block * 32;
                 acc[j][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[j][0]);
@@ -127,40 +129,22 @@ static inline __attribute__((always_inline)) void q4_tile(
         const __m256 group_scale = _mm256_set1_ps(half_to_float(s[g]));
         for (int j = 0; j < mt; ++j)
             total[j] = _mm256_fmadd_ps(group_scale, _mm256_add_ps(acc[j][0], acc[j][1]), total[j]);
-        if (z) {
-            const float group_offset = half_to_float(z[g]);
-            for (int j = 0; j < mt; ++j) offsets[j] += group_offset * xsum[(m0 + j) * n_groups + g];
-        }
     }
-    for (int j = 0; j < mt; ++j) store(y, dtype, (m0 + j) * O + o, hsum(total[j]) + offsets[j]);
+    for (int j = 0; j < mt; ++j) out[j] = hsum(total[j]);
 }
 
-static void q4_rows(const uint8_t *P, const uint16_t *scale, const uint16_t *offset, int nf4,
-                    const float *x, const float *xsum, void *y, int dtype,
-                    int64_t M, int64_t O, int64_t I, int64_t G, int64_t o_begin, int64_t o_end) {
-    const int64_t n_groups = I / G;
+static void nf4_rows(const uint8_t *P, const uint16_t *scale, const float *x, void *y, int dtype,
+                     int64_t M, int64_t O, int64_t I, int64_t G, int64_t o_begin, int64_t o_end) {
     for (int64_t o = o_begin; o < o_end; ++o) {
         const uint8_t *p = P + o * (I / 2);
-        const uint16_t *s = scale + o * n_groups;
-        const uint16_t *z = offset ? offset + o * n_groups : NULL;
+        const uint16_t *s = scale + o * (I / G);
         for (int64_t m0 = 0; m0 < M; m0 += TILE) {
-            const int64_t mt = (M - m0) < TILE ? (M - m0) : TILE;
-            /* nf4 and the row count are constants inside each instance */
-            if (nf4) {
-                switch (mt) {
-                    case 1: q4_tile(p, s, z, 1, x, xsum, y, dtype, O, I, G, o, m0, 1); break;
-                    case 2: q4_tile(p, s, z, 1, x, xsum, y, dtype, O, I, G, o, m0, 2); break;
-                    case 3: q4_tile(p, s, z, 1, x, xsum, y, dtype, O, I, G, o, m0, 3); break;
-                    default: q4_tile(p, s, z, 1, x, xsum, y, dtype, O, I, G, o, m0, 4); break;
-                }
-            } else {
-                switch (mt) {
-                    case 1: q4_tile(p, s, z, 0, x, xsum, y, dtype, O, I, G, o, m0, 1); break;
-                    case 2: q4_tile(p, s, z, 0, x, xsum, y, dtype, O, I, G, o, m0, 2); break;
-                    case 3: q4_tile(p, s, z, 0, x, xsum, y, dtype, O, I, G, o, m0, 3); break;
-                    default: q4_tile(p, s, z, 0, x, xsum, y, dtype, O, I, G, o, m0, 4); break;
-                }
-            }
+            const int mt = (M - m0) < TILE ? (int)(M - m0) : TILE;
+            float out[TILE];
+#define NF4_TILE(n) nf4_tile(p, s, x, I, G, m0, out, n)
+            WITH_CONSTANT_ROWS(mt, NF4_TILE)
+#undef NF4_TILE
+            for (int j = 0; j < mt; ++j) store(y, dtype, (m0 + j) * O + o, out[j]);
         }
     }
 }
@@ -262,12 +246,9 @@ static void int4_rows(const uint8_t *P, const uint16_t *scale, const uint16_t *o
             const int mt = (M - m0) < TILE ? (int)(M - m0) : TILE;
             int4_scale_products(scale + o * n_groups, dx, group_shift, n_blocks, m0, mt, s, sd);
             float out[TILE];
-            switch (mt) {
-                case 1: int4_tile(p, sd, xq, I, n_blocks, m0, out, 1); break;
-                case 2: int4_tile(p, sd, xq, I, n_blocks, m0, out, 2); break;
-                case 3: int4_tile(p, sd, xq, I, n_blocks, m0, out, 3); break;
-                default: int4_tile(p, sd, xq, I, n_blocks, m0, out, 4); break;
-            }
+#define INT4_TILE(n) int4_tile(p, sd, xq, I, n_blocks, m0, out, n)
+            WITH_CONSTANT_ROWS(mt, INT4_TILE)
+#undef INT4_TILE
             for (int j = 0; j < mt; ++j)
                 store(y, dtype, (m0 + j) * O + o,
                       out[j] + int4_offset_term(offset + o * n_groups, xsum + (m0 + j) * n_groups, n_groups));
@@ -345,12 +326,9 @@ static void int8_rows(const int8_t *W, const float *scale, const int8_t *xq, con
         for (int64_t m0 = 0; m0 < M; m0 += TILE) {
             const int mt = (M - m0) < TILE ? (int)(M - m0) : TILE;
             float out[TILE];
-            switch (mt) {
-                case 1: int8_tile(w, xq, dx, x, I, m0, out, 1); break;
-                case 2: int8_tile(w, xq, dx, x, I, m0, out, 2); break;
-                case 3: int8_tile(w, xq, dx, x, I, m0, out, 3); break;
-                default: int8_tile(w, xq, dx, x, I, m0, out, 4); break;
-            }
+#define INT8_TILE(n) int8_tile(w, xq, dx, x, I, m0, out, n)
+            WITH_CONSTANT_ROWS(mt, INT8_TILE)
+#undef INT8_TILE
             for (int j = 0; j < mt; ++j) store(y, dtype, (m0 + j) * O + o, out[j] * scale[o]);
         }
     }
@@ -376,7 +354,7 @@ void accessory_gemv_int8(const int8_t *W, const float *scale, const void *x, voi
     }
 }
 
-/* y (M, O) = x (M, I) @ W^T with 4-bit W (offset NULL: nf4 levels, else int4 codes).
+/* y (M, O) = x (M, I) @ W^T with 4-bit W: nf4 levels (nf4 = 1, offset unused) or int4 codes.
  * scratch: M * I + M * I / G + M * I / 32 + M * I / 4 floats. */
 void accessory_gemv_q4(const uint8_t *P, const uint16_t *scale, const uint16_t *offset, int nf4,
                        const void *x, void *y, int dtype, float *scratch,
@@ -385,7 +363,7 @@ void accessory_gemv_q4(const uint8_t *P, const uint16_t *scale, const uint16_t *
     int8_t *xq = (int8_t *)(dx + M * (I / 32));
     const int64_t n_groups = I / G;
     load_activations(x, dtype, x_f32, M * I);
-    if (offset) {
+    if (!nf4) {
         for (int64_t m = 0; m < M; ++m)
             for (int64_t g = 0; g < n_groups; ++g) {
                 float s = 0.0f;
@@ -399,7 +377,7 @@ void accessory_gemv_q4(const uint8_t *P, const uint16_t *scale, const uint16_t *
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < n_tasks; ++t) {
         const int64_t end = (t + 1) * ROWS_PER_TASK < O ? (t + 1) * ROWS_PER_TASK : O;
-        if (offset) int4_rows(P, scale, offset, xq, dx, xsum, y, dtype, M, O, I, G, t * ROWS_PER_TASK, end);
-        else q4_rows(P, scale, NULL, 1, x_f32, NULL, y, dtype, M, O, I, G, t * ROWS_PER_TASK, end);
+        if (!nf4) int4_rows(P, scale, offset, xq, dx, xsum, y, dtype, M, O, I, G, t * ROWS_PER_TASK, end);
+        else nf4_rows(P, scale, x_f32, y, dtype, M, O, I, G, t * ROWS_PER_TASK, end);
     }
 }
