@@ -41,6 +41,15 @@ def native_quant_available() -> bool:
 
 
 
+def scratch_floats_needed(scheme_name: str, rows: int, in_features: int, group_size: int = 0) -> int:
+    """Float32 scratch ``accessory_gemv_int8`` / ``accessory_gemv_q4`` need for ``rows`` activation
+    rows: the float32 activations, one int8 step per block of 32, the int8 codes (a quarter float
+    each, plus one for a remainder) and, for 4-bit, one float per group."""
+    n = rows * in_features
+    groups = 0 if scheme_name == "int8" else rows * (in_features // group_size)
+    return n + groups + n // 32 + n // 4 + 1
+
+
 def quant_gemv(x: torch.Tensor, tensors: Dict[str, torch.Tensor], scheme, out_features: int,
                in_features: int) -> Optional[torch.Tensor]:
     """``x (..., in) @ W.T`` for the quantized W in ``tensors``; None when the kernel does not apply."""
@@ -56,16 +65,13 @@ def quant_gemv(x: torch.Tensor, tensors: Dict[str, torch.Tensor], scheme, out_fe
     y = torch.empty((rows, out_features), dtype=x.dtype)
     code = _DTYPE_CODES[x.dtype]
     qweight, scales = tensors["qweight"], tensors["scales"]
+    scratch = scratch_floats(scratch_floats_needed(scheme.name, rows, in_features, scheme.group_size)).data_ptr()
     if scheme.name == "int8":
-        kernels[0](qweight.data_ptr(), scales.data_ptr(), x2.data_ptr(), y.data_ptr(), code,
-                   scratch_floats(rows * (in_features + in_features // 32 + in_features // 4 + 1)).data_ptr(),
+        kernels[0](qweight.data_ptr(), scales.data_ptr(), x2.data_ptr(), y.data_ptr(), code, scratch,
                    rows, out_features, in_features)
     else:
         offsets = tensors.get("offsets")
-        groups = in_features // scheme.group_size
         kernels[1](qweight.data_ptr(), scales.data_ptr(), None if offsets is None else offsets.data_ptr(),
-                   int(scheme.name == "nf4"), x2.data_ptr(), y.data_ptr(), code,
-                   scratch_floats(rows * (in_features + groups + in_features // 32 + in_features // 4 + 1)).data_ptr(),
-                   rows, out_features, in_features,
-                   scheme.group_size)
+                   int(scheme.name == "nf4"), x2.data_ptr(), y.data_ptr(), code, scratch,
+                   rows, out_features, in_features, scheme.group_size)
     return y.view(*x.shape[:-1], out_features)

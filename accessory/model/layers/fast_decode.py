@@ -30,6 +30,7 @@ from torch import nn
 
 from ...kernels.decode import decode_kernels
 from ...kernels.linear import NativeLinear
+from ...kernels.quant import scratch_floats_needed
 from ...quant.linear import FusedQuantLinear, QuantLinear
 from .linear import FusedLinear, still_fused
 from .norm import RMSNorm
@@ -82,12 +83,9 @@ class _Product:
 
     def scratch_floats(self, rows: int) -> int:
         """Float32 scratch the kernel needs for ``rows`` activation rows."""
-        n = rows * self.in_features
         if self.kind == "bf16":
-            return n
-        if self.kind == "int8":
-            return n + n // 32 + n // 4 + rows
-        return n + n // self.group_size + n // 32 + n // 4 + 1
+            return rows * self.in_features
+        return scratch_floats_needed(self.kind, rows, self.in_features, self.group_size)
 
     def run(self, kernels, x: int, y: int, rows: int, scratch: int) -> None:
         if self.kind == "bf16":
