@@ -1,6 +1,7 @@
 """Native CPU kernels, compiled on first use with the system C compiler and loaded with ctypes.
 
-Only small, self-contained C files live here (no torch headers, so a build takes about a second).
+Only small C files live here (no torch headers, so a build takes about a second); ``common.h``
+holds the helpers they share.
 Every kernel has a plain-torch fallback: when there is no compiler, the CPU lacks AVX2/FMA, or
 ``ACCESSORY_NATIVE_KERNELS=0`` is set, callers get ``None`` and use torch.
 """
@@ -68,7 +69,8 @@ def _build_and_load(name: str) -> ctypes.CDLL:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc/gcc) on PATH")
-    digest = hashlib.sha256(source.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(_SOURCE_DIR.glob("*.h")))  # included by every source
+    digest = hashlib.sha256(source.read_bytes() + headers + " ".join(_FLAGS).encode()).hexdigest()[:16]
     target = cache_dir() / f"{name}-{digest}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)

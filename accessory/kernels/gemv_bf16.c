@@ -12,28 +12,14 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "common.h"
+
 /* Weight bytes are software-prefetched this far ahead of the loads, one cache line per 64 bytes:
  * on the 2-core AVX2 machine of benchmarks/README.md this read matrices larger than the caches
  * 5-12% faster at two threads than the hardware prefetchers alone (1 KB measured best of
  * 1, 2 and 4 KB for one activation row). */
 #define PREFETCH_BYTES 1024
 #define PREFETCH(address) _mm_prefetch((const char *)(address) + PREFETCH_BYTES, _MM_HINT_T0)
-
-static inline float hsum(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-    return _mm_cvtss_f32(lo);
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, NaN kept quiet */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 /* Blocks of 16 activations reordered as [0-3, 8-11, 4-7, 12-15]: the order in which unpacking
  * 16 bf16 weights against zeros (per 128-bit lane) yields them as two float32 vectors. Elements
@@ -78,14 +64,9 @@ static inline __attribute__((always_inline)) void bf16_tile(const uint16_t *w, c
         }
     }
     for (int j = 0; j < mt; ++j) {
-        float s = hsum(_mm256_add_ps(acc[j][0], acc[j][1]));
+        float s = hsum8(_mm256_add_ps(acc[j][0], acc[j][1]));
         const float *xr = xp + j * I;
-        for (int64_t k = I32; k < I; ++k) {
-            uint32_t u = (uint32_t)w[k] << 16;
-            float wf;
-            memcpy(&wf, &u, 4);
-            s += wf * xr[k];
-        }
+        for (int64_t k = I32; k < I; ++k) s += bf16_to_float(w[k]) * xr[k];
         sums[j] = s;
     }
 }
@@ -120,15 +101,11 @@ static inline __attribute__((always_inline)) void bf16_tile_pair(const uint16_t 
         }
     }
     for (int j = 0; j < mt; ++j) {
-        float sa = hsum(acc_a[j]), sb = hsum(acc_b[j]);
+        float sa = hsum8(acc_a[j]), sb = hsum8(acc_b[j]);
         const float *xr = xp + j * I;
         for (int64_t k = I32; k < I; ++k) {
-            uint32_t ua = (uint32_t)wa[k] << 16, ub = (uint32_t)wb[k] << 16;
-            float fa, fb;
-            memcpy(&fa, &ua, 4);
-            memcpy(&fb, &ub, 4);
-            sa += fa * xr[k];
-            sb += fb * xr[k];
+            sa += bf16_to_float(wa[k]) * xr[k];
+            sb += bf16_to_float(wb[k]) * xr[k];
         }
         sums_a[j] = sa;
         sums_b[j] = sb;
@@ -138,7 +115,7 @@ static inline __attribute__((always_inline)) void bf16_tile_pair(const uint16_t 
 static inline void store_sums(uint16_t *y, float *y_f32, int64_t O, int64_t o, int64_t m0, int64_t mt,
                               const float *sums) {
     for (int64_t j = 0; j < mt; ++j) {
-        if (y) y[(m0 + j) * O + o] = f32_to_bf16(sums[j]);
+        if (y) y[(m0 + j) * O + o] = float_to_bf16(sums[j]);
         else y_f32[(m0 + j) * O + o] = sums[j];
     }
 }
@@ -197,10 +174,7 @@ static void gemv_rows(const uint16_t *W, const float *xp, uint16_t *y, float *y_
 void accessory_gemv_bf16(const uint16_t *W, const uint16_t *x, float *scratch, uint16_t *y, float *y_f32,
                          int64_t M, int64_t O, int64_t I) {
     float *x_f32 = scratch + M * I;
-    for (int64_t k = 0; k < M * I; ++k) {
-        uint32_t u = (uint32_t)x[k] << 16;
-        memcpy(&x_f32[k], &u, 4);
-    }
+    for (int64_t k = 0; k < M * I; ++k) x_f32[k] = bf16_to_float(x[k]);
     reorder_activations(x_f32, scratch, M, I);
     gemv_rows(W, scratch, y, y_f32, M, O, I);
 }

@@ -22,6 +22,8 @@
 #include <math.h>
 #include <string.h>
 
+#include "common.h"
+
 #define TILE 4 /* activation rows handled per pass over a weight row */
 
 /* CALL(n) with n = mt (1..TILE) as a compile-time constant, so a tile's loops over its activation
@@ -36,23 +38,7 @@
 #define PREFETCH_BYTES 2048
 #define PREFETCH(address) _mm_prefetch((const char *)(address) + PREFETCH_BYTES, _MM_HINT_T0)
 
-static inline float hsum(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-    return _mm_cvtss_f32(lo);
-}
-
 static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
-
-static inline uint16_t float_to_bf16(float f) { /* round to nearest even, NaN kept quiet */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 /* Activation and result element types. */
 enum { F32 = 0, BF16 = 1, F16 = 2 };
@@ -62,10 +48,7 @@ static void load_activations(const void *x, int dtype, float *x_f32, int64_t n) 
         memcpy(x_f32, x, (size_t)n * sizeof(float));
     } else if (dtype == BF16) {
         const uint16_t *s = (const uint16_t *)x;
-        for (int64_t k = 0; k < n; ++k) {
-            uint32_t u = (uint32_t)s[k] << 16;
-            memcpy(&x_f32[k], &u, 4);
-        }
+        for (int64_t k = 0; k < n; ++k) x_f32[k] = bf16_to_float(s[k]);
     } else {
         const uint16_t *s = (const uint16_t *)x;
         for (int64_t k = 0; k < n; ++k) x_f32[k] = half_to_float(s[k]);
@@ -130,7 +113,7 @@ static inline __attribute__((always_inline)) void nf4_tile(const uint8_t *p, con
         for (int j = 0; j < mt; ++j)
             total[j] = _mm256_fmadd_ps(group_scale, _mm256_add_ps(acc[j][0], acc[j][1]), total[j]);
     }
-    for (int j = 0; j < mt; ++j) out[j] = hsum(total[j]);
+    for (int j = 0; j < mt; ++j) out[j] = hsum8(total[j]);
 }
 
 static void nf4_rows(const uint8_t *P, const uint16_t *scale, const float *x, void *y, int dtype,
@@ -180,7 +163,7 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t *p, co
         for (int u = 0; u < 4; ++u) acc[j][u] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + unroll <= n_blocks; k += unroll) {
-        if (!(k & 3) || unroll == 4) PREFETCH(p + k * 16);
+        if (!(k & 3)) PREFETCH(p + k * 16); /* one cache line per 64 bytes */
         __m256i c[4];
         for (int u = 0; u < unroll; ++u) c[u] = int4_block_codes(p + (k + u) * 16);
         for (int j = 0; j < mt; ++j) {
@@ -197,7 +180,7 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t *p, co
                                         _mm256_broadcast_ss(sd + j * n_blocks + k), acc[j][0]);
     }
     for (int j = 0; j < mt; ++j)
-        out[j] = hsum(_mm256_add_ps(_mm256_add_ps(acc[j][0], acc[j][1]), _mm256_add_ps(acc[j][2], acc[j][3])));
+        out[j] = hsum8(_mm256_add_ps(_mm256_add_ps(acc[j][0], acc[j][1]), _mm256_add_ps(acc[j][2], acc[j][3])));
 }
 
 /* sum_g offset[g] * xsum[g] over a row's groups, eight fp16 offsets at a time (F16C). */
@@ -206,7 +189,7 @@ static inline float int4_offset_term(const uint16_t *z, const float *xs, int64_t
     int64_t g = 0;
     for (; g + 8 <= n_groups; g += 8)
         sum = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(z + g))), _mm256_loadu_ps(xs + g), sum);
-    float total = hsum(sum);
+    float total = hsum8(sum);
     for (; g < n_groups; ++g) total += half_to_float(z[g]) * xs[g];
     return total;
 }
@@ -312,7 +295,7 @@ static inline __attribute__((always_inline)) void int8_tile(const int8_t *w, con
                                         _mm256_broadcast_ss(dx + (m0 + j) * n_blocks + k), acc[j][0]);
     }
     for (int j = 0; j < mt; ++j) {
-        float sum = hsum(_mm256_add_ps(_mm256_add_ps(acc[j][0], acc[j][1]), _mm256_add_ps(acc[j][2], acc[j][3])));
+        float sum = hsum8(_mm256_add_ps(_mm256_add_ps(acc[j][0], acc[j][1]), _mm256_add_ps(acc[j][2], acc[j][3])));
         const float *xr = x + (m0 + j) * I;
         for (int64_t i = n_blocks * 32; i < I; ++i) sum += (float)w[i] * xr[i];
         out[j] = sum;
