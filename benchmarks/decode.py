@@ -166,17 +166,17 @@ def measure(run, new_tokens: int, repeats: int, metrics=METRICS, warm_up: bool =
     return rates
 
 
-def measure_interleaved(shape: str, runners: dict, new_tokens: int, repeats: int) -> dict:
+def measure_interleaved(shape: str, runners: dict, new_tokens: int, repeats: int, metrics=METRICS) -> dict:
     """{(shape, engine): rates}: every engine loaded at once and measured in rounds, one sample of
     each per round, medians over rounds. A shared machine's speed drifts over minutes; engines
     measured one after another would carry that drift into their ratios."""
     samples = {engine: [] for engine in runners}
     for round_ in range(repeats):
         for engine, run in runners.items():
-            samples[engine].append(measure(run, new_tokens, 1, warm_up=round_ == 0))
+            samples[engine].append(measure(run, new_tokens, 1, metrics, warm_up=round_ == 0))
         print(f"  {shape} round {round_ + 1}/{repeats}: decode " + "  ".join(
             f"{engine} {samples[engine][-1]['decode']:.1f}" for engine in runners) + " tok/s", flush=True)
-    return {(shape, engine): {metric: statistics.median(s[metric] for s in rates) for metric in METRICS}
+    return {(shape, engine): {metric: statistics.median(s[metric] for s in rates) for metric in metrics}
             for engine, rates in samples.items()}
 
 

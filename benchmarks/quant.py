@@ -15,7 +15,6 @@
 import argparse
 import json
 import math
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from decode import SHAPES, build_checkpoint, measure, ours_runner  # noqa: E402
+from decode import SHAPES, build_checkpoint, measure_interleaved, ours_runner  # noqa: E402
 
 from accessory.model.meta import MetaModel  # noqa: E402
 
@@ -53,9 +52,7 @@ why coastal towns see so much drizzle: the air above the sea carries both moistu
 
 
 def speed(args) -> None:
-    """Every scheme is loaded first, then measured in interleaved rounds (one sample of each per
-    round, medians over rounds): a shared machine's speed drifts over minutes, and measuring the
-    schemes one after another would put that drift into their ratios."""
+    """Every scheme loaded at once, then measured in interleaved rounds (decode.measure_interleaved)."""
     directory = build_checkpoint("S", Path(args.workdir))
     schemes = ["bf16", *args.schemes]
     runners = {}
@@ -63,14 +60,8 @@ def speed(args) -> None:
         model = MetaModel.from_pretrained(str(directory), max_seq_len=512, dtype=torch.bfloat16, device="cpu",
                                           quant=None if scheme == "bf16" else scheme, progress=False)
         runners[scheme] = ours_runner(model)
-    samples = {scheme: [] for scheme in schemes}
-    for round_ in range(args.repeats):
-        for scheme, run in runners.items():
-            samples[scheme].append(measure(run, args.new_tokens, 1, metrics=("decode", "batch16"), warm_up=round_ == 0))
-        print(f"  round {round_ + 1}/{args.repeats}: " + "  ".join(
-            f"{scheme} {samples[scheme][-1]['decode']:.1f}" for scheme in schemes) + " tok/s", flush=True)
-    rows = {scheme: {metric: statistics.median(s[metric] for s in samples[scheme]) for metric in ("decode", "batch16")}
-            for scheme in schemes}
+    rates = measure_interleaved("S", runners, args.new_tokens, args.repeats, metrics=("decode", "batch16"))
+    rows = {scheme: rates["S", scheme] for scheme in schemes}
     print(f"\nS shape (1.1B), {args.threads} threads, {args.new_tokens} new tokens, median of {args.repeats} "
           f"interleaved rounds")
     print(f"{'weights':<10}{'decode tok/s':>13}{'x bf16':>8}{'batch16 tok/s':>15}{'x bf16':>8}")
