@@ -185,6 +185,25 @@ def test_attend_step_kernel(interleaved, head_dim, n_heads, n_kv_heads, length):
     torch.testing.assert_close(out, want.view(rows, -1), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows,features", [(1, 5), (3, 37), (16, 2048)])  # vector body, scalar tail, threads
+def test_silu_mul_kernel(rows, features):
+    """silu(gate) * up, with the kernel's own exp: within float32 rounding of torch's float64 result,
+    also at the ends of exp's range (clamped there), and NaN propagated."""
+    kernels = decode_kernels()
+    gen = torch.Generator().manual_seed(features)
+    gate_up = torch.randn(rows, 2 * features, generator=gen) * 8
+    special = torch.tensor([-1000.0, -100.0, -87.5, -30.0, -1e-20, 0.0, 1e-20, 30.0, 88.5, 100.0, 1000.0])
+    gate_up[0, :min(features, len(special))] = special[:features]
+    out = torch.empty(rows, features)
+    kernels.silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, features)
+    gate, up = gate_up.double().split(features, dim=-1)
+    torch.testing.assert_close(out.double(), torch.nn.functional.silu(gate) * up, rtol=1e-6, atol=1e-30)
+
+    gate_up[0, 0] = float("nan")
+    kernels.silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, features)
+    assert out[0, 0].isnan() and not out[:, 1:].isnan().any()
+
+
 def test_generation_through_the_engine_picks_the_float32_best_token(tiny_llama_dir, monkeypatch):
     """The seed's checkpoint loaded in bf16, greedy batched decode of two prompts of different
     lengths through the engine: every token the fast step picks is the float32 model's best

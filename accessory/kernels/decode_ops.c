@@ -48,12 +48,42 @@ void accessory_add(float *h, const float *y, int64_t n) {
     for (int64_t i = 0; i < n; ++i) h[i] += y[i];
 }
 
-/* out (M, F) = silu(gate) * up, where each row of gate_up (M, 2F) is [gate | up]. */
+/* e^x for eight floats, about 1e-7 relative error over [-87.3, 88.3] (inputs outside are clamped, so
+ * the results stay finite, which silu below relies on; NaN stays NaN): x = n ln2 + r, |r| <= ln2/2,
+ * ln2 split in two parts so n ln2 is exact, e^r by the minimax polynomial of Cephes' expf, and 2^n
+ * added to the exponent bits. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));  /* NaN: x */
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+/* out (M, F) = silu(gate) * up, where each row of gate_up (M, 2F) is [gate | up]. The scalar expf
+ * this replaces took ~9 ns per element: 4% of a 16-stream step of the S shape. */
 void accessory_silu_mul(const float *gate_up, float *out, int64_t M, int64_t F) {
+    const int64_t F8 = F & ~(int64_t)7;
+#pragma omp parallel for schedule(static) if (M * F > 32768)
     for (int64_t m = 0; m < M; ++m) {
         const float *g = gate_up + m * 2 * F, *u = g + F;
         float *o = out + m * F;
-        for (int64_t i = 0; i < F; ++i) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        for (int64_t i = 0; i < F8; i += 8) {
+            const __m256 gv = _mm256_loadu_ps(g + i);
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+            const __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
+        }
+        for (int64_t i = F8; i < F; ++i) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
 }
 
