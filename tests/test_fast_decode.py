@@ -65,12 +65,14 @@ def uses_fast_path(model) -> bool:
     return uses_fast_decode(model)
 
 
-def test_bf16_step_is_as_close_to_float32_as_the_torch_path(monkeypatch):
+# 3 rows: one weight row at a time; 12: the batched (outer-product) form of the bf16 kernel
+@pytest.mark.parametrize("prompt_lens", [(7, 4, 7), (7, 4, 7, 1, 5, 6, 2, 7, 3, 7, 4, 6)])
+def test_bf16_step_is_as_close_to_float32_as_the_torch_path(monkeypatch, prompt_lens):
     model = tiny()
-    reference = decode_logits(copy.deepcopy(model).float(), fast=False, monkeypatch=monkeypatch)
-    torch_bf16 = decode_logits(model, fast=False, monkeypatch=monkeypatch)
+    reference = decode_logits(copy.deepcopy(model).float(), prompt_lens, fast=False, monkeypatch=monkeypatch)
+    torch_bf16 = decode_logits(model, prompt_lens, fast=False, monkeypatch=monkeypatch)
     assert not uses_fast_path(model)
-    native = decode_logits(model, fast=True, monkeypatch=monkeypatch)
+    native = decode_logits(model, prompt_lens, fast=True, monkeypatch=monkeypatch)
     assert uses_fast_path(model)
     native_error = (native - reference).abs().max().item()
     torch_error = (torch_bf16 - reference).abs().max().item()

@@ -125,7 +125,7 @@ static void rows_kernel(const uint16_t *W, const float *xp, uint16_t *y, float *
                         int64_t M, int64_t O, int64_t I, int64_t o_begin, int64_t o_end) {
     float sums[4], sums_b[4];
     int64_t o = o_begin;
-    if (M > 4) {  /* weight rows in pairs: measured 1.3-1.6x faster at 16 rows, slower at 4 */
+    if (M > 4) {  /* weight rows in pairs (5-8 rows here): measured 1.3-1.6x faster at 16 rows, slower at 4 */
         for (; o + 1 < o_end; o += 2) {
             const uint16_t *wa = W + o * I, *wb = wa + I;
             for (int64_t m0 = 0; m0 < M; m0 += 4) {
@@ -158,6 +158,111 @@ static void rows_kernel(const uint16_t *W, const float *xp, uint16_t *y, float *
     }
 }
 
+/* Batches of OUTER_MIN_ROWS to 16 rows (several streams decoding at once) are bound by arithmetic,
+ * not by reading W, so they take the outer-product form: the activations are transposed once into
+ * xt[i][16] (rows past M zero), and each weight is broadcast and multiplied into all 16 rows' sums
+ * at once (two 8-lane vectors). Weights come in pairs: one 32-bit broadcast holds w[i] and w[i+1],
+ * and a shift or a mask turns it into either as float32. OUTER_ROWS weight rows share each loaded
+ * activation vector. On the AVX2 machine of benchmarks/README.md this ran S-shaped products at 16
+ * rows 1.25-1.35x faster than weight rows in pairs against 4 activation rows at a time; below 9
+ * rows the padding to 16 costs more than it saves. */
+#define OUTER_MIN_ROWS 9
+#define OUTER_ROWS 4
+
+static void transpose_f32(const float *x, float *xt, int64_t M, int64_t I) {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < I; ++i) {
+        float *d = xt + i * 16;
+        int64_t m = 0;
+        for (; m < M; ++m) d[m] = x[m * I + i];
+        for (; m < 16; ++m) d[m] = 0.f;
+    }
+}
+
+static void transpose_bf16(const uint16_t *x, float *xt, int64_t M, int64_t I) {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < I; ++i) {
+        float *d = xt + i * 16;
+        int64_t m = 0;
+        for (; m < M; ++m) d[m] = bf16_to_float(x[m * I + i]);
+        for (; m < 16; ++m) d[m] = 0.f;
+    }
+}
+
+/* `r_count` (a compile-time constant at each call) weight rows against the 16 transposed rows:
+ * out[r * 16 + m] receives row m's product with weight row r. */
+static inline __attribute__((always_inline)) void outer_tile(const uint16_t *w, int64_t I, const float *xt,
+                                                             const int r_count, float *out) {
+    const __m256i high_half = _mm256_set1_epi32((int)0xffff0000u);
+    const int64_t I2 = I & ~(int64_t)1;
+    __m256 acc[OUTER_ROWS][2];
+    for (int r = 0; r < r_count; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < I2; i += 2) {
+        const __m256 x00 = _mm256_load_ps(xt + i * 16), x01 = _mm256_load_ps(xt + i * 16 + 8);
+        const __m256 x10 = _mm256_load_ps(xt + i * 16 + 16), x11 = _mm256_load_ps(xt + i * 16 + 24);
+        for (int r = 0; r < r_count; ++r) {
+            if (!(i & 31)) PREFETCH(w + r * I + i);
+            int32_t pair;
+            memcpy(&pair, w + r * I + i, 4);
+            const __m256i both = _mm256_set1_epi32(pair);
+            const __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(both, 16));
+            const __m256 w1 = _mm256_castsi256_ps(_mm256_and_si256(both, high_half));
+            acc[r][0] = _mm256_fmadd_ps(w0, x00, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(w0, x01, acc[r][1]);
+            acc[r][0] = _mm256_fmadd_ps(w1, x10, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(w1, x11, acc[r][1]);
+        }
+    }
+    if (I & 1) {
+        const __m256 x0 = _mm256_load_ps(xt + I2 * 16), x1 = _mm256_load_ps(xt + I2 * 16 + 8);
+        for (int r = 0; r < r_count; ++r) {
+            const __m256 w0 = _mm256_set1_ps(bf16_to_float(w[r * I + I2]));
+            acc[r][0] = _mm256_fmadd_ps(w0, x0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(w0, x1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < r_count; ++r) {
+        _mm256_storeu_ps(out + r * 16, acc[r][0]);
+        _mm256_storeu_ps(out + r * 16 + 8, acc[r][1]);
+    }
+}
+
+static void outer_rows_kernel(const uint16_t *W, const float *xt, uint16_t *y, float *y_f32, int64_t M, int64_t O,
+                              int64_t I, int64_t o_begin, int64_t o_end) {
+    float out[OUTER_ROWS * 16];
+    for (int64_t o = o_begin; o < o_end;) {
+        const int64_t r_count = o_end - o >= OUTER_ROWS ? OUTER_ROWS : 1;
+        if (r_count == OUTER_ROWS) outer_tile(W + o * I, I, xt, OUTER_ROWS, out);
+        else outer_tile(W + o * I, I, xt, 1, out);
+        for (int64_t r = 0; r < r_count; ++r)
+            for (int64_t m = 0; m < M; ++m) {
+                if (y) y[m * O + o + r] = float_to_bf16(out[r * 16 + m]);
+                else y_f32[m * O + o + r] = out[r * 16 + m];
+            }
+        o += r_count;
+    }
+}
+
+/* The outer-product form over all of W; x_bf16 or x_f32 is the input, xt needs 16 * I floats
+ * 32-byte aligned. */
+static void gemv_rows_outer(const uint16_t *W, const uint16_t *x_bf16, const float *x_f32, float *xt, uint16_t *y,
+                            float *y_f32, int64_t M, int64_t O, int64_t I) {
+    const int64_t block = 16;
+    const int64_t n_blocks = (O + block - 1) / block;
+#pragma omp parallel
+    {
+        if (x_bf16) transpose_bf16(x_bf16, xt, M, I);
+        else transpose_f32(x_f32, xt, M, I);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < n_blocks; ++b) {
+            int64_t o_end = (b + 1) * block < O ? (b + 1) * block : O;
+            outer_rows_kernel(W, xt, y, y_f32, M, O, I, b * block, o_end);
+        }
+    }
+}
+
+static float *aligned32(float *p) { return (float *)(((uintptr_t)p + 31) & ~(uintptr_t)31); }
+
 static void gemv_rows(const uint16_t *W, const float *xp, uint16_t *y, float *y_f32,
                       int64_t M, int64_t O, int64_t I) {
     const int64_t block = 16;  /* rows per task: small enough to balance, big enough to amortise */
@@ -169,20 +274,32 @@ static void gemv_rows(const uint16_t *W, const float *xp, uint16_t *y, float *y_
     }
 }
 
-/* y (M, O) bf16 (or y_f32 float32 when y is NULL) = x (M, I) bf16 @ W(O, I)^T.
- * scratch: 2 * M * I floats. */
+/* Float32 scratch the two entry points below need for M activation rows of I features. */
+int64_t accessory_gemv_bf16_scratch_floats(int64_t M, int64_t I) {
+    const int64_t direct = 2 * M * I, outer = 16 * I + 8;
+    return M >= OUTER_MIN_ROWS && outer > direct ? outer : direct;
+}
+
+/* y (M, O) bf16 (or y_f32 float32 when y is NULL) = x (M, I) bf16 @ W(O, I)^T. */
 void accessory_gemv_bf16(const uint16_t *W, const uint16_t *x, float *scratch, uint16_t *y, float *y_f32,
                          int64_t M, int64_t O, int64_t I) {
+    if (M >= OUTER_MIN_ROWS) {
+        gemv_rows_outer(W, x, NULL, aligned32(scratch), y, y_f32, M, O, I);
+        return;
+    }
     float *x_f32 = scratch + M * I;
     for (int64_t k = 0; k < M * I; ++k) x_f32[k] = bf16_to_float(x[k]);
     reorder_activations(x_f32, scratch, M, I);
     gemv_rows(W, scratch, y, y_f32, M, O, I);
 }
 
-/* y_f32 (M, O) = x_f32 (M, I) @ W(O, I)^T, activations in float32 (the decode path's buffers).
- * scratch: M * I floats. */
+/* y_f32 (M, O) = x_f32 (M, I) @ W(O, I)^T, activations in float32 (the decode path's buffers). */
 void accessory_gemv_bf16_f32(const uint16_t *W, const float *x_f32, float *scratch, float *y_f32,
                              int64_t M, int64_t O, int64_t I) {
+    if (M >= OUTER_MIN_ROWS) {
+        gemv_rows_outer(W, NULL, x_f32, aligned32(scratch), NULL, y_f32, M, O, I);
+        return;
+    }
     reorder_activations(x_f32, scratch, M, I);
     gemv_rows(W, scratch, NULL, y_f32, M, O, I);
 }

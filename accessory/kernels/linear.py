@@ -24,19 +24,29 @@ from . import load_library, scratch_floats
 MAX_ROWS = 16
 
 _function = None
+_scratch_function = None
 _loaded = False
 
 
 def _kernel():
-    global _function, _loaded
+    global _function, _scratch_function, _loaded
     if not _loaded:
         library = load_library("gemv_bf16")
         if library is not None:
             _function = library.accessory_gemv_bf16
             _function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
             _function.restype = None
+            _scratch_function = library.accessory_gemv_bf16_scratch_floats
+            _scratch_function.argtypes = [ctypes.c_int64] * 2
+            _scratch_function.restype = ctypes.c_int64
         _loaded = True
     return _function
+
+
+def scratch_floats_needed(rows: int, in_features: int) -> int:
+    """Float32 scratch the bf16 kernels (``accessory_gemv_bf16`` and ``_f32``) need for ``rows``
+    activation rows, as the kernel states it (0 when the kernel is unavailable)."""
+    return _scratch_function(rows, in_features) if _kernel() is not None else 0
 
 
 def native_linear_available() -> bool:
@@ -94,8 +104,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
                 x2 = x.reshape(rows, x.shape[-1]).contiguous()
                 out_features, in_features = weight.shape
                 y = torch.empty((rows, out_features), dtype=torch.bfloat16)
-                kernel(weight.data_ptr(), x2.data_ptr(), scratch_floats(2 * rows * in_features).data_ptr(),
-                       y.data_ptr(), None, rows, out_features, in_features)
+                scratch = scratch_floats(scratch_floats_needed(rows, in_features))
+                kernel(weight.data_ptr(), x2.data_ptr(), scratch.data_ptr(), y.data_ptr(), None, rows, out_features,
+                       in_features)
                 if bias is not None:
                     y = y + bias
                 return y.view(*x.shape[:-1], out_features)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ...kernels.decode import decode_kernels
-from ...kernels.linear import NativeLinear
+from ...kernels.linear import NativeLinear, scratch_floats_needed as bf16_scratch_floats_needed
 from ...kernels.quant import scratch_floats_needed
 from ...quant.linear import FusedQuantLinear, QuantLinear
 from .linear import FusedLinear, still_fused
@@ -84,7 +84,7 @@ class _Product:
     def scratch_floats(self, rows: int) -> int:
         """Float32 scratch the kernel needs for ``rows`` activation rows."""
         if self.kind == "bf16":
-            return rows * self.in_features
+            return bf16_scratch_floats_needed(rows, self.in_features)
         return scratch_floats_needed(self.kind, rows, self.in_features, self.group_size)
 
     def run(self, kernels, x: int, y: int, rows: int, scratch: int) -> None:
