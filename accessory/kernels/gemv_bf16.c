@@ -125,7 +125,7 @@ static void rows_kernel(const uint16_t *W, const float *xp, uint16_t *y, float *
                         int64_t M, int64_t O, int64_t I, int64_t o_begin, int64_t o_end) {
     float sums[4], sums_b[4];
     int64_t o = o_begin;
-    if (M > 4) {  /* weight rows in pairs (5-8 rows here): measured 1.3-1.6x faster at 16 rows, slower at 4 */
+    if (M > 4) {  /* weight rows in pairs (5-12 rows here): measured 1.3-1.6x faster at 16 rows, slower at 4 */
         for (; o + 1 < o_end; o += 2) {
             const uint16_t *wa = W + o * I, *wb = wa + I;
             for (int64_t m0 = 0; m0 < M; m0 += 4) {
@@ -158,15 +158,15 @@ static void rows_kernel(const uint16_t *W, const float *xp, uint16_t *y, float *
     }
 }
 
-/* Batches of OUTER_MIN_ROWS to 16 rows (several streams decoding at once) are bound by arithmetic,
+/* Batches of OUTER_MIN_ROWS to 16 rows (many streams decoding at once) are bound by arithmetic,
  * not by reading W, so they take the outer-product form: the activations are transposed once into
  * xt[i][16] (rows past M zero), and each weight is broadcast and multiplied into all 16 rows' sums
  * at once (two 8-lane vectors). Weights come in pairs: one 32-bit broadcast holds w[i] and w[i+1],
  * and a shift or a mask turns it into either as float32. OUTER_ROWS weight rows share each loaded
- * activation vector. On the AVX2 machine of benchmarks/README.md this ran S-shaped products at 16
- * rows 1.25-1.35x faster than weight rows in pairs against 4 activation rows at a time; below 9
- * rows the padding to 16 costs more than it saves. */
-#define OUTER_MIN_ROWS 9
+ * activation vector. On the AVX2 machine of benchmarks/README.md this ran S-shaped products 1.1-1.35x
+ * faster than weight rows in pairs against 4 activation rows at a time at 14-16 rows, as fast at 13
+ * and 10-20% slower at 9-12 rows, where the padding to 16 costs more than it saves. */
+#define OUTER_MIN_ROWS 13
 #define OUTER_ROWS 4
 
 static void transpose_f32(const float *x, float *xt, int64_t M, int64_t I) {
