@@ -13,7 +13,9 @@ needs_kernel = pytest.mark.skipif(not native_linear_available(),
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 12, 13, 16])  # 5-12: weight rows in pairs; 13-16: outer products
+# 5-12 rows: weight rows in pairs; from 13: outer products, over chunks of 16 rows past 16 (the last
+# one partial at 40; more than 16 rows take the kernel only on CPUs without native bf16)
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 12, 13, 16, 40, 256])
 @pytest.mark.parametrize("out_features,in_features", [(64, 64), (37, 100), (130, 33), (512, 768)])
 def test_native_linear_matches_float_reference(rows, out_features, in_features):
     gen = torch.Generator().manual_seed(rows * out_features + in_features)
@@ -50,16 +52,17 @@ def test_other_inputs_fall_back_to_torch_exactly(monkeypatch):
 
 @pytest.mark.parametrize("out_features", [24, 300, 2500])
 def test_long_bf16_inputs_without_native_bf16_are_computed_in_float32(monkeypatch, out_features):
-    """Prefill-sized inputs: the weight widened to float32 block by block (blocks of at least 64
-    rows, so 2500 rows of 1040 inputs take several), the result rounded once to bf16."""
+    """Inputs of more than MAX_ROWS_WITHOUT_NATIVE_BF16 rows: the weight widened to float32 block by
+    block (blocks of at least 64 rows, so 2500 rows of 1040 inputs take several), the result
+    rounded once to bf16."""
     from accessory.kernels import linear as kernel_linear
     monkeypatch.setattr(kernel_linear, "cpu_has_native_bf16", lambda: False)
     gen = torch.Generator().manual_seed(out_features)
-    x = torch.randn(3, MAX_ROWS, 1040, generator=gen).bfloat16()
+    x = torch.randn(3, kernel_linear.MAX_ROWS_WITHOUT_NATIVE_BF16 // 2, 1040, generator=gen).bfloat16()
     w = torch.randn(out_features, 1040, generator=gen).bfloat16()
     b = torch.randn(out_features, generator=gen).bfloat16()
     got = linear(x, w, b)
-    assert got.dtype == torch.bfloat16 and got.shape == (3, MAX_ROWS, out_features)
+    assert got.dtype == torch.bfloat16 and got.shape == (*x.shape[:2], out_features)
     expected = F.linear(x.float(), w.float(), b.float())
     torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-4 * expected.abs().max().item())
 

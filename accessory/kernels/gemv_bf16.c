@@ -169,22 +169,16 @@ static void rows_kernel(const uint16_t *W, const float *xp, uint16_t *y, float *
 #define OUTER_MIN_ROWS 13
 #define OUTER_ROWS 4
 
-static void transpose_f32(const float *x, float *xt, int64_t M, int64_t I) {
+/* x (M, I) -> xt, chunks of 16 rows each transposed to [I][16] (rows past M zero). */
+static void transpose_chunks(const uint16_t *x_bf16, const float *x_f32, float *xt, int64_t M, int64_t I) {
+    const int64_t n = (M + 15) / 16 * I;
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < I; ++i) {
-        float *d = xt + i * 16;
+    for (int64_t k = 0; k < n; ++k) {
+        const int64_t chunk = k / I, i = k % I, m0 = chunk * 16, rows = M - m0 < 16 ? M - m0 : 16;
+        float *d = xt + k * 16;
         int64_t m = 0;
-        for (; m < M; ++m) d[m] = x[m * I + i];
-        for (; m < 16; ++m) d[m] = 0.f;
-    }
-}
-
-static void transpose_bf16(const uint16_t *x, float *xt, int64_t M, int64_t I) {
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < I; ++i) {
-        float *d = xt + i * 16;
-        int64_t m = 0;
-        for (; m < M; ++m) d[m] = bf16_to_float(x[m * I + i]);
+        if (x_bf16) for (; m < rows; ++m) d[m] = bf16_to_float(x_bf16[(m0 + m) * I + i]);
+        else for (; m < rows; ++m) d[m] = x_f32[(m0 + m) * I + i];
         for (; m < 16; ++m) d[m] = 0.f;
     }
 }
@@ -243,20 +237,23 @@ static void outer_rows_kernel(const uint16_t *W, const float *xt, uint16_t *y, f
     }
 }
 
-/* The outer-product form over all of W; x_bf16 or x_f32 is the input, xt needs 16 * I floats
- * 32-byte aligned. */
+/* The outer-product form over all of W; x_bf16 or x_f32 is the input, xt needs 16 * I floats per
+ * chunk of 16 rows, 32-byte aligned. Each task's block of weight rows (16 rows: 64 KB at 2048
+ * inputs) stays in cache while every chunk of activations passes over it, so W is read from
+ * memory once however many rows come in. */
 static void gemv_rows_outer(const uint16_t *W, const uint16_t *x_bf16, const float *x_f32, float *xt, uint16_t *y,
                             float *y_f32, int64_t M, int64_t O, int64_t I) {
     const int64_t block = 16;
     const int64_t n_blocks = (O + block - 1) / block;
 #pragma omp parallel
     {
-        if (x_bf16) transpose_bf16(x_bf16, xt, M, I);
-        else transpose_f32(x_f32, xt, M, I);
+        transpose_chunks(x_bf16, x_f32, xt, M, I);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < n_blocks; ++b) {
-            int64_t o_end = (b + 1) * block < O ? (b + 1) * block : O;
-            outer_rows_kernel(W, xt, y, y_f32, M, O, I, b * block, o_end);
+            const int64_t o_end = (b + 1) * block < O ? (b + 1) * block : O;
+            for (int64_t m0 = 0; m0 < M; m0 += 16)
+                outer_rows_kernel(W, xt + m0 * I, y ? y + m0 * O : NULL, y ? NULL : y_f32 + m0 * O,
+                                  M - m0 < 16 ? M - m0 : 16, O, I, b * block, o_end);
         }
     }
 }
@@ -276,7 +273,7 @@ static void gemv_rows(const uint16_t *W, const float *xp, uint16_t *y, float *y_
 
 /* Float32 scratch the two entry points below need for M activation rows of I features. */
 int64_t accessory_gemv_bf16_scratch_floats(int64_t M, int64_t I) {
-    const int64_t direct = 2 * M * I, outer = 16 * I + 8;
+    const int64_t direct = 2 * M * I, outer = (M + 15) / 16 * 16 * I + 8;
     return M >= OUTER_MIN_ROWS && outer > direct ? outer : direct;
 }
 

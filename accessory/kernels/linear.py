@@ -3,9 +3,11 @@
 Decoding multiplies one (or a few) token vectors by every weight matrix, so its speed is the speed
 of reading the weights. torch's bf16 matrix-vector product on CPU reads them well below the memory
 bandwidth; the native kernel (gemv_bf16.c) streams each row once. Used when the input is on the
-CPU, both tensors are bf16 and contiguous, and at most ``MAX_ROWS`` token vectors come in.
+CPU, both tensors are bf16 and contiguous, and at most ``MAX_ROWS`` token vectors come in (up to
+``MAX_ROWS_WITHOUT_NATIVE_BF16`` on CPUs without native bf16 arithmetic, where the kernel's
+batched form is the faster way to multiply prompt-sized inputs too).
 
-Longer inputs (prompt prefill) on CPUs without native bf16 arithmetic (no AVX512-BF16 or AMX)
+Longer inputs (long prompts) on CPUs without native bf16 arithmetic (no AVX512-BF16 or AMX)
 widen the weight to float32 a block of rows at a time and use torch's float32 product: torch's
 bf16 matrix product there runs about 4x slower than float32 (measured 0.32 s vs 0.08 s for 128 x
 2048 @ 2048 x 5632 on one AVX2 core), and a block of a few MB stays in cache while it is used.
@@ -22,6 +24,11 @@ import torch.nn.functional as F
 from . import load_library, scratch_floats
 
 MAX_ROWS = 16
+# Without native bf16 arithmetic the kernel's batched form also beats widening the weight for
+# torch's float32 product up to this many rows (measured on the 2-core AVX2 machine of
+# benchmarks/README.md, S-shaped products: 2x at 32 rows, 1.15-1.2x at 128, even at 256, 8% slower
+# at 512 rows).
+MAX_ROWS_WITHOUT_NATIVE_BF16 = 256
 
 _function = None
 _scratch_function = None
@@ -96,20 +103,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
             and weight.device.type == "cpu" and weight.is_contiguous() and not x.requires_grad
             and not weight.requires_grad):
         rows = x.numel() // x.shape[-1] if x.dim() else 0
-        if rows > MAX_ROWS and not cpu_has_native_bf16():
+        native_bf16 = cpu_has_native_bf16()
+        kernel = _kernel() if 0 < rows <= (MAX_ROWS if native_bf16 else MAX_ROWS_WITHOUT_NATIVE_BF16) else None
+        if kernel is not None:
+            x2 = x.reshape(rows, x.shape[-1]).contiguous()
+            out_features, in_features = weight.shape
+            y = torch.empty((rows, out_features), dtype=torch.bfloat16)
+            scratch = scratch_floats(scratch_floats_needed(rows, in_features))
+            kernel(weight.data_ptr(), x2.data_ptr(), scratch.data_ptr(), y.data_ptr(), None, rows, out_features,
+                   in_features)
+            if bias is not None:
+                y = y + bias
+            return y.view(*x.shape[:-1], out_features)
+        if rows > MAX_ROWS and not native_bf16:
             return widened_linear(x, weight, bias)
-        if 0 < rows <= MAX_ROWS:
-            kernel = _kernel()
-            if kernel is not None:
-                x2 = x.reshape(rows, x.shape[-1]).contiguous()
-                out_features, in_features = weight.shape
-                y = torch.empty((rows, out_features), dtype=torch.bfloat16)
-                scratch = scratch_floats(scratch_floats_needed(rows, in_features))
-                kernel(weight.data_ptr(), x2.data_ptr(), scratch.data_ptr(), y.data_ptr(), None, rows, out_features,
-                       in_features)
-                if bias is not None:
-                    y = y + bias
-                return y.view(*x.shape[:-1], out_features)
     return F.linear(x, weight, bias)
 
 
