@@ -27,7 +27,8 @@ MAX_ROWS = 16
 # Without native bf16 arithmetic the kernel's batched form also beats widening the weight for
 # torch's float32 product up to this many rows (measured on the 2-core AVX2 machine of
 # benchmarks/README.md, S-shaped products: 2x at 32 rows, 1.15-1.2x at 128, even at 256, 8% slower
-# at 512 rows).
+# at 512 rows). Its per-thread scratch then holds up to 256 x in_features floats (11 MB for a 7B
+# model's down projection).
 MAX_ROWS_WITHOUT_NATIVE_BF16 = 256
 
 _function = None
