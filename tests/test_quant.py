@@ -171,6 +171,34 @@ def test_fallback_without_native_kernels_gives_the_same_products(monkeypatch):
                           atol=1e-5)
 
 
+@needs_kernels
+@pytest.mark.parametrize("scheme", SCHEMES + [QuantScheme("int4", 128), QuantScheme("nf4", 32)], ids=_ids)
+def test_native_expansion_equals_the_formats_dequantize(scheme):
+    """Prompt-sized products expand blocks of packed rows natively: bit for bit the float32 matrix
+    formats.dequantize gives, for a row slice too (the block the product asks for)."""
+    gen = torch.Generator().manual_seed(scheme.group_size or 7)
+    weight = torch.randn(37, 256, generator=gen)
+    weight[3, :40] *= 30  # an outlier group
+    packed = quantize(weight, scheme)
+    torch.testing.assert_close(kq.dequantize_rows(packed, scheme, 256), dequantize(packed, scheme), rtol=0, atol=0)
+    block = {name: t[5:21] for name, t in packed.items()}
+    torch.testing.assert_close(kq.dequantize_rows(block, scheme, 256), dequantize(packed, scheme)[5:21], rtol=0, atol=0)
+
+
+@needs_kernels
+def test_bf16_prefill_expands_rows_natively(monkeypatch):
+    import accessory.quant.linear as ql
+    monkeypatch.setattr(ql, "cpu_has_native_bf16", lambda: False)
+    calls = []
+    monkeypatch.setattr(ql, "dequantize_rows", lambda *a: calls.append(1) or kq.dequantize_rows(*a))
+    scheme = QuantScheme("nf4")
+    packed = quantize(torch.randn(64, 128), scheme)
+    x = torch.randn(40, 128).bfloat16()
+    got = quantized_matmul(x, packed, scheme, 64, 128)
+    assert calls
+    torch.testing.assert_close(got, (x.float() @ dequantize(packed, scheme).T).bfloat16(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("native_bf16", [False, True])
 def test_bf16_prefill_products_on_cpus_with_and_without_native_bf16(monkeypatch, native_bf16):
     """Prompt-sized bf16 inputs expand the packed matrix: in float32 blocks of rows where the CPU

@@ -364,3 +364,44 @@ void accessory_gemv_q4(const uint8_t *P, const uint16_t *scale, const uint16_t *
         else nf4_rows(P, scale, x_f32, y, dtype, M, O, I, G, t * ROWS_PER_TASK, end);
     }
 }
+
+/* out (O, I) float32 = the weight the packed rows stand for (kind 0: int8, 1: int4, 2: nf4), with
+ * the arithmetic of accessory/quant/formats.py's dequantize: q * scale for int8, q * scale +
+ * offset for int4 (a product, then a sum: no fused multiply-add), NF4[q] * scale for nf4. Used by
+ * prompt-sized products, which multiply a few MB of rows at a time with torch's float32 product;
+ * expanding them with torch's element-wise operations took a third of an int4 prefill. */
+void accessory_dequantize(const void *packed, const void *scale, const uint16_t *offset, int kind, float *out,
+                          int64_t O, int64_t I, int64_t G) {
+    const int64_t n_groups = kind == 0 ? 1 : I / G;
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < O; ++o) {
+        float *row = out + o * I;
+        if (kind == 0) {
+            const int8_t *q = (const int8_t *)packed + o * I;
+            const float s = ((const float *)scale)[o];
+            for (int64_t i = 0; i < I; ++i) row[i] = (float)q[i] * s;
+            continue;
+        }
+        const uint8_t *p = (const uint8_t *)packed + o * (I / 2);
+        const uint16_t *s16 = (const uint16_t *)scale + o * n_groups;
+        for (int64_t g = 0; g < n_groups; ++g) {
+            const float s = half_to_float(s16[g]);
+            const float z = kind == 1 ? half_to_float(offset[o * n_groups + g]) : 0.0f;
+            for (int64_t b = g * G; b < (g + 1) * G; b += 32) {  /* a block of 32: 16 bytes, two codes each */
+                const uint8_t *bytes = p + b / 2;
+                float *dst = row + b;
+                if (kind == 1) {
+                    for (int j = 0; j < 16; ++j) {
+                        dst[j] = (float)(bytes[j] & 15) * s + z;
+                        dst[j + 16] = (float)(bytes[j] >> 4) * s + z;
+                    }
+                } else {
+                    for (int j = 0; j < 16; ++j) {
+                        dst[j] = NF4_LEVELS[bytes[j] & 15] * s;
+                        dst[j + 16] = NF4_LEVELS[bytes[j] >> 4] * s;
+                    }
+                }
+            }
+        }
+    }
+}

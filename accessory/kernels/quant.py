@@ -31,7 +31,10 @@ def _kernels():
             q4.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int,
                            ctypes.c_void_p] + [ctypes.c_int64] * 4)
             q4.restype = None
-            _functions = (int8, q4)
+            dequantize = library.accessory_dequantize
+            dequantize.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 3
+            dequantize.restype = None
+            _functions = (int8, q4, dequantize)
         _loaded = True
     return _functions
 
@@ -75,3 +78,21 @@ def quant_gemv(x: torch.Tensor, tensors: Dict[str, torch.Tensor], scheme, out_fe
                    int(scheme.name == "nf4"), x2.data_ptr(), y.data_ptr(), code, scratch,
                    rows, out_features, in_features, scheme.group_size)
     return y.view(*x.shape[:-1], out_features)
+
+
+_KIND_CODES = {"int8": 0, "int4": 1, "nf4": 2}
+
+
+def dequantize_rows(tensors: Dict[str, torch.Tensor], scheme, in_features: int) -> Optional[torch.Tensor]:
+    """The float32 (rows, in_features) weight the packed CPU ``tensors`` (a block of rows) stand
+    for, expanded by the native kernel with the arithmetic of quant.formats.dequantize; None when
+    the kernel does not apply (callers then use that function)."""
+    kernels = _kernels()
+    if kernels is None or scheme.name not in _KIND_CODES or \
+            any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors.values()):
+        return None
+    qweight, scales, offsets = tensors["qweight"], tensors["scales"], tensors.get("offsets")
+    out = torch.empty((qweight.shape[0], in_features), dtype=torch.float32)
+    kernels[2](qweight.data_ptr(), scales.data_ptr(), None if offsets is None else offsets.data_ptr(),
+               _KIND_CODES[scheme.name], out.data_ptr(), qweight.shape[0], in_features, scheme.group_size or 0)
+    return out

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.linear import cpu_has_native_bf16, linear_in_float32_blocks
-from ..kernels.quant import quant_gemv
+from ..kernels.quant import dequantize_rows, quant_gemv
 from .cuda import cuda_matmul
 from .formats import QuantScheme, dequantize, quantize
 from .memory import return_freed_heap
@@ -117,9 +117,11 @@ def quantized_matmul(x: torch.Tensor, packed: Dict[str, torch.Tensor], scheme: Q
         return out
     if x.device.type == "cpu" and x.dtype is torch.bfloat16 and not cpu_has_native_bf16():
         # prefill on a CPU without native bf16: float32 blocks, as the bf16 prefill product
-        return linear_in_float32_blocks(
-            x, out_features,
-            lambda start, stop: dequantize({name: t[start:stop] for name, t in packed.items()}, scheme, torch.float32))
+        def rows(start: int, stop: int) -> torch.Tensor:
+            block = {name: t[start:stop] for name, t in packed.items()}
+            expanded = dequantize_rows(block, scheme, in_features)
+            return expanded if expanded is not None else dequantize(block, scheme, torch.float32)
+        return linear_in_float32_blocks(x, out_features, rows)
     compute_dtype = x.dtype if x.is_floating_point() else torch.float32
     if out_features <= _EXPAND_ROWS:
         return F.linear(x, dequantize(packed, scheme, compute_dtype))
