@@ -31,13 +31,17 @@ def test_native_linear_matches_float_reference(rows, out_features, in_features):
 
 
 @needs_kernel
-def test_native_linear_keeps_leading_dims_and_bias():
-    x = torch.randn(2, 1, 48).bfloat16()
-    w = torch.randn(40, 48).bfloat16()
-    b = torch.randn(40).bfloat16()
+@pytest.mark.parametrize("batch", [1, 7, 20])  # 2, 14 and 40 rows: each form of the kernel
+def test_native_linear_keeps_leading_dims_and_adds_the_bias_before_rounding(batch):
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 2, 48, generator=gen).bfloat16()
+    w = torch.randn(40, 48, generator=gen).bfloat16()
+    b = (torch.randn(40, generator=gen) * 10).bfloat16()
     got = linear(x, w, b)
-    assert got.shape == (2, 1, 40)
-    torch.testing.assert_close(got.float(), F.linear(x.float(), w.float(), b.float()), rtol=2e-2, atol=5e-2)
+    assert got.shape == (batch, 2, 40)
+    exact = F.linear(x.double(), w.double(), b.double())
+    # within half a bf16 step of the exact sum (plus float32 accumulation): rounded once
+    assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-4).all()
 
 
 def test_other_inputs_fall_back_to_torch_exactly(monkeypatch):

@@ -109,12 +109,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
         if kernel is not None:
             x2 = x.reshape(rows, x.shape[-1]).contiguous()
             out_features, in_features = weight.shape
-            y = torch.empty((rows, out_features), dtype=torch.bfloat16)
             scratch = scratch_floats(scratch_floats_needed(rows, in_features))
-            kernel(weight.data_ptr(), x2.data_ptr(), scratch.data_ptr(), y.data_ptr(), None, rows, out_features,
-                   in_features)
-            if bias is not None:
-                y = y + bias
+            if bias is None:
+                y = torch.empty((rows, out_features), dtype=torch.bfloat16)
+                kernel(weight.data_ptr(), x2.data_ptr(), scratch.data_ptr(), y.data_ptr(), None, rows, out_features,
+                       in_features)
+            else:  # the bias added in float32, the sum rounded once
+                y = torch.empty((rows, out_features), dtype=torch.float32)
+                kernel(weight.data_ptr(), x2.data_ptr(), scratch.data_ptr(), None, y.data_ptr(), rows, out_features,
+                       in_features)
+                y = y.add_(bias).bfloat16()
             return y.view(*x.shape[:-1], out_features)
         if rows > MAX_ROWS and not native_bf16:
             return widened_linear(x, weight, bias)
