@@ -1,12 +1,14 @@
-/* Matrix-vector products with bf16 weights for small batches on x86-64 (AVX2 + FMA).
+/* Products with bf16 weights on x86-64 (AVX2 + FMA): decode steps and prompt-sized inputs.
  *
- * y[m, o] = sum_i x[m, i] * W[o, i] for m < M (M small: decode steps of one or a few streams),
- * W row-major (O, I) in bfloat16, x and y in bfloat16, accumulation in float32.
+ * y[m, o] = sum_i x[m, i] * W[o, i] for m < M, W row-major (O, I) in bfloat16, x and y in bfloat16
+ * (or float32, the decode step's buffers), accumulation in float32.
  *
- * Decoding is bound by reading W once per token; torch's generic bf16 path reads it at a fraction
- * of the memory bandwidth. Here each W row is streamed once, converted to float32 by a 16-bit
- * shift, and applied to every x row while it is in L1. Rows are spread over OpenMP threads (the
- * same libgomp torch uses, so no second thread pool competes for the cores).
+ * Decoding (M of one to a few streams) is bound by reading W once per token; torch's generic bf16
+ * path reads it at a fraction of the memory bandwidth. Here each W row is streamed once, converted
+ * to float32 by a 16-bit shift, and applied to every x row while it is in L1. From OUTER_MIN_ROWS
+ * rows (many streams, or a prompt) the work is bound by arithmetic instead and takes the
+ * outer-product form further down. Rows of W are spread over OpenMP threads (the same libgomp
+ * torch uses, so no second thread pool competes for the cores).
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -158,14 +160,15 @@ static void rows_kernel(const uint16_t *W, const float *xp, uint16_t *y, float *
     }
 }
 
-/* Batches of OUTER_MIN_ROWS to 16 rows (many streams decoding at once) are bound by arithmetic,
- * not by reading W, so they take the outer-product form: the activations are transposed once into
- * xt[i][16] (rows past M zero), and each weight is broadcast and multiplied into all 16 rows' sums
- * at once (two 8-lane vectors). Weights come in pairs: one 32-bit broadcast holds w[i] and w[i+1],
- * and a shift or a mask turns it into either as float32. OUTER_ROWS weight rows share each loaded
- * activation vector. On the AVX2 machine of benchmarks/README.md this ran S-shaped products 1.1-1.35x
- * faster than weight rows in pairs against 4 activation rows at a time at 14-16 rows, as fast at 13
- * and 10-20% slower at 9-12 rows, where the padding to 16 costs more than it saves. */
+/* From OUTER_MIN_ROWS rows (many streams decoding at once, or a prompt) the product is bound by
+ * arithmetic, not by reading W, so it takes the outer-product form: the activations are transposed
+ * once, in chunks of 16 rows, into xt[i][16] (rows past M zero), and each weight is broadcast and
+ * multiplied into a chunk's 16 sums at once (two 8-lane vectors). Weights come in pairs: one
+ * 32-bit broadcast holds w[i] and w[i+1], and a shift or a mask turns it into either as float32.
+ * OUTER_ROWS weight rows share each loaded activation vector. On the AVX2 machine of
+ * benchmarks/README.md this ran S-shaped products 1.1-1.35x faster than weight rows in pairs
+ * against 4 activation rows at a time at 14-16 rows, as fast at 13 and 10-20% slower at 9-12 rows,
+ * where the padding to 16 costs more than it saves. */
 #define OUTER_MIN_ROWS 13
 #define OUTER_ROWS 4
 
