@@ -183,6 +183,12 @@ def test_native_expansion_equals_the_formats_dequantize(scheme):
     torch.testing.assert_close(kq.dequantize_rows(packed, scheme, 256), dequantize(packed, scheme), rtol=0, atol=0)
     block = {name: t[5:21] for name, t in packed.items()}
     torch.testing.assert_close(kq.dequantize_rows(block, scheme, 256), dequantize(packed, scheme)[5:21], rtol=0, atol=0)
+    # tensors the kernel would misread are left to formats.dequantize
+    assert kq.dequantize_rows({**packed, "scales": packed["scales"].double()}, scheme, 256) is None
+    assert kq.dequantize_rows({name: t.t() if t.dim() == 2 else t for name, t in packed.items()}, scheme, 256) is None
+    assert kq.dequantize_rows(packed, scheme, 128) is None
+    if scheme.name == "int4":
+        assert kq.dequantize_rows({"qweight": packed["qweight"], "scales": packed["scales"]}, scheme, 256) is None
 
 
 @needs_kernels
