@@ -342,6 +342,27 @@ def test_seed_api_quant_true(tiny_ckpt):
     assert isinstance(model.generate(["Hi"], images=None, max_gen_len=4)[0], str)
 
 
+@pytest.mark.parametrize("scheme", SCHEMES, ids=_ids)
+def test_casting_a_quantized_layer_keeps_its_packed_format(scheme):
+    """``.bfloat16()`` / ``.float()`` (or ``.to(dtype)``) on a model with quantized layers cast the
+    bias, never the packed tensors, which the kernels read by their format."""
+    gen = torch.Generator().manual_seed(3)
+    linear = torch.nn.Linear(128, 24)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(24, 128, generator=gen))
+    layer = QuantLinear.from_linear(linear, scheme)
+    formats = {name: t.dtype for name, t in layer.packed.items()}
+    x = torch.randn(3, 128, generator=gen)
+    want = x @ layer.dequantized_weight().T + linear.bias.detach()
+    layer.bfloat16()
+    assert {name: t.dtype for name, t in layer.packed.items()} == formats and layer.bias.dtype is torch.bfloat16
+    got = layer(x.bfloat16()).float()
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
+    layer.to(torch.float32)
+    assert {name: t.dtype for name, t in layer.packed.items()} == formats
+    assert (layer(x) - want).abs().max() < 0.02 * want.abs().max()  # (int8 kernels round activations)
+
+
 def test_lora_bias_and_norms_stay_full_precision(tmp_path):
     cfg = dict(TINY_LLAMA, lora_rank=8, bias_tuning=True)
     from ckpt_utils import llama_shapes

@@ -81,6 +81,19 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.packed, self.scheme, dtype)
 
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.bfloat16()`` and the like move the packed tensors but never
+        change their dtypes: the kernels read them by their format (fp16 scales cast to bf16 used to
+        be read as fp16 bits, silently wrong). Bias and LoRA follow the cast as any parameter."""
+        packed = {id(t) for t in self.packed.values()}
+
+        def keep_format(t):
+            applied = fn(t)
+            if id(t) in packed and applied.dtype != t.dtype:
+                return t.to(device=applied.device)
+            return applied
+        return super()._apply(keep_format, recurse)
+
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = quantized_matmul(x, self.packed, self.scheme, self.out_features, self.in_features,
