@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from accessory.kernels import native_kernels_enabled
-from accessory.kernels.linear import MAX_ROWS, NativeLinear, linear, native_linear_available, use_native_linear
+from accessory.kernels.linear import (MAX_ROWS, NativeLinear, linear, native_linear_available, scratch_floats_needed,
+                                     use_native_linear)
 from accessory.model.layers.linear import LoraLinear, fuse_linears, still_fused
 
 needs_kernel = pytest.mark.skipif(not native_linear_available(),
@@ -28,6 +29,8 @@ def test_native_linear_matches_float_reference(rows, out_features, in_features):
     torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
     # the same as torch's own bf16 product up to rounding of the output
     torch.testing.assert_close(got.float(), F.linear(x, w).float(), rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    if rows > MAX_ROWS:  # a prompt-sized call's scratch: its activations in float32, padded to 16 rows
+        assert scratch_floats_needed(rows, in_features) <= -(-rows // 16) * 16 * in_features + 8
 
 
 @needs_kernel

@@ -276,8 +276,7 @@ static void gemv_rows(const uint16_t *W, const float *xp, uint16_t *y, float *y_
 
 /* Float32 scratch the two entry points below need for M activation rows of I features. */
 int64_t accessory_gemv_bf16_scratch_floats(int64_t M, int64_t I) {
-    const int64_t direct = 2 * M * I, outer = (M + 15) / 16 * 16 * I + 8;
-    return M >= OUTER_MIN_ROWS && outer > direct ? outer : direct;
+    return M >= OUTER_MIN_ROWS ? (M + 15) / 16 * 16 * I + 8 : 2 * M * I;
 }
 
 /* y (M, O) bf16 (or y_f32 float32 when y is NULL) = x (M, I) bf16 @ W(O, I)^T. */
