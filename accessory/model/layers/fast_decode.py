@@ -111,9 +111,8 @@ def _norm_weight(norm: nn.Module):
     return weight.data_ptr(), int(weight.dtype is torch.bfloat16), float(norm.eps)
 
 
-def _weight_pointer(module) -> int:
-    weight = module.weight if "weight" in module._parameters else module.qweight
-    return weight.data_ptr()
+def _weight_key(module) -> str:
+    return "weight" if "weight" in module._parameters else "qweight"
 
 
 def _layer_plan(layer, block_types) -> Optional[SimpleNamespace]:
@@ -131,28 +130,41 @@ def _layer_plan(layer, block_types) -> Optional[SimpleNamespace]:
     norms = [_norm_weight(layer.attention_norm), _norm_weight(layer.ffn_norm)]
     if any(p is None for p in products) or any(n is None for n in norms) or _hooked(layer):
         return None
+    wq, wo, w1, w2 = attention.wq, attention.wo, feed_forward.w1, feed_forward.w2
+    attention_norm, ffn_norm = layer.attention_norm, layer.ffn_norm
+    # what _still_valid re-reads each step, as (dictionary, key, expected): plain dictionary
+    # lookups, where attribute access through nn.Module costs microseconds per name
+    identities = ((layer._modules, "attention", attention), (layer._modules, "feed_forward", feed_forward),
+                  (layer._modules, "attention_norm", attention_norm), (layer._modules, "ffn_norm", ffn_norm),
+                  (attention._modules, "wq", wq), (attention._modules, "wo", wo),
+                  (feed_forward._modules, "w1", w1), (feed_forward._modules, "w2", w2),
+                  (attention.__dict__, "_wqkv", attention._wqkv), (feed_forward.__dict__, "_w13", feed_forward._w13))
+    pointers = ((wq._parameters, _weight_key(wq), products[0].pointers[0]),
+                (w1._parameters, _weight_key(w1), products[2].pointers[0]),
+                (wo._parameters, _weight_key(wo), products[1].pointers[0]),
+                (w2._parameters, _weight_key(w2), products[3].pointers[0]),
+                (attention_norm._parameters, "weight", norms[0][0]), (ffn_norm._parameters, "weight", norms[1][0]))
     return SimpleNamespace(qkv=products[0], wo=products[1], w13=products[2], w2=products[3],
                            attention_norm=norms[0], ffn_norm=norms[1], layer_id=layer.layer_id,
                            n_heads=attention.n_heads, n_kv_heads=attention.n_kv_heads, head_dim=attention.head_dim,
-                           fused=(attention._wqkv, feed_forward._w13),
-                           watched=(layer, attention, feed_forward, attention.wo, feed_forward.w2,
-                                    layer.attention_norm, layer.ffn_norm))
+                           layer=layer, identities=identities, pointers=pointers,
+                           watched=(layer, attention, feed_forward, wo, w2, attention_norm, ffn_norm))
 
 
 def _still_valid(layer, plan: SimpleNamespace) -> bool:
-    """Whether ``plan`` still describes ``layer``: the same fused products over the same memory,
-    no new hook (a cast, a reload or a re-fuse replaces the memory; model parallelism adds hooks)."""
-    attention, feed_forward = layer.attention, layer.feed_forward
-    return (attention._wqkv is plan.fused[0] and feed_forward._w13 is plan.fused[1]
-            and _weight_pointer(attention.wq) == plan.qkv.pointers[0]
-            and _weight_pointer(feed_forward.w1) == plan.w13.pointers[0]
-            and _weight_pointer(attention.wo) == plan.wo.pointers[0]
-            and _weight_pointer(feed_forward.w2) == plan.w2.pointers[0]
-            and layer.attention_norm.weight.data_ptr() == plan.attention_norm[0]
-            and layer.ffn_norm.weight.data_ptr() == plan.ffn_norm[0]
-            and (layer, attention, feed_forward, attention.wo, feed_forward.w2, layer.attention_norm,
-                 layer.ffn_norm) == plan.watched
-            and not any(m._forward_hooks or m._forward_pre_hooks for m in plan.watched))
+    """Whether ``plan`` still describes ``layer``: the same modules and fused products over the
+    same memory, no new hook (a cast, a reload or a re-fuse replaces the memory; model parallelism
+    adds hooks). About 10 us per layer: it runs every step."""
+    if layer is not plan.layer:
+        return False
+    for owner, key, expected in plan.identities:
+        if owner.get(key) is not expected:
+            return False
+    for parameters, key, pointer in plan.pointers:
+        tensor = parameters.get(key)
+        if tensor is None or tensor.data_ptr() != pointer:
+            return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in plan.watched)
 
 
 # per model, kept outside it (a model can still be deep-copied or pickled): its layer plans and
