@@ -16,6 +16,11 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
+/* CALL(n) with n = mt (1..4 activation rows) as a compile-time constant, so a tile's loops over
+ * its rows unroll and its accumulators stay in registers. */
+#define WITH_CONSTANT_ROWS(mt, CALL) \
+    switch (mt) { case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; default: CALL(4); break; }
+
 static inline float bf16_to_float(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
     float f;

@@ -133,12 +133,9 @@ static void rows_kernel(const uint16_t *W, const float *xp, uint16_t *y, float *
             for (int64_t m0 = 0; m0 < M; m0 += 4) {
                 const int64_t mt = (M - m0) < 4 ? (M - m0) : 4;
                 const float *x = xp + m0 * I;
-                switch (mt) {
-                    case 1: bf16_tile_pair(wa, wb, x, I, 1, sums, sums_b); break;
-                    case 2: bf16_tile_pair(wa, wb, x, I, 2, sums, sums_b); break;
-                    case 3: bf16_tile_pair(wa, wb, x, I, 3, sums, sums_b); break;
-                    default: bf16_tile_pair(wa, wb, x, I, 4, sums, sums_b); break;
-                }
+#define PAIR_TILE(n) bf16_tile_pair(wa, wb, x, I, n, sums, sums_b)
+                WITH_CONSTANT_ROWS(mt, PAIR_TILE)
+#undef PAIR_TILE
                 store_sums(y, y_f32, O, o, m0, mt, sums);
                 store_sums(y, y_f32, O, o + 1, m0, mt, sums_b);
             }
@@ -149,12 +146,9 @@ static void rows_kernel(const uint16_t *W, const float *xp, uint16_t *y, float *
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             const int64_t mt = (M - m0) < 4 ? (M - m0) : 4;
             const float *x = xp + m0 * I;
-            switch (mt) {
-                case 1: bf16_tile(w, x, I, 1, sums); break;
-                case 2: bf16_tile(w, x, I, 2, sums); break;
-                case 3: bf16_tile(w, x, I, 3, sums); break;
-                default: bf16_tile(w, x, I, 4, sums); break;
-            }
+#define ROW_TILE(n) bf16_tile(w, x, I, n, sums)
+            WITH_CONSTANT_ROWS(mt, ROW_TILE)
+#undef ROW_TILE
             store_sums(y, y_f32, O, o, m0, mt, sums);
         }
     }
@@ -231,11 +225,7 @@ static void outer_rows_kernel(const uint16_t *W, const float *xt, uint16_t *y, f
         const int64_t r_count = o_end - o >= OUTER_ROWS ? OUTER_ROWS : 1;
         if (r_count == OUTER_ROWS) outer_tile(W + o * I, I, xt, OUTER_ROWS, out);
         else outer_tile(W + o * I, I, xt, 1, out);
-        for (int64_t r = 0; r < r_count; ++r)
-            for (int64_t m = 0; m < M; ++m) {
-                if (y) y[m * O + o + r] = float_to_bf16(out[r * 16 + m]);
-                else y_f32[m * O + o + r] = out[r * 16 + m];
-            }
+        for (int64_t r = 0; r < r_count; ++r) store_sums(y, y_f32, O, o + r, 0, M, out + r * 16);
         o += r_count;
     }
 }

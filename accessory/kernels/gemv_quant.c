@@ -24,12 +24,7 @@
 
 #include "common.h"
 
-#define TILE 4 /* activation rows handled per pass over a weight row */
-
-/* CALL(n) with n = mt (1..TILE) as a compile-time constant, so a tile's loops over its activation
- * rows unroll and its accumulators stay in registers. */
-#define WITH_CONSTANT_ROWS(mt, CALL) \
-    switch (mt) { case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; default: CALL(4); break; }
+#define TILE 4 /* activation rows handled per pass over a weight row (WITH_CONSTANT_ROWS's 1..4) */
 
 /* Weight bytes are software-prefetched this far ahead of the loads (one cache line per 64
  * bytes): decoding streams matrices far larger than the caches, and on the 2-core AVX2 machine
