@@ -88,11 +88,13 @@ def dequantize_rows(tensors: Dict[str, torch.Tensor], scheme, in_features: int) 
     for, expanded by the native kernel with the arithmetic of quant.formats.dequantize; None when
     the kernel does not apply (callers then use that function)."""
     kernels = _kernels()
-    if kernels is None or scheme.name not in _KIND_CODES or set(tensors) != set(scheme.tensor_names()) or \
-            any(t.device.type != "cpu" or not t.is_contiguous() or t.dtype is not scheme.dtypes()[name]
-                or t.shape[1:] != scheme.shapes(t.shape[0], in_features)[name][1:] for name, t in tensors.items()):
+    if kernels is None or scheme.name not in _KIND_CODES or set(tensors) != set(scheme.tensor_names()):
         return None
     qweight, scales, offsets = tensors["qweight"], tensors["scales"], tensors.get("offsets")
+    dtypes, shapes = scheme.dtypes(), scheme.shapes(qweight.shape[0], in_features)
+    if any(t.device.type != "cpu" or not t.is_contiguous() or t.dtype is not dtypes[name] or t.shape != shapes[name]
+           for name, t in tensors.items()):
+        return None
     out = torch.empty((qweight.shape[0], in_features), dtype=torch.float32)
     kernels[2](qweight.data_ptr(), scales.data_ptr(), None if offsets is None else offsets.data_ptr(),
                _KIND_CODES[scheme.name], out.data_ptr(), qweight.shape[0], in_features, scheme.group_size or 0)
