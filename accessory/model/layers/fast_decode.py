@@ -154,7 +154,7 @@ def _layer_plan(layer, block_types) -> Optional[SimpleNamespace]:
 def _still_valid(layer, plan: SimpleNamespace) -> bool:
     """Whether ``plan`` still describes ``layer``: the same modules and fused products over the
     same memory, no new hook (a cast, a reload or a re-fuse replaces the memory; model parallelism
-    adds hooks). About 10 us per layer: it runs every step."""
+    adds hooks). About 5 us per layer (measured 4.5): it runs every step."""
     if layer is not plan.layer:
         return False
     for owner, key, expected in plan.identities:
