@@ -141,3 +141,18 @@ def test_incremental_detokenizer_is_utf8_safe(fixture):
     assert detok.text == tokenizer.decode(ids) == text
     assert all("\ufffd" not in s for s in seen)
     assert all(b.startswith(a) for a, b in zip(seen, seen[1:]))
+
+
+def test_cuda_graphs_are_on_for_a_gpu_unless_turned_off_or_model_parallel(monkeypatch):
+    from accessory.generation.cuda_graphs import cuda_graphs_enabled
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.delenv("ACCESSORY_CUDA_GRAPHS", raising=False)
+    assert cuda_graphs_enabled(gpu) and not cuda_graphs_enabled(cpu)
+    assert not cuda_graphs_enabled(gpu, model_parallel=True)
+    assert not cuda_graphs_enabled(gpu, wanted=False) and cuda_graphs_enabled(gpu, wanted=True, model_parallel=True)
+    assert not cuda_graphs_enabled(cpu, wanted=True)
+    for off in ("0", "false", "no", "off"):
+        monkeypatch.setenv("ACCESSORY_CUDA_GRAPHS", off)
+        assert not cuda_graphs_enabled(gpu)
+    monkeypatch.setenv("ACCESSORY_CUDA_GRAPHS", "1")
+    assert cuda_graphs_enabled(gpu, model_parallel=True) and not cuda_graphs_enabled(gpu, wanted=False)

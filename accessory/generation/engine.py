@@ -46,13 +46,16 @@ class RowState:
 class GenerationEngine:
     """Drives a model that offers ``new_kv_cache`` and ``forward_tokens`` (see model/LLM/llama.py)."""
 
-    def __init__(self, model, tokenizer, eos_ids: Sequence[int], sync_group=None):
+    def __init__(self, model, tokenizer, eos_ids: Sequence[int], sync_group=None,
+                 cuda_graphs: Optional[bool] = None):
         """``sync_group``: a torch.distributed group whose ranks must pick the same tokens (the
-        model-parallel group), or None."""
+        model-parallel group), or None. ``cuda_graphs``: replay decode steps on a GPU as CUDA
+        graphs (``generation/cuda_graphs.py``); None: on, unless ``ACCESSORY_CUDA_GRAPHS=0`` or model-parallel."""
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = set(i for i in eos_ids if i is not None)
         self.sync_group = sync_group
+        self.cuda_graphs = cuda_graphs
         self._graphed = None  # CUDA-graph decode steps (generation/cuda_graphs.py), made on first CUDA run
 
     def _agree(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -83,7 +86,7 @@ class GenerationEngine:
         """
         logprobs = logprobs or top_logprobs > 0
         device = self.device
-        if self._graphed is None and cuda_graphs_enabled(device):
+        if self._graphed is None and cuda_graphs_enabled(device, self.cuda_graphs, self.sync_group is not None):
             self._graphed = GraphedDecoder(self.model)
         rows = [RowState(len(p), int(n), IncrementalDetokenizer(self.tokenizer))
                 for p, n in zip(prompts, max_new_tokens)]

@@ -128,10 +128,22 @@ def _quantize_rows(w: torch.Tensor, scheme: QuantScheme) -> Dict[str, torch.Tens
     absmax = groups.abs().amax(dim=2).to(torch.float16)
     s = absmax.float()
     normalised = groups / torch.where(s > 0, s, torch.ones_like(s))[..., None]
-    levels = NF4_LEVELS.to(w.device)
+    levels = nf4_levels(w.device)
     # nearest level: the levels are sorted, so compare with the midpoints between neighbours
     codes = torch.bucketize(normalised, (levels[1:] + levels[:-1]) / 2)
     return {"qweight": _pack_nibbles(codes.view(rows, cols)), "scales": absmax}
+
+
+_NF4_ON_DEVICE: Dict[torch.device, torch.Tensor] = {}
+
+
+def nf4_levels(device: torch.device) -> torch.Tensor:
+    """``NF4_LEVELS`` on ``device``, copied there once: a copy from the CPU each call would cost a
+    transfer per product, and is not allowed while a CUDA graph is being captured."""
+    levels = _NF4_ON_DEVICE.get(device)
+    if levels is None:
+        levels = _NF4_ON_DEVICE[device] = NF4_LEVELS.to(device)
+    return levels
 
 
 def dequantize(tensors: Dict[str, torch.Tensor], scheme: QuantScheme,
@@ -146,5 +158,5 @@ def dequantize(tensors: Dict[str, torch.Tensor], scheme: QuantScheme,
     if scheme.name == "int4":
         values = groups.float() * scale + tensors["offsets"].float()[..., None]
     else:
-        values = NF4_LEVELS.to(codes.device)[groups.long()] * scale
+        values = nf4_levels(codes.device)[groups.long()] * scale
     return values.view(rows, cols).to(dtype)
