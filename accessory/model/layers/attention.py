@@ -5,11 +5,16 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-_last_mask = (None, 0, None)  # (positions, n_keys, mask): every layer of one forward shares it
+_last_mask = (None, 0, None, None)  # (positions, n_keys, dtype, mask): every layer of one forward shares it
 
 
-def visibility_mask(positions: torch.Tensor, n_keys: int) -> Optional[torch.Tensor]:
+def visibility_mask(positions: torch.Tensor, n_keys: int,
+                    dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
     """(batch, 1, seq, n_keys) bool: key j is visible to a query at position p when j <= p.
+
+    ``dtype``: the same mask as the additive 0 / -inf that scaled_dot_product_attention turns a
+    bool mask into (on a GPU that conversion costs three small kernels per layer; made here, it
+    is made once per forward).
 
     None when every key is visible: a CPU decode step whose rows all sit at the last cached
     position (one stream, or streams of equal length). torch's CPU attention is about ten times
@@ -17,15 +22,17 @@ def visibility_mask(positions: torch.Tensor, n_keys: int) -> Optional[torch.Tens
     heads over 48 keys), which made the mask a large share of a decode step.
     """
     global _last_mask
-    cached_positions, cached_keys, cached = _last_mask
-    if cached_positions is positions and cached_keys == n_keys:
+    cached_positions, cached_keys, cached_dtype, cached = _last_mask
+    if cached_positions is positions and cached_keys == n_keys and cached_dtype == dtype:
         return cached
     if positions.shape[1] == 1 and positions.device.type == "cpu" and bool((positions == n_keys - 1).all()):
         mask = None
     else:
         key_positions = torch.arange(n_keys, device=positions.device)
         mask = key_positions[None, None, None, :] <= positions[:, None, :, None]
-    _last_mask = (positions, n_keys, mask)
+        if dtype is not None:
+            mask = torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    _last_mask = (positions, n_keys, dtype, mask)
     return mask
 
 
@@ -41,7 +48,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     n_rep = q.shape[1] // k.shape[1]
     if positions is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=n_rep > 1)
-    mask = visibility_mask(positions, k.shape[2])  # (None: all visible, q is one position per row)
+    # (None: all visible, q is one position per row; additive on a GPU, in the dtype attention runs in)
+    mask = visibility_mask(positions, k.shape[2], k.dtype if k.is_cuda else None)
     if k.dtype != q.dtype:  # a float32 cache (see KVCache): attend in its precision
         out = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, enable_gqa=n_rep > 1)
         return out.to(q.dtype)
