@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.attention import attend
+from ..layers.compiled_decode import compiled_decode_layers
 from ..layers.decoder import CausalDecoder
 from ..layers.fast_decode import decode_layers
 from ..layers.kv_cache import KVCache
@@ -79,11 +80,6 @@ class Attention(nn.Module):
         """Compute q, k and v with one matrix product (see ``layers.linear.fuse_linears``)."""
         self._wqkv = fuse_linears(self.wq, self.wk, self.wv)
 
-    def project_qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if still_fused(self._wqkv, self.wq):
-            return self._wqkv(x).split(self._wqkv.sizes, dim=-1)
-        return self.wq(x), self.wk(x), self.wv(x)
-
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 kv_cache: Optional[KVCache], layer_id: int, causal_from_zero: bool) -> torch.Tensor:
         _, out = self.attend_heads(x, positions, rotary, kv_cache, layer_id, causal_from_zero)
@@ -95,11 +91,19 @@ class Attention(nn.Module):
         """The rotated queries and the per-head attention output, both (batch, heads, seq, head_dim),
         before ``wo`` (variants such as llama_adapter add their own terms in between)."""
         bsz, seqlen, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        q = q.view(bsz, seqlen, self.n_heads, self.head_dim)
-        k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        q, k = rotary(q, positions), rotary(k, positions)
+        n_q, n_kv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        if still_fused(self._wqkv, self.wq):
+            qkv = self._wqkv(x)
+            # q and k sit side by side in the fused output: one rotation for both heads' sets
+            # (the same element-wise arithmetic, a third of the operations: a GPU step launches
+            # every one of them)
+            qk = rotary(qkv[..., :(n_q + n_kv) * hd].view(bsz, seqlen, n_q + n_kv, hd), positions)
+            q, k = qk.split((n_q, n_kv), dim=2)
+            v = qkv[..., (n_q + n_kv) * hd:].view(bsz, seqlen, n_kv, hd)
+        else:
+            q = rotary(self.wq(x).view(bsz, seqlen, n_q, hd), positions)
+            k = rotary(self.wk(x).view(bsz, seqlen, n_kv, hd), positions)
+            v = self.wv(x).view(bsz, seqlen, n_kv, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_id, positions, k, v)
@@ -143,6 +147,11 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+#: the block classes whose decode steps the native CPU step and the compiled GPU step know (exactly
+#: these types: a variant's subclass adds terms of its own)
+PLAIN_BLOCK_TYPES = (Attention, FeedForward, TransformerBlock)
+
+
 class Transformer(CLIPPrefixMixin, CausalDecoder):
     """The decoder. ``forward_tokens`` is the one entry point the engine uses.
 
@@ -184,10 +193,13 @@ class Transformer(CLIPPrefixMixin, CausalDecoder):
 
     def run_layers(self, h: torch.Tensor, positions: torch.Tensor, kv_cache: Optional[KVCache],
                    causal_from_zero: bool, **extra) -> torch.Tensor:
-        """The blocks over ``h``; a CPU decode step of plain blocks runs in native kernels
-        (``layers/fast_decode.py``), anything else through the modules."""
+        """The blocks over ``h``; a decode step of plain blocks runs in native kernels on a CPU
+        (``layers/fast_decode.py``) and compiled on a GPU (``layers/compiled_decode.py``),
+        anything else through the modules."""
         if kv_cache is not None and not extra:
-            out = decode_layers(self, h, positions, kv_cache, (Attention, FeedForward, TransformerBlock))
+            out = decode_layers(self, h, positions, kv_cache, PLAIN_BLOCK_TYPES)
+            if out is None:
+                out = compiled_decode_layers(self, h, positions, kv_cache, PLAIN_BLOCK_TYPES)
             if out is not None:
                 return out
         return super().run_layers(h, positions, kv_cache, causal_from_zero, **extra)
