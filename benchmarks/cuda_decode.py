@@ -3,13 +3,17 @@
     python benchmarks/cuda_decode.py [--shapes S 7B] [--new-tokens 128] [--quant int8 int4 nf4]
 
 Weights are random (built on the GPU, no checkpoint download): the speed of a decode step does not
-depend on their values. For each shape it prints decode tok/s (one stream, bf16), the weight bytes
-read per token, the bandwidth that implies, its fraction of the device's measured copy bandwidth,
-and HF transformers' decode tok/s on the same weights in the same run.
+depend on their values. For each shape it prints decode tok/s (one stream) with ordinary launches
+of the modules, with each step replayed as a CUDA graph, and replayed with the layers compiled
+(model/layers/compiled_decode.py; the default), the weight bytes read per token, the bandwidth
+the fastest implies, its fraction of the device's measured copy bandwidth, HF transformers'
+decode tok/s on the same weights in the same run, and how many graphs were captured (one per new
+KV cache: a count that grows with the runs means the captures are inside the timings).
 """
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -78,12 +82,21 @@ def decode_rate(run, new_tokens: int, repeats: int = 3) -> float:
     return new_tokens / (times[new_tokens + 1] - times[1])
 
 
-def ours(model: MetaModel):
-    engine = GenerationEngine(model.llma, model.tokenizer, eos_ids=[])
+def ours(model: MetaModel, cuda_graphs: bool, compiled: bool):
+    """Decode with or without CUDA graphs and compiled layer steps (both on by default)."""
+    engine = GenerationEngine(model.llma, model.tokenizer, eos_ids=[], cuda_graphs=cuda_graphs)
 
     def run(ids, n):
-        for _ in engine.run(ids.tolist(), [n] * ids.shape[0], SamplingParams()):
-            pass
+        before = os.environ.get("ACCESSORY_COMPILE")
+        os.environ["ACCESSORY_COMPILE"] = "1" if compiled else "0"
+        try:
+            for _ in engine.run(ids.tolist(), [n] * ids.shape[0], SamplingParams()):
+                pass
+        finally:
+            os.environ.pop("ACCESSORY_COMPILE")
+            if before is not None:
+                os.environ["ACCESSORY_COMPILE"] = before
+    run.engine = engine
     return run
 
 
@@ -102,12 +115,17 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
     root = Path(tempfile.mkdtemp())
-    print(f"{'shape':<6}{'weights':<8}{'ours tok/s':>11}{'GB/token':>10}{'GB/s':>8}{'of copy bw':>11}"
-          f"{'HF tok/s':>10}{'ratio':>7}")
+    print(f"{'shape':<6}{'weights':<8}{'eager':>8}{'graphs':>8}{'+compile':>9}{'GB/token':>10}{'GB/s':>8}"
+          f"{'of copy bw':>11}{'HF':>8}{'x HF':>7}{'captures':>9}   (tok/s)")
     for shape in args.shapes:
         for quant in [None, *args.quant]:
             model = random_model(shape, root, quant)
-            rate = decode_rate(ours(model), args.new_tokens)
+            eager = decode_rate(ours(model, cuda_graphs=False, compiled=False), args.new_tokens)
+            graphed = decode_rate(ours(model, cuda_graphs=True, compiled=False), args.new_tokens)
+            both_run = ours(model, cuda_graphs=True, compiled=True)
+            both = decode_rate(both_run, args.new_tokens)
+            decoder = both_run.engine._graphed
+            captures = "off" if decoder is None or decoder.disabled else decoder.captures
             per_token = weight_bytes(model)
             hf_rate = None
             if quant is None and not args.no_hf:
@@ -115,10 +133,11 @@ def main() -> None:
                 hf.model.rotary_emb.to("cuda")
                 hf_rate = decode_rate(hf_runner(hf), args.new_tokens)
                 del hf
-            used = rate * per_token
-            hf_text = f"{hf_rate:>10.1f}{rate / hf_rate:>7.2f}" if hf_rate else ""
-            print(f"{shape:<6}{quant or 'bf16':<8}{rate:>11.1f}{per_token / 1e9:>10.2f}{used / 1e9:>8.0f}"
-                  f"{used / bandwidth:>11.0%}{hf_text}", flush=True)
+            best = max(eager, graphed, both)
+            used = best * per_token
+            hf_text = f"{hf_rate:>8.1f}{best / hf_rate:>7.2f}" if hf_rate else f"{'':>15}"
+            print(f"{shape:<6}{quant or 'bf16':<8}{eager:>8.1f}{graphed:>8.1f}{both:>9.1f}{per_token / 1e9:>10.2f}"
+                  f"{used / 1e9:>8.0f}{used / bandwidth:>11.0%}{hf_text}{captures:>9}", flush=True)
             del model
             torch.cuda.empty_cache()
 
