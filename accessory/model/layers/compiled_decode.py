@@ -74,6 +74,8 @@ def _layer_step(n_q: int, n_kv: int, head_dim: int, eps: float) -> Callable:
 def _compiled_step(n_q: int, n_kv: int, head_dim: int, eps: float) -> Callable:
     key = (n_q, n_kv, head_dim, eps)
     if key not in _compiled:
+        log.info("compiling the GPU decode step (%d query heads, %d kv heads): seconds, once per process "
+                 "and model shape (ACCESSORY_COMPILE=0 skips it)", n_q, n_kv)
         _compiled[key] = torch.compile(_layer_step(*key), fullgraph=True)
     return _compiled[key]
 
