@@ -18,10 +18,12 @@ on). tests/test_cuda.py checks it against ordinary launches, for llama, quantize
 falcon models, and the fallback for a mixture of experts.
 """
 
+import itertools
 import logging
 import os
+import weakref
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -47,6 +49,15 @@ class _Captured:
     logits: torch.Tensor
 
 
+def _fingerprint(model) -> tuple:
+    """What a captured graph relies on besides its cache: the memory of every parameter and buffer
+    (a cast, a reload or a replaced module moves them) and the modules' hooks. A graph replays
+    what it captured, whatever the model has become since."""
+    tensors = tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in itertools.chain(model.parameters(), model.buffers()))
+    hooks = tuple((len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules())
+    return tensors, hooks
+
+
 class GraphedDecoder:
     """``step(cache, tokens, positions) -> logits`` of ``model.forward_tokens`` for (batch, 1)
     inputs, replayed from a CUDA graph (or run directly when graphs cannot be used)."""
@@ -59,6 +70,8 @@ class GraphedDecoder:
         self.pool = None
         self.disabled = False
         self.captures = 0  # graphs captured so far (a new one per batch size and cache)
+        self._fingerprint = None  # the model's, when the graphs were captured
+        self._checked = None  # (a weak reference to) the cache the fingerprint was last checked for
 
     def _direct(self, cache, tokens, positions):
         index = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
@@ -67,6 +80,12 @@ class GraphedDecoder:
     def __call__(self, cache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.disabled:
             return self._direct(cache, tokens, positions)
+        if self._checked is None or self._checked() is not cache:  # once per cache: a new call, rows dropped
+            fingerprint = _fingerprint(self.model)
+            if fingerprint != self._fingerprint:
+                self.graphs.clear()
+                self._fingerprint = fingerprint
+            self._checked = weakref.ref(cache)
         # the graph addresses every cache tensor: any new one (a new call, rows dropped) is a new graph
         key = (tokens.shape[0], cache.max_len, tuple(t.data_ptr() for t in cache.keys + cache.values))
         captured = self.graphs.get(key)
@@ -76,7 +95,7 @@ class GraphedDecoder:
             except RuntimeError as exc:  # e.g. an operation that synchronises with the host
                 log.warning("decode steps run without CUDA graphs: capturing one failed (%s)", exc)
                 self.disabled = True
-                torch.cuda.synchronize()
+                self._synchronize()
                 return self._direct(cache, tokens, positions)
             if len(self.graphs) >= self.MAX_GRAPHS:
                 self.graphs.clear()
@@ -88,11 +107,9 @@ class GraphedDecoder:
 
     def _capture(self, cache, tokens, positions) -> _Captured:
         index = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: writes this step's keys/values, as the replay will again
-            self.model.forward_tokens(tokens.clone(), positions.clone(), cache, output_index=index)
-        torch.cuda.current_stream().wait_stream(side)
+        # warm-up, outside the graph (lazy set-up, compilation): writes this step's keys/values,
+        # as the replay will again
+        self._warm_up(lambda: self.model.forward_tokens(tokens.clone(), positions.clone(), cache, output_index=index))
         # A graph reads its inputs at the addresses they had when it was captured: every tensor made
         # here and read by it (the token and position copies, the output index) is kept with it.
         # The rotary rows, the attention mask and the cache's write plan are worked out once per
@@ -101,8 +118,25 @@ class GraphedDecoder:
         # positions each replay copies in, rather than taken from the warm-up as constants.
         static_tokens, static_positions = tokens.clone(), positions.clone()
         self.captures += 1
+        graph, logits = self._record(
+            lambda: self.model.forward_tokens(static_tokens, static_positions, cache, output_index=index))
+        return _Captured(graph, static_tokens, static_positions, index, logits)
+
+    # the CUDA calls (tests/test_cuda_graphs.py stands in for them on the CPU)
+
+    def _warm_up(self, step: Callable[[], torch.Tensor]) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def _record(self, step: Callable[[], torch.Tensor]) -> Tuple["torch.cuda.CUDAGraph", torch.Tensor]:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.model.forward_tokens(static_tokens, static_positions, cache, output_index=index)
+            out = step()
         self.pool = graph.pool()
-        return _Captured(graph, static_tokens, static_positions, index, logits)
+        return graph, out
+
+    def _synchronize(self) -> None:
+        torch.cuda.synchronize()

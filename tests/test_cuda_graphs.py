@@ -1,0 +1,132 @@
+"""The bookkeeping of generation/cuda_graphs.py, on the CPU: its three CUDA calls (warm-up on a side
+stream, capture, synchronise) are stood in for by an emulation whose "graph" re-runs the recorded
+step on the tensors it captured, the way a replay re-reads them. What a GPU adds (the capture
+itself, replayed numbers) is tests/test_cuda.py's.
+"""
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from accessory.generation import engine as engine_module
+from accessory.generation.cuda_graphs import GraphedDecoder
+from accessory.model.layers import attention
+from accessory.model.meta import MetaModel
+
+from ckpt_utils import TINY_LLAMA, random_llama_state, write_checkpoint
+
+PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away"]
+
+
+class EmulatedGraph:
+    def __init__(self, step, out):
+        self.step, self.out, self.replays = step, out, 0
+
+    def replay(self):
+        self.out.copy_(self.step())
+        self.replays += 1
+
+
+class EmulatedDecoder(GraphedDecoder):
+    def __call__(self, cache, tokens, positions):
+        self.current_cache = cache
+        return super().__call__(cache, tokens, positions)
+
+    def _warm_up(self, step):
+        step()
+
+    def _record(self, step):
+        out = step()
+
+        def rerun():
+            # a real replay runs no Python; re-running the forward must forget what it keeps per
+            # positions tensor (by identity), since the replay feeds the same one, refilled
+            attention._last_mask = (None, 0, None, None)
+            self.model.rotary._last = (None, None)
+            self.current_cache._planned_for = None
+            return step()
+        return EmulatedGraph(rerun, out), out
+
+    def _synchronize(self):
+        pass
+
+
+class UncapturableDecoder(EmulatedDecoder):
+    def _record(self, step):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("graphs") / "llama",
+                            random_llama_state(TINY_LLAMA, vocab_size=32000, seed=5), TINY_LLAMA)
+
+
+def load(path):
+    return MetaModel.from_pretrained(path, max_seq_len=128, device="cpu", dtype=torch.float32, progress=False)
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """Engines on the CPU take the graphed path, through ``decoder_cls``."""
+    def use(decoder_cls=EmulatedDecoder):
+        monkeypatch.setattr(engine_module, "GraphedDecoder", decoder_cls)
+        monkeypatch.setattr(engine_module, "cuda_graphs_enabled",
+                            lambda device, wanted=None, model_parallel=False: wanted is not False)
+    return use
+
+
+def test_graphed_steps_give_the_same_text_and_a_graph_per_batch_size(ckpt, emulated):
+    emulated()
+    model, plain = load(ckpt), load(ckpt)
+    plain.engine.cuda_graphs = False
+    texts = model.generate(PROMPTS, max_gen_len=12)
+    assert texts == plain.generate(PROMPTS, max_gen_len=12)
+    decoder = model.engine._graphed
+    assert isinstance(decoder, EmulatedDecoder) and plain.engine._graphed is None
+    assert decoder.captures == 1
+    (graph,) = [c.graph for c in decoder.graphs.values()]
+    assert graph.replays == 11  # every decode step after the prefill
+    # a stop string ends the first row early: the second goes on alone, in a new graph
+    stop = texts[0][4:8]
+    assert model.generate(PROMPTS, max_gen_len=12, additional_stop_symbols=[stop]) == \
+        plain.generate(PROMPTS, max_gen_len=12, additional_stop_symbols=[stop])
+    # one new graph for the lone row; the two rows' is reused when the new cache got the old one's memory
+    assert decoder.captures in (2, 3) and len(decoder.graphs) <= GraphedDecoder.MAX_GRAPHS
+
+
+def test_a_step_that_cannot_be_captured_runs_directly_and_says_so(ckpt, emulated, caplog):
+    emulated(UncapturableDecoder)
+    model, plain = load(ckpt), load(ckpt)
+    plain.engine.cuda_graphs = False
+    with caplog.at_level(logging.WARNING, logger="accessory.generation.cuda_graphs"):
+        assert model.generate(PROMPTS, max_gen_len=10) == plain.generate(PROMPTS, max_gen_len=10)
+        assert model.generate(PROMPTS, max_gen_len=10) == plain.generate(PROMPTS, max_gen_len=10)
+    assert model.engine._graphed.disabled and caplog.text.count("without CUDA graphs") == 1
+
+
+def test_a_graph_is_replayed_for_the_same_cache_only_while_the_model_is_unchanged(ckpt):
+    model = load(ckpt)
+    llma = model.llma
+    decoder = EmulatedDecoder(llma)
+    cache = llma.new_kv_cache(1, 16)
+    tokens, positions = torch.tensor([[5]]), torch.tensor([[0]])
+    with torch.inference_mode():
+        first = decoder(cache, tokens, positions)
+        again = decoder(copy.copy(cache), tokens, positions)  # another cache object over the same memory
+        assert decoder.captures == 1
+        torch.testing.assert_close(again, first)
+        llma.output.weight = torch.nn.Parameter(llma.output.weight.detach() * 2)  # new memory
+        doubled = decoder(copy.copy(cache), tokens, positions)
+        assert decoder.captures == 2
+        torch.testing.assert_close(doubled, 2 * first)
+        handle = llma.layers[0].register_forward_hook(lambda module, args, out: out)
+        decoder(copy.copy(cache), tokens, positions)
+        assert decoder.captures == 3
+        handle.remove()
+        # a new cache every call: at most MAX_GRAPHS graphs are kept
+        for _ in range(GraphedDecoder.MAX_GRAPHS + 2):
+            decoder(llma.new_kv_cache(1, 16), tokens, positions)
+        assert len(decoder.graphs) <= GraphedDecoder.MAX_GRAPHS
