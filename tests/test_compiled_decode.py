@@ -9,10 +9,11 @@ import logging
 import pytest
 import torch
 
-from accessory.model.LLM.llama import PLAIN_BLOCK_TYPES, ModelArgs, Transformer
+from accessory.model.LLM.llama import PLAIN_BLOCK_TYPES
 from accessory.model.layers import compiled_decode
 
-ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=32, max_seq_len=64)
+from test_fast_decode import ARGS, tiny  # (float32 here: the native step takes bf16)
+
 
 
 @pytest.fixture(autouse=True)
@@ -21,17 +22,6 @@ def on_cpu(monkeypatch):
     monkeypatch.setattr(compiled_decode, "_failed", False)
     monkeypatch.delenv("ACCESSORY_COMPILE", raising=False)
     monkeypatch.setenv("ACCESSORY_FAST_DECODE", "0")  # (float32 takes the torch path anyway)
-
-
-def tiny(seed=0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    model = Transformer(ModelArgs(**{**ARGS, **overrides})).float().eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(0.8, 1.2)
-    model.fuse_projections()
-    return model
 
 
 def prefilled(model, prompt_lens=(7, 4), capacity=24):
@@ -59,7 +49,7 @@ def decode(model, cache, step, positions, steps=3):
 
 
 def test_compiled_step_gives_the_modules_logits_and_cache(monkeypatch):
-    model = tiny()
+    model = tiny(torch.float32)
     cache, step, positions = prefilled(model)
     cache_compiled = copy.deepcopy(cache)
     with torch.inference_mode():
@@ -75,7 +65,7 @@ def test_compiled_step_gives_the_modules_logits_and_cache(monkeypatch):
 
 
 def test_layers_it_does_not_handle_take_the_modules(monkeypatch):
-    model = tiny()
+    model = tiny(torch.float32)
     cache, step, positions = prefilled(model)
     h = model.embed_tokens(step)
     types = PLAIN_BLOCK_TYPES
@@ -105,7 +95,7 @@ def test_a_failed_compilation_is_said_once_and_the_modules_take_over(monkeypatch
         return broken
     monkeypatch.setattr(compiled_decode, "_compiled", {})
     monkeypatch.setattr(torch, "compile", no_compiler)
-    model = tiny()
+    model = tiny(torch.float32)
     cache, step, positions = prefilled(model)
     reference = copy.deepcopy(cache)
     with caplog.at_level(logging.WARNING, logger=compiled_decode.__name__):
