@@ -155,7 +155,8 @@ def rotate_reference(x, cos, sin, interleaved):
 
 
 @pytest.mark.parametrize("interleaved", [True, False])
-@pytest.mark.parametrize("head_dim,n_heads,n_kv_heads,length", [(16, 4, 2, 10), (20, 6, 1, 150), (64, 8, 8, 70)])
+@pytest.mark.parametrize("head_dim,n_heads,n_kv_heads,length",  # each path: 64, 128, other multiples of 8, 20
+                         [(16, 4, 2, 10), (20, 6, 1, 150), (24, 3, 3, 67), (64, 8, 8, 70), (128, 4, 2, 133)])
 def test_attend_step_kernel(interleaved, head_dim, n_heads, n_kv_heads, length):
     kernels = decode_kernels()
     gen = torch.Generator().manual_seed(head_dim + length)
