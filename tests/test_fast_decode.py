@@ -157,15 +157,16 @@ def rotate_reference(x, cos, sin, interleaved):
 @pytest.mark.parametrize("interleaved", [True, False])
 @pytest.mark.parametrize("head_dim,n_heads,n_kv_heads,length",  # each path: 64, 128, other multiples of 8, 20
                          [(16, 4, 2, 10), (20, 6, 1, 150), (24, 3, 3, 67), (64, 8, 8, 70), (128, 4, 2, 133)])
-def test_attend_step_kernel(interleaved, head_dim, n_heads, n_kv_heads, length):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_attend_step_kernel(interleaved, head_dim, n_heads, n_kv_heads, length, cache_dtype):
     kernels = decode_kernels()
     gen = torch.Generator().manual_seed(head_dim + length)
     rows, max_len = 3, 160
     positions = torch.tensor([length - 1, 0, length // 2])
     angles = torch.randn(max_len, head_dim // 2, generator=gen)
     cos, sin = angles.cos().contiguous(), angles.sin().contiguous()
-    keys = torch.randn(rows + 1, n_kv_heads, max_len, head_dim, generator=gen)
-    values = torch.randn(rows + 1, n_kv_heads, max_len, head_dim, generator=gen)
+    keys = torch.randn(rows + 1, n_kv_heads, max_len, head_dim, generator=gen).to(cache_dtype)
+    values = torch.randn(rows + 1, n_kv_heads, max_len, head_dim, generator=gen).to(cache_dtype)
     qkv = torch.randn(rows, (n_heads + 2 * n_kv_heads) * head_dim, generator=gen)
     want_keys, want_values = keys.clone(), values.clone()
     q, k, v = qkv.view(rows, -1, head_dim).split([n_heads, n_kv_heads, n_kv_heads], dim=1)
@@ -174,16 +175,19 @@ def test_attend_step_kernel(interleaved, head_dim, n_heads, n_kv_heads, length):
     want = torch.empty(rows, n_heads, head_dim)
     for m in range(rows):
         p = int(positions[m])
-        want_keys[m, :, p], want_values[m, :, p] = k[m], v[m]
+        want_keys[m, :, p], want_values[m, :, p] = k[m], v[m]  # (rounded to the cache's dtype as torch does)
         for h in range(n_heads):
             g = h // (n_heads // n_kv_heads)
-            scores = want_keys[m, g, :p + 1] @ q[m, h] / math.sqrt(head_dim)
-            want[m, h] = scores.softmax(-1) @ want_values[m, g, :p + 1]
+            scores = want_keys[m, g, :p + 1].float() @ q[m, h] / math.sqrt(head_dim)
+            want[m, h] = scores.softmax(-1) @ want_values[m, g, :p + 1].float()
     out = torch.empty(rows, n_heads * head_dim)
     kernels.attend_step(qkv.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), int(interleaved),
-                        keys.data_ptr(), values.data_ptr(), out.data_ptr(), rows, n_heads, n_kv_heads, head_dim,
-                        max_len, 1 / math.sqrt(head_dim))
-    torch.testing.assert_close(keys, want_keys, atol=1e-5, rtol=1e-5)
+                        keys.data_ptr(), values.data_ptr(), int(cache_dtype is torch.bfloat16), out.data_ptr(),
+                        rows, n_heads, n_kv_heads, head_dim, max_len, 1 / math.sqrt(head_dim))
+    # bf16: the rotated key rounded to nearest, as torch rounds it (up to one step where the two
+    # float32 rotations differ in their last bit at a rounding boundary)
+    close = dict(atol=0, rtol=2 ** -8) if cache_dtype is torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(keys, want_keys, **close)
     torch.testing.assert_close(values, want_values)
     torch.testing.assert_close(out, want.view(rows, -1), atol=1e-5, rtol=1e-5)
 
@@ -230,3 +234,19 @@ def test_generation_through_the_engine_picks_the_float32_best_token(tiny_llama_d
             logits = reference.forward_tokens(ids)[0, len(prompt) - 1:-1]
         picked = logits.gather(-1, torch.tensor(row.new_tokens)[:, None])[:, 0]
         assert (logits.max(-1).values - picked).max() < 0.02 * logits.abs().max(), row.new_tokens
+
+
+def test_the_cache_is_bf16_where_the_native_step_reads_it(monkeypatch):
+    """A bf16 model's cache is bf16 when its decode steps run natively (half the memory and the
+    bytes each step reads), float32 where torch's attention would read it."""
+    monkeypatch.setenv("ACCESSORY_FAST_DECODE", "1")
+    model = tiny()
+    assert model.new_kv_cache(2, 8).keys[0].dtype is torch.bfloat16
+    assert model.new_kv_cache(17, 8).keys[0].dtype is torch.float32  # more rows than the native step takes
+    assert tiny(torch.float32).new_kv_cache(2, 8).keys[0].dtype is torch.float32
+    assert tiny(torch.float16).new_kv_cache(2, 8).keys[0].dtype is torch.float32
+    handle = model.layers[0].register_forward_hook(lambda *args: None)
+    assert model.new_kv_cache(2, 8).keys[0].dtype is torch.float32
+    handle.remove()
+    monkeypatch.setenv("ACCESSORY_FAST_DECODE", "0")
+    assert model.new_kv_cache(2, 8).keys[0].dtype is torch.float32

@@ -34,7 +34,7 @@ def decode_kernels() -> Optional[SimpleNamespace]:
                 add=_bind(ops, "accessory_add", [_P, _P, _I64]),
                 silu_mul=_bind(ops, "accessory_silu_mul", [_P, _P, _I64, _I64]),
                 attend_step=_bind(ops, "accessory_attend_step",
-                                  [_P, _P, _P, _P, _INT, _P, _P, _P] + [_I64] * 5 + [_F]),
+                                  [_P, _P, _P, _P, _INT, _P, _P, _INT, _P] + [_I64] * 5 + [_F]),
                 gemv_bf16=_bind(bf16, "accessory_gemv_bf16_f32", [_P, _P, _P, _P, _I64, _I64, _I64]),
                 gemv_int8=quant[0],
                 gemv_q4=quant[1],

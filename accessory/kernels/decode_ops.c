@@ -6,8 +6,8 @@
  * buffers the caller allocates once, so one layer costs a handful of calls.
  *
  * Layouts: activations are row-major (M, width) float32, M = batch rows, one token each. The KV
- * cache of one layer is (B, KV, L, hd) float32 (accessory.model.layers.kv_cache), row m of the
- * batch is cache row m. Rotary tables are (n_positions, hd / 2) float32 cosines and sines.
+ * cache of one layer is (B, KV, L, hd) bf16 or float32 (accessory.model.layers.kv_cache), row m
+ * of the batch is cache row m. Rotary tables are (n_positions, hd / 2) float32 cosines and sines.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -101,63 +101,87 @@ static inline void rotate(float *x, const float *cos, const float *sin, int64_t 
 
 #define KEY_BLOCK 64 /* keys scored at once before the running softmax is rescaled */
 
-/* q . K[j] for four keys (rows of hd floats, hd a multiple of 8) into out[0..3]: four independent
- * chains of multiply-adds and one shared horizontal reduction. One key at a time, each dot product
- * waited on its own chain and its own reduction: ~45 cycles a key, most of a long context's
- * attention. */
-static inline void dot4(const float *q, const float *K, int64_t hd, float *out) {
+/* Eight cache values from element i of row (float32, or bf16 when BF16), as float32. */
+static inline __attribute__((always_inline)) __m256 load_kv(const void *row, int64_t i, const int BF16) {
+    if (BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i))), 16));
+    return _mm256_loadu_ps((const float *)row + i);
+}
+
+static inline __attribute__((always_inline)) float kv_at(const void *row, int64_t i, const int BF16) {
+    return BF16 ? bf16_to_float(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
+/* q . K[j] for four keys (cache rows of hd values, hd a multiple of 8) into out[0..3]: four
+ * independent chains of multiply-adds and one shared horizontal reduction. One key at a time, each
+ * dot product waited on its own chain and its own reduction: ~45 cycles a key, most of a long
+ * context's attention. */
+static inline __attribute__((always_inline)) void dot4(const float *q, const void *K, int64_t hd, float *out,
+                                                       const int BF16) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t i = 0; i < hd; i += 8) {
         const __m256 qv = _mm256_loadu_ps(q + i);
-        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + i), a0);
-        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + hd + i), a1);
-        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + 2 * hd + i), a2);
-        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + 3 * hd + i), a3);
+        a0 = _mm256_fmadd_ps(qv, load_kv(K, i, BF16), a0);
+        a1 = _mm256_fmadd_ps(qv, load_kv(K, hd + i, BF16), a1);
+        a2 = _mm256_fmadd_ps(qv, load_kv(K, 2 * hd + i, BF16), a2);
+        a3 = _mm256_fmadd_ps(qv, load_kv(K, 3 * hd + i, BF16), a3);
     }
     /* lanes of hadd(hadd(a0, a1), hadd(a2, a3)): per 128-bit half, the partial sums of keys 0..3 */
     const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
     _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
 }
 
-/* acc[0..hd) += sum_j p[j] V[j], over n value rows of hd floats (HD: hd as a compile-time
+static inline __attribute__((always_inline)) float dot1(const float *q, const void *k, int64_t hd, const int BF16) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= hd; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load_kv(k, i, BF16), acc);
+    float s = hsum8(acc);
+    for (; i < hd; ++i) s += q[i] * kv_at(k, i, BF16);
+    return s;
+}
+
+/* acc[0..hd) += sum_j p[j] V[j], over n value rows of hd values (HD: hd as a compile-time
  * constant, so the accumulators stay in registers; 0: any hd, through memory). */
-static inline __attribute__((always_inline)) void weighted_values(const float *p, const float *V, int64_t n,
-                                                                  int64_t hd, float *acc, const int HD) {
+static inline __attribute__((always_inline)) void weighted_values(const float *p, const void *V, int64_t n,
+                                                                  int64_t hd, float *acc, const int HD,
+                                                                  const int BF16) {
     if (HD) {
         __m256 a[HD / 8];
         for (int d = 0; d < HD / 8; ++d) a[d] = _mm256_loadu_ps(acc + 8 * d);
         for (int64_t j = 0; j < n; ++j) {
             const __m256 pj = _mm256_set1_ps(p[j]);
-            for (int d = 0; d < HD / 8; ++d) a[d] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(V + j * HD + 8 * d), a[d]);
+            for (int d = 0; d < HD / 8; ++d) a[d] = _mm256_fmadd_ps(pj, load_kv(V, j * HD + 8 * d, BF16), a[d]);
         }
         for (int d = 0; d < HD / 8; ++d) _mm256_storeu_ps(acc + 8 * d, a[d]);
         return;
     }
     for (int64_t j = 0; j < n; ++j) {
-        const float *v = V + j * hd;
         const __m256 pj = _mm256_set1_ps(p[j]);
         int64_t d = 0;
         for (; d + 8 <= hd; d += 8)
-            _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + d), _mm256_loadu_ps(acc + d)));
-        for (; d < hd; ++d) acc[d] += p[j] * v[d];
+            _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pj, load_kv(V, j * hd + d, BF16), _mm256_loadu_ps(acc + d)));
+        for (; d < hd; ++d) acc[d] += p[j] * kv_at(V, j * hd + d, BF16);
     }
 }
 
 /* One query head over keys 0..n_keys-1 of one cache head: out = softmax(q.K^T * scale) V, by
  * blocks of keys with a running maximum (one pass over the cache). */
-static void attend_head(const float *q, const float *K, const float *V, int64_t n_keys, int64_t hd,
-                        float scale, float *out) {
+static inline __attribute__((always_inline)) void attend_head_kv(const float *q, const void *K, const void *V,
+                                                                 int64_t n_keys, int64_t hd, float scale,
+                                                                 float *out, const int BF16) {
+    const int64_t size = BF16 ? 2 : 4;
     float running_max = -INFINITY, running_sum = 0.0f;
     for (int64_t d = 0; d < hd; ++d) out[d] = 0.0f;
     float scores[KEY_BLOCK];
     const int by4 = (hd & 7) == 0;
     for (int64_t j0 = 0; j0 < n_keys; j0 += KEY_BLOCK) {
         const int64_t n = n_keys - j0 < KEY_BLOCK ? n_keys - j0 : KEY_BLOCK;
-        const float *Kb = K + j0 * hd, *Vb = V + j0 * hd;
+        const char *Kb = (const char *)K + j0 * hd * size, *Vb = (const char *)V + j0 * hd * size;
         int64_t j = 0;
         if (by4)
-            for (; j + 4 <= n; j += 4) dot4(q, Kb + j * hd, hd, scores + j);
-        for (; j < n; ++j) scores[j] = dot(q, Kb + j * hd, hd);
+            for (; j + 4 <= n; j += 4) dot4(q, Kb + j * hd * size, hd, scores + j, BF16);
+        for (; j < n; ++j) scores[j] = dot1(q, Kb + j * hd * size, hd, BF16);
         float block_max = -INFINITY;
         for (j = 0; j < n; ++j) {
             scores[j] *= scale;
@@ -182,12 +206,18 @@ static void attend_head(const float *q, const float *K, const float *V, int64_t 
             scores[j] = expf(scores[j] - running_max);
             running_sum += scores[j];
         }
-        if (hd == 64) weighted_values(scores, Vb, n, hd, out, 64);
-        else if (hd == 128) weighted_values(scores, Vb, n, hd, out, 128);
-        else weighted_values(scores, Vb, n, hd, out, 0);
+        if (hd == 64) weighted_values(scores, Vb, n, hd, out, 64, BF16);
+        else if (hd == 128) weighted_values(scores, Vb, n, hd, out, 128, BF16);
+        else weighted_values(scores, Vb, n, hd, out, 0, BF16);
     }
     const float inv = 1.0f / running_sum;
     for (int64_t d = 0; d < hd; ++d) out[d] *= inv;
+}
+
+static void attend_head(const float *q, const void *K, const void *V, int64_t n_keys, int64_t hd, float scale,
+                        float *out, int kv_bf16) {
+    if (kv_bf16) attend_head_kv(q, K, V, n_keys, hd, scale, out, 1);
+    else attend_head_kv(q, K, V, n_keys, hd, scale, out, 0);
 }
 
 /* The attention of one decode step, from the fused q|k|v projection to the per-head output.
@@ -195,13 +225,14 @@ static void attend_head(const float *q, const float *K, const float *V, int64_t 
  * qkv (M, (H + 2 KV) hd): each row [q heads | k heads | v heads], rotated here in place.
  * positions (M): the position of row m's token; its key and value are written at that slot of
  * cache row m, and it attends to slots 0..position of its row.
- * k_cache, v_cache: (B, KV, L, hd) with B >= M. Query head h reads cache head h / (H / KV).
+ * k_cache, v_cache: (B, KV, L, hd) with B >= M, bf16 when kv_bf16 (the new key and value rounded to
+ * nearest even, as torch casts them) else float32. Query head h reads cache head h / (H / KV).
  * out (M, H hd). scale: usually 1 / sqrt(hd).
  */
 void accessory_attend_step(float *qkv, const int64_t *positions, const float *cos_table, const float *sin_table,
-                           int interleaved, float *k_cache, float *v_cache, float *out,
+                           int interleaved, void *k_cache, void *v_cache, int kv_bf16, float *out,
                            int64_t M, int64_t H, int64_t KV, int64_t hd, int64_t L, float scale) {
-    const int64_t width = (H + 2 * KV) * hd, half = hd / 2, n_rep = H / KV;
+    const int64_t width = (H + 2 * KV) * hd, half = hd / 2, n_rep = H / KV, size = kv_bf16 ? 2 : 4;
     for (int64_t m = 0; m < M; ++m) {
         float *row = qkv + m * width;
         const int64_t p = positions[m];
@@ -209,8 +240,17 @@ void accessory_attend_step(float *qkv, const int64_t *positions, const float *co
         for (int64_t h = 0; h < H + KV; ++h) rotate(row + h * hd, c, s, hd, interleaved);
         for (int64_t g = 0; g < KV; ++g) {
             const int64_t slot = ((m * KV + g) * L + p) * hd;
-            memcpy(k_cache + slot, row + (H + g) * hd, hd * sizeof(float));
-            memcpy(v_cache + slot, row + (H + KV + g) * hd, hd * sizeof(float));
+            const float *k = row + (H + g) * hd, *v = row + (H + KV + g) * hd;
+            if (kv_bf16) {
+                uint16_t *ks = (uint16_t *)k_cache + slot, *vs = (uint16_t *)v_cache + slot;
+                for (int64_t d = 0; d < hd; ++d) {
+                    ks[d] = float_to_bf16(k[d]);
+                    vs[d] = float_to_bf16(v[d]);
+                }
+            } else {
+                memcpy((float *)k_cache + slot, k, hd * sizeof(float));
+                memcpy((float *)v_cache + slot, v, hd * sizeof(float));
+            }
         }
     }
     int64_t work = 0;
@@ -218,8 +258,8 @@ void accessory_attend_step(float *qkv, const int64_t *positions, const float *co
 #pragma omp parallel for schedule(static) if (work > 65536)
     for (int64_t task = 0; task < M * H; ++task) {
         const int64_t m = task / H, h = task % H, g = h / n_rep;
-        const int64_t base = (m * KV + g) * L * hd;
-        attend_head(qkv + m * width + h * hd, k_cache + base, v_cache + base, positions[m] + 1, hd, scale,
-                    out + m * H * hd + h * hd);
+        const int64_t base = (m * KV + g) * L * hd * size;
+        attend_head(qkv + m * width + h * hd, (const char *)k_cache + base, (const char *)v_cache + base,
+                    positions[m] + 1, hd, scale, out + m * H * hd + h * hd, kv_bf16);
     }
 }

@@ -15,7 +15,7 @@ from torch import nn
 from ..layers.attention import attend
 from ..layers.compiled_decode import compiled_decode_layers
 from ..layers.decoder import CausalDecoder
-from ..layers.fast_decode import decode_layers
+from ..layers.fast_decode import decode_layers, native_step_fits
 from ..layers.kv_cache import KVCache
 from ..layers.linear import fuse_linears, make_linear, still_fused
 from ..layers.norm import RMSNorm
@@ -203,6 +203,9 @@ class Transformer(CLIPPrefixMixin, CausalDecoder):
             if out is not None:
                 return out
         return super().run_layers(h, positions, kv_cache, causal_from_zero, **extra)
+
+    def decodes_natively(self, rows: int) -> bool:
+        return native_step_fits(self, PLAIN_BLOCK_TYPES, rows)
 
     def build_visual(self, args: ModelArgs) -> None:
         """The image side for ``with_visual=True``: the CLIP prefix (variants build their own)."""

@@ -39,8 +39,14 @@ class CausalDecoder(nn.Module):
                      device: Optional[torch.device] = None) -> KVCache:
         """A zeroed cache for ``batch_size`` rows of up to ``max_len`` positions."""
         weight = self._reference_weight()
-        return KVCache(self.n_layers, batch_size, max_len, self.n_kv_heads, self.head_dim,
-                       dtype or cache_dtype(weight.dtype, weight.device), device or weight.device)
+        device = device or weight.device
+        if dtype is None:
+            dtype = cache_dtype(weight.dtype, device, native=self.decodes_natively(batch_size))
+        return KVCache(self.n_layers, batch_size, max_len, self.n_kv_heads, self.head_dim, dtype, device)
+
+    def decodes_natively(self, rows: int) -> bool:
+        """Whether decode steps of ``rows`` rows run in the CPU's native kernels (llama blocks)."""
+        return False
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(batch, N, dim): every vector one image inserts (multimodal types; see layers/multimodal.py)."""

@@ -14,7 +14,7 @@ dtype after every layer), so the two paths agree to bf16 rounding, not bit for b
 :func:`decode_layers` returns None, and the caller runs its torch layers, whenever anything is not
 what these kernels handle: not the CPU, more than ``MAX_ROWS`` rows, weights that are not bf16 or
 packed int8/int4/nf4, q/k/v or w1/w3 not fused, biases or LoRA, a forward hook on any module (the
-model-parallel all-reduce is one), a cache that is not float32, gradients wanted, or
+model-parallel all-reduce is one), a cache that is not bf16 or float32, gradients wanted, or
 ``ACCESSORY_FAST_DECODE=0``.
 """
 
@@ -208,6 +208,16 @@ def _plans(model, block_types) -> Optional[List[SimpleNamespace]]:
     return plans
 
 
+def native_step_fits(model, block_types, rows: int) -> bool:
+    """Whether decode steps of ``rows`` rows of ``model`` will take the native step (its layers,
+    kernels and settings; the cache it gets is then bf16 for a bf16 model, see ``kv_cache``)."""
+    weight = getattr(model, "tok_embeddings", None)
+    if weight is None or weight.weight.device.type != "cpu" or not 0 < rows <= MAX_ROWS or \
+            not fast_decode_enabled() or decode_kernels() is None:
+        return False
+    return _plans(model, block_types) is not None
+
+
 def _buffers(cache: Dict[int, SimpleNamespace], rows: int, dim: int, plans: List[SimpleNamespace]) -> SimpleNamespace:
     first = plans[0]
     widths = dict(h=dim, x=dim, out=dim, qkv=first.qkv.out_features, attn=first.wo.in_features,
@@ -232,8 +242,10 @@ def decode_layers(model, h: torch.Tensor, positions: torch.Tensor, kv_cache, blo
             torch.is_grad_enabled() or kv_cache is None or not fast_decode_enabled():
         return None
     keys, values = kv_cache.keys, kv_cache.values
-    if not keys or keys[0].dtype is not torch.float32 or keys[0].shape[0] < rows:
+    if not keys or keys[0].dtype not in (torch.float32, torch.bfloat16) or keys[0].shape[0] < rows or \
+            any(k.dtype is not keys[0].dtype or v.dtype is not keys[0].dtype for k, v in zip(keys, values)):
         return None
+    kv_bf16 = int(keys[0].dtype is torch.bfloat16)
     rotary = model.rotary  # its tables are float32 and its style one the kernel knows (rotary.py)
     kernels = decode_kernels()
     if kernels is None:
@@ -269,7 +281,7 @@ def decode_layers(model, h: torch.Tensor, positions: torch.Tensor, kv_cache, blo
         kernels.rmsnorm(ptr["h"], weight, is_bf16, ptr["x"], rows, dim, eps)
         plan.qkv.run(kernels, ptr["x"], ptr["qkv"], rows, ptr["scratch"])
         kernels.attend_step(ptr["qkv"], position_ptr, cos, sin, interleaved, keys[plan.layer_id].data_ptr(),
-                            values[plan.layer_id].data_ptr(), ptr["attn"], rows, plan.n_heads, plan.n_kv_heads,
+                            values[plan.layer_id].data_ptr(), kv_bf16, ptr["attn"], rows, plan.n_heads, plan.n_kv_heads,
                             plan.head_dim, kv_cache.max_len, scale)
         plan.wo.run(kernels, ptr["attn"], ptr["out"], rows, ptr["scratch"])
         kernels.add(ptr["h"], ptr["out"], rows * dim)
