@@ -42,7 +42,8 @@ def decode(model, cache, step, positions, steps=3):
     out = []
     with torch.inference_mode():
         for i in range(steps):
-            logits = model.forward_tokens(step, positions + i, cache, output_index=torch.zeros(len(step), dtype=torch.long))
+            logits = model.forward_tokens(step, positions + i, cache,
+                                          output_index=torch.zeros(len(step), dtype=torch.long))
             out.append(logits.float())
             step = logits.argmax(-1).view(-1, 1)
     return torch.stack(out)

@@ -53,7 +53,8 @@ def _fingerprint(model) -> tuple:
     """What a captured graph relies on besides its cache: the memory of every parameter and buffer
     (a cast, a reload or a replaced module moves them) and the modules' hooks. A graph replays
     what it captured, whatever the model has become since."""
-    tensors = tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in itertools.chain(model.parameters(), model.buffers()))
+    tensors = tuple((t.data_ptr(), t.dtype, tuple(t.shape))
+                    for t in itertools.chain(model.parameters(), model.buffers()))
     hooks = tuple((len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules())
     return tensors, hooks
 

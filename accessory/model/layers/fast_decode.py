@@ -281,8 +281,8 @@ def decode_layers(model, h: torch.Tensor, positions: torch.Tensor, kv_cache, blo
         kernels.rmsnorm(ptr["h"], weight, is_bf16, ptr["x"], rows, dim, eps)
         plan.qkv.run(kernels, ptr["x"], ptr["qkv"], rows, ptr["scratch"])
         kernels.attend_step(ptr["qkv"], position_ptr, cos, sin, interleaved, keys[plan.layer_id].data_ptr(),
-                            values[plan.layer_id].data_ptr(), kv_bf16, ptr["attn"], rows, plan.n_heads, plan.n_kv_heads,
-                            plan.head_dim, kv_cache.max_len, scale)
+                            values[plan.layer_id].data_ptr(), kv_bf16, ptr["attn"], rows, plan.n_heads,
+                            plan.n_kv_heads, plan.head_dim, kv_cache.max_len, scale)
         plan.wo.run(kernels, ptr["attn"], ptr["out"], rows, ptr["scratch"])
         kernels.add(ptr["h"], ptr["out"], rows * dim)
         weight, is_bf16, eps = plan.ffn_norm
