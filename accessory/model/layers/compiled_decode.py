@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import visibility_mask
-from .linear import FusedLinear, still_fused
+from .decoder import hooked, plain_block
+from .linear import FusedLinear
 from .norm import RMSNorm
 
 log = logging.getLogger(__name__)
@@ -89,16 +90,10 @@ def _dense_weight(module, dtype: torch.dtype, device: torch.device) -> Optional[
 
 
 def _layer_weights(layer, block_types, dtype, device) -> Optional[tuple]:
-    attention_cls, feed_forward_cls, block_cls = block_types
-    if type(layer) is not block_cls or type(layer.attention) is not attention_cls or \
-            type(layer.feed_forward) is not feed_forward_cls or \
-            type(layer.attention_norm) is not RMSNorm or type(layer.ffn_norm) is not RMSNorm:
+    if not plain_block(layer, block_types) or type(layer.attention_norm) is not RMSNorm or \
+            type(layer.ffn_norm) is not RMSNorm or hooked(layer):
         return None
     attention, feed_forward = layer.attention, layer.feed_forward
-    if not (still_fused(attention._wqkv, attention.wq) and still_fused(feed_forward._w13, feed_forward.w1)):
-        return None
-    if any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()):
-        return None
     weights = (_dense_weight(attention._wqkv, dtype, device), _dense_weight(attention.wo, dtype, device),
                _dense_weight(feed_forward._w13, dtype, device), _dense_weight(feed_forward.w2, dtype, device),
                layer.attention_norm.weight, layer.ffn_norm.weight)

@@ -13,6 +13,25 @@ from torch import nn
 
 from . import multimodal
 from .kv_cache import KVCache, cache_dtype
+from .linear import still_fused
+
+
+def plain_block(layer: nn.Module, block_types) -> bool:
+    """Whether ``layer`` is exactly a plain llama block of ``block_types`` = (attention class,
+    feed-forward class, block class) with its q/k/v and w1/w3 still fused: what the native CPU step
+    (``fast_decode``) and the compiled GPU step (``compiled_decode``) run instead of the modules."""
+    attention_cls, feed_forward_cls, block_cls = block_types
+    if type(layer) is not block_cls or type(layer.attention) is not attention_cls or \
+            type(layer.feed_forward) is not feed_forward_cls:
+        return False
+    attention, feed_forward = layer.attention, layer.feed_forward
+    return still_fused(attention._wqkv, attention.wq) and still_fused(feed_forward._w13, feed_forward.w1)
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether any module in ``module`` has a forward hook (model parallelism's all-reduce is one),
+    which a step that bypasses the modules would skip."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 class CausalDecoder(nn.Module):

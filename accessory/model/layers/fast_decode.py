@@ -32,7 +32,8 @@ from ...kernels.decode import decode_kernels
 from ...kernels.linear import NativeLinear, scratch_floats_needed as bf16_scratch_floats_needed
 from ...kernels.quant import scratch_floats_needed
 from ...quant.linear import FusedQuantLinear, QuantLinear
-from .linear import FusedLinear, still_fused
+from .decoder import hooked, plain_block
+from .linear import FusedLinear
 from .norm import RMSNorm
 
 MAX_ROWS = 16
@@ -98,10 +99,6 @@ class _Product:
                             scratch, rows, self.out_features, self.in_features, self.group_size)
 
 
-def _hooked(module: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
-
-
 def _norm_weight(norm: nn.Module):
     if type(norm) is not RMSNorm:  # (hooks: _layer_plan checks the whole layer)
         return None
@@ -118,17 +115,13 @@ def _weight_key(module) -> str:
 def _layer_plan(layer, block_types) -> Optional[SimpleNamespace]:
     """The pointers and shapes one llama block's step needs, or None when it is not a plain one
     (the cheap checks come first: an ineligible model is told so in microseconds)."""
-    attention_cls, feed_forward_cls, block_cls = block_types
-    if type(layer) is not block_cls or type(layer.attention) is not attention_cls or \
-            type(layer.feed_forward) is not feed_forward_cls:
+    if not plain_block(layer, block_types):
         return None
     attention, feed_forward = layer.attention, layer.feed_forward
-    if not (still_fused(attention._wqkv, attention.wq) and still_fused(feed_forward._w13, feed_forward.w1)):
-        return None
     products = [_Product.of(attention._wqkv), _Product.of(attention.wo), _Product.of(feed_forward._w13),
                 _Product.of(feed_forward.w2)]
     norms = [_norm_weight(layer.attention_norm), _norm_weight(layer.ffn_norm)]
-    if any(p is None for p in products) or any(n is None for n in norms) or _hooked(layer):
+    if any(p is None for p in products) or any(n is None for n in norms) or hooked(layer):
         return None
     wq, wo, w1, w2 = attention.wq, attention.wo, feed_forward.w1, feed_forward.w2
     attention_norm, ffn_norm = layer.attention_norm, layer.ffn_norm
