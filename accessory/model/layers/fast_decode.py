@@ -204,11 +204,10 @@ def _plans(model, block_types) -> Optional[List[SimpleNamespace]]:
 def native_step_fits(model, block_types, rows: int) -> bool:
     """Whether decode steps of ``rows`` rows of ``model`` will take the native step (its layers,
     kernels and settings; the cache it gets is then bf16 for a bf16 model, see ``kv_cache``)."""
-    weight = getattr(model, "tok_embeddings", None)
-    if weight is None or weight.weight.device.type != "cpu" or not 0 < rows <= MAX_ROWS or \
-            not fast_decode_enabled() or decode_kernels() is None:
+    if not 0 < rows <= MAX_ROWS or not fast_decode_enabled():
         return False
-    return _plans(model, block_types) is not None
+    # (the plans need every weight on the CPU, so a GPU model is told no before any kernel is built)
+    return _plans(model, block_types) is not None and decode_kernels() is not None
 
 
 def _buffers(cache: Dict[int, SimpleNamespace], rows: int, dim: int, plans: List[SimpleNamespace]) -> SimpleNamespace:
