@@ -50,12 +50,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=n_rep > 1)
     # (None: all visible, q is one position per row; additive on a GPU, in the dtype attention runs in)
     mask = visibility_mask(positions, k.shape[2], k.dtype if k.is_cuda else None)
-    if k.device.type == "cpu" and k.dtype in (torch.bfloat16, torch.float16):
-        # half-precision attention is several times slower than float32 on CPUs without native
-        # half arithmetic: attend in float32 over copies of the used part of the cache
-        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=n_rep > 1)
-        return out.to(q.dtype)
-    if k.dtype != q.dtype:  # a float32 cache (see KVCache): attend in its precision
-        out = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, enable_gqa=n_rep > 1)
+    # on a CPU in float32 (half precision runs several times slower there without native half
+    # arithmetic; a bf16 cache is read through float32 copies), elsewhere in the cache's dtype
+    dtype = torch.float32 if k.device.type == "cpu" else k.dtype
+    if q.dtype != dtype or k.dtype != dtype:
+        out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask,
+                                             enable_gqa=n_rep > 1)
         return out.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_rep > 1)
