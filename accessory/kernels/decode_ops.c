@@ -16,12 +16,25 @@
 
 #include "common.h"
 
-static inline float dot(const float *a, const float *b, int64_t n) {
+/* Eight cache values from element i of row (float32, or bf16 when BF16), as float32. */
+static inline __attribute__((always_inline)) __m256 load_kv(const void *row, int64_t i, const int BF16) {
+    if (BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i))), 16));
+    return _mm256_loadu_ps((const float *)row + i);
+}
+
+static inline __attribute__((always_inline)) float kv_at(const void *row, int64_t i, const int BF16) {
+    return BF16 ? bf16_to_float(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
+/* a . b over n values, b float32 or (BF16) bf16. */
+static inline __attribute__((always_inline)) float dot(const float *a, const void *b, int64_t n, const int BF16) {
     __m256 acc = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_kv(b, i, BF16), acc);
     float s = hsum8(acc);
-    for (; i < n; ++i) s += a[i] * b[i];
+    for (; i < n; ++i) s += a[i] * kv_at(b, i, BF16);
     return s;
 }
 
@@ -32,7 +45,7 @@ void accessory_rmsnorm(const float *x, const void *weight, int weight_bf16, floa
     for (int64_t m = 0; m < M; ++m) {
         const float *xr = x + m * D;
         float *o = out + m * D;
-        const float scale = 1.0f / sqrtf(dot(xr, xr, D) / (float)D + eps);
+        const float scale = 1.0f / sqrtf(dot(xr, xr, D, 0) / (float)D + eps);
         if (weight_bf16) {
             const uint16_t *w = (const uint16_t *)weight;
             for (int64_t i = 0; i < D; ++i) o[i] = xr[i] * scale * bf16_to_float(w[i]);
@@ -101,18 +114,6 @@ static inline void rotate(float *x, const float *cos, const float *sin, int64_t 
 
 #define KEY_BLOCK 64 /* keys scored at once before the running softmax is rescaled */
 
-/* Eight cache values from element i of row (float32, or bf16 when BF16), as float32. */
-static inline __attribute__((always_inline)) __m256 load_kv(const void *row, int64_t i, const int BF16) {
-    if (BF16)
-        return _mm256_castsi256_ps(_mm256_slli_epi32(
-            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i))), 16));
-    return _mm256_loadu_ps((const float *)row + i);
-}
-
-static inline __attribute__((always_inline)) float kv_at(const void *row, int64_t i, const int BF16) {
-    return BF16 ? bf16_to_float(((const uint16_t *)row)[i]) : ((const float *)row)[i];
-}
-
 /* q . K[j] for four keys (cache rows of hd values, hd a multiple of 8) into out[0..3]: four
  * independent chains of multiply-adds and one shared horizontal reduction. One key at a time, each
  * dot product waited on its own chain and its own reduction: ~45 cycles a key, most of a long
@@ -130,15 +131,6 @@ static inline __attribute__((always_inline)) void dot4(const float *q, const voi
     /* lanes of hadd(hadd(a0, a1), hadd(a2, a3)): per 128-bit half, the partial sums of keys 0..3 */
     const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
     _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-}
-
-static inline __attribute__((always_inline)) float dot1(const float *q, const void *k, int64_t hd, const int BF16) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= hd; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load_kv(k, i, BF16), acc);
-    float s = hsum8(acc);
-    for (; i < hd; ++i) s += q[i] * kv_at(k, i, BF16);
-    return s;
 }
 
 /* acc[0..hd) += sum_j p[j] V[j], over n value rows of hd values (HD: hd as a compile-time
@@ -181,7 +173,7 @@ static inline __attribute__((always_inline)) void attend_head_kv(const float *q,
         int64_t j = 0;
         if (by4)
             for (; j + 4 <= n; j += 4) dot4(q, Kb + j * hd * size, hd, scores + j, BF16);
-        for (; j < n; ++j) scores[j] = dot1(q, Kb + j * hd * size, hd, BF16);
+        for (; j < n; ++j) scores[j] = dot(q, Kb + j * hd * size, hd, BF16);
         float block_max = -INFINITY;
         for (j = 0; j < n; ++j) {
             scores[j] *= scale;
