@@ -65,8 +65,9 @@ def uses_fast_path(model) -> bool:
     return uses_fast_decode(model)
 
 
-# 3 rows: one weight row at a time; 14: the batched (outer-product) form of the bf16 kernel
-@pytest.mark.parametrize("prompt_lens", [(7, 4, 7), (7, 4, 7, 1, 5, 6, 2, 7, 3, 7, 4, 6, 5, 1)])
+# 3 rows: one weight row at a time; 7 and 14: the batched (outer-product) form of the bf16 kernel,
+# over a chunk of 8 rows and of 16
+@pytest.mark.parametrize("prompt_lens", [(7, 4, 7), (7, 4, 7, 1, 5, 6, 2), (7, 4, 7, 1, 5, 6, 2, 7, 3, 7, 4, 6, 5, 1)])
 def test_bf16_step_is_as_close_to_float32_as_the_torch_path(monkeypatch, prompt_lens):
     model = tiny()
     reference = decode_logits(copy.deepcopy(model).float(), prompt_lens, fast=False, monkeypatch=monkeypatch)

@@ -14,9 +14,10 @@ needs_kernel = pytest.mark.skipif(not native_linear_available(),
 
 
 @needs_kernel
-# 5-12 rows: weight rows in pairs; from 13: outer products, over chunks of 16 rows past 16 (the last
-# one partial at 40; more than 16 rows take the kernel only on CPUs without native bf16)
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 12, 13, 16, 40, 256])
+# 5 rows: weight rows in pairs; 6-8: outer products over a chunk of 8 rows; from 9: over chunks of
+# 16 rows (the last one partial at 40; more than 16 rows take the kernel only on CPUs without native
+# bf16)
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 6, 7, 8, 9, 12, 13, 16, 40, 256])
 @pytest.mark.parametrize("out_features,in_features", [(64, 64), (37, 100), (130, 33), (512, 768)])
 def test_native_linear_matches_float_reference(rows, out_features, in_features):
     gen = torch.Generator().manual_seed(rows * out_features + in_features)
@@ -34,7 +35,7 @@ def test_native_linear_matches_float_reference(rows, out_features, in_features):
 
 
 @needs_kernel
-@pytest.mark.parametrize("batch", [1, 7, 20])  # 2, 14 and 40 rows: each form of the kernel
+@pytest.mark.parametrize("batch", [1, 3, 7, 20])  # 2, 6, 14 and 40 rows: each form of the kernel
 def test_native_linear_keeps_leading_dims_and_adds_the_bias_before_rounding(batch):
     gen = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, 2, 48, generator=gen).bfloat16()

@@ -127,7 +127,7 @@ static void rows_kernel(const uint16_t *W, const float *xp, uint16_t *y, float *
                         int64_t M, int64_t O, int64_t I, int64_t o_begin, int64_t o_end) {
     float sums[4], sums_b[4];
     int64_t o = o_begin;
-    if (M > 4) {  /* weight rows in pairs (5-12 rows here): measured 1.3-1.6x faster at 16 rows, slower at 4 */
+    if (M > 4) {  /* weight rows in pairs (5 rows here): measured 1.3-1.6x faster at 16 rows, slower at 4 */
         for (; o + 1 < o_end; o += 2) {
             const uint16_t *wa = W + o * I, *wb = wa + I;
             for (int64_t m0 = 0; m0 < M; m0 += 4) {
@@ -154,59 +154,70 @@ static void rows_kernel(const uint16_t *W, const float *xp, uint16_t *y, float *
     }
 }
 
-/* From OUTER_MIN_ROWS rows (many streams decoding at once, or a prompt) the product is bound by
+/* From OUTER_MIN_ROWS rows (several streams decoding at once, or a prompt) the product is bound by
  * arithmetic, not by reading W, so it takes the outer-product form: the activations are transposed
- * once, in chunks of 16 rows, into xt[i][16] (rows past M zero), and each weight is broadcast and
- * multiplied into a chunk's 16 sums at once (two 8-lane vectors). Weights come in pairs: one
- * 32-bit broadcast holds w[i] and w[i+1], and a shift or a mask turns it into either as float32.
- * OUTER_ROWS weight rows share each loaded activation vector. On the AVX2 machine of
- * benchmarks/README.md this ran S-shaped products 1.1-1.35x faster than weight rows in pairs
- * against 4 activation rows at a time at 14-16 rows, as fast at 13 and 10-20% slower at 9-12 rows,
- * where the padding to 16 costs more than it saves. */
-#define OUTER_MIN_ROWS 13
-#define OUTER_ROWS 4
+ * once, in chunks of 8 rows (up to 8 rows) or 16 (more), into xt[i][chunk] (rows past M zero),
+ * and each weight is broadcast and multiplied into a chunk's sums at once (one or two 8-lane
+ * vectors). Weights come in pairs: one 32-bit broadcast holds w[i] and w[i+1], and a shift or a
+ * mask turns it into either as float32. A group of weight rows (4 for 16-row chunks, 8 for 8-row
+ * ones: 8 accumulators either way) shares each loaded activation vector.
+ * Measured on the AVX2 machine of benchmarks/README.md against the row form below (weight rows in
+ * pairs, 4 activation rows at a time), weights not in cache, four XS and S shapes: 0.88-1.13x at
+ * 5 rows, 0.98-1.23x at 6, 1.14-1.49x at 7, 1.3-1.46x at 8 (8-row chunks); 0.97-1.25x at 9,
+ * 1.0-1.29x at 10, 1.12-1.53x at 11-12 (16-row chunks, partly padding); 1.1-1.35x at 14-16
+ * (measured before the prefetch below). Up to 4 rows the row form, bound by reading W, stays the faster. */
+#define OUTER_MIN_ROWS 6
+#define CHUNK_8_MAX_ROWS 8
 
-/* The outer form spends ~I * 8 cycles on a group of OUTER_ROWS weight rows, too long for the
- * hardware prefetchers to keep their streams ahead, and the near prefetch of the row form (1 KB
- * ahead) does not reach the next group's first kilobyte. So while a group is multiplied, the next
- * group's rows (the same columns, OUTER_ROWS rows further on) are fetched into L2, a line per 32
- * weights. Measured on the machine of benchmarks/README.md, 16 rows against weights not in cache:
- * 1.1-1.38x faster over XS and S shapes (1.07-1.13x at 128 rows); into L1 instead, or 2 or 8 rows
- * ahead, measured slower. */
+/* The outer form spends ~I * 8 cycles on a group of weight rows, too long for the hardware
+ * prefetchers to keep their streams ahead, and the near prefetch of the row form (1 KB ahead) does
+ * not reach the next group's first kilobyte. So while a group is multiplied, the next group's rows
+ * (the same columns, a group further on) are fetched into L2, a line per 32 weights. Measured on
+ * the machine of benchmarks/README.md, 16 rows against weights not in cache: 1.1-1.38x faster over
+ * XS and S shapes (1.07-1.13x at 128 rows); into L1 instead, or half or twice a group ahead,
+ * measured slower. */
 #define PREFETCH_NEXT_GROUP(address) _mm_prefetch((const char *)(address), _MM_HINT_T1)
 
-/* x (M, I) -> xt, chunks of 16 rows each transposed to [I][16] (rows past M zero). */
-static void transpose_chunks(const uint16_t *x_bf16, const float *x_f32, float *xt, int64_t M, int64_t I) {
-    const int64_t n = (M + 15) / 16 * I;
+static inline int64_t chunk_rows(int64_t M) { return M <= CHUNK_8_MAX_ROWS ? 8 : 16; }
+
+/* x (M, I) -> xt, chunks of `chunk` rows each transposed to [I][chunk] (rows past M zero). */
+static void transpose_chunks(const uint16_t *x_bf16, const float *x_f32, float *xt, int64_t M, int64_t I,
+                             int64_t chunk) {
+    const int64_t n = (M + chunk - 1) / chunk * I;
 #pragma omp for schedule(static)
     for (int64_t k = 0; k < n; ++k) {
-        const int64_t chunk = k / I, i = k % I, m0 = chunk * 16, rows = M - m0 < 16 ? M - m0 : 16;
-        float *d = xt + k * 16;
+        const int64_t c = k / I, i = k % I, m0 = c * chunk, rows = M - m0 < chunk ? M - m0 : chunk;
+        float *d = xt + k * chunk;
         int64_t m = 0;
         if (x_bf16) for (; m < rows; ++m) d[m] = bf16_to_float(x_bf16[(m0 + m) * I + i]);
         else for (; m < rows; ++m) d[m] = x_f32[(m0 + m) * I + i];
-        for (; m < 16; ++m) d[m] = 0.f;
+        for (; m < chunk; ++m) d[m] = 0.f;
     }
 }
 
-/* `r_count` (a compile-time constant at each call) weight rows against the 16 transposed rows:
- * out[r * 16 + m] receives row m's product with weight row r. */
-static inline __attribute__((always_inline)) void outer_tile(const uint16_t *w, int64_t I, const float *xt,
-                                                             const int r_count, float *out) {
-    const __m256i high_half = _mm256_set1_epi32((int)0xffff0000u);
+/* w[0] and w[1] (bf16) broadcast to every lane as float32, from one 32-bit load. */
+static inline __attribute__((always_inline)) void weight_pair(const uint16_t *w, __m256 *w0, __m256 *w1) {
+    int32_t pair;
+    memcpy(&pair, w, 4);
+    const __m256i both = _mm256_set1_epi32(pair);
+    *w0 = _mm256_castsi256_ps(_mm256_slli_epi32(both, 16));
+    *w1 = _mm256_castsi256_ps(_mm256_and_si256(both, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+/* `r_count` (a compile-time constant at each call, at most 4) weight rows against a chunk of 16
+ * transposed rows: out[r * 16 + m] receives row m's product with weight row r. */
+static inline __attribute__((always_inline)) void outer_tile16(const uint16_t *w, int64_t I, const float *xt,
+                                                               const int r_count, float *out) {
     const int64_t I2 = I & ~(int64_t)1;
-    __m256 acc[OUTER_ROWS][2];
+    __m256 acc[4][2];
     for (int r = 0; r < r_count; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (int64_t i = 0; i < I2; i += 2) {
         const __m256 x00 = _mm256_load_ps(xt + i * 16), x01 = _mm256_load_ps(xt + i * 16 + 8);
         const __m256 x10 = _mm256_load_ps(xt + i * 16 + 16), x11 = _mm256_load_ps(xt + i * 16 + 24);
         for (int r = 0; r < r_count; ++r) {
-            if (!(i & 31)) PREFETCH_NEXT_GROUP(w + (r + OUTER_ROWS) * I + i);
-            int32_t pair;
-            memcpy(&pair, w + r * I + i, 4);
-            const __m256i both = _mm256_set1_epi32(pair);
-            const __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(both, 16));
-            const __m256 w1 = _mm256_castsi256_ps(_mm256_and_si256(both, high_half));
+            if (!(i & 31)) PREFETCH_NEXT_GROUP(w + (r + 4) * I + i);
+            __m256 w0, w1;
+            weight_pair(w + r * I + i, &w0, &w1);
             acc[r][0] = _mm256_fmadd_ps(w0, x00, acc[r][0]);
             acc[r][1] = _mm256_fmadd_ps(w0, x01, acc[r][1]);
             acc[r][0] = _mm256_fmadd_ps(w1, x10, acc[r][0]);
@@ -227,35 +238,67 @@ static inline __attribute__((always_inline)) void outer_tile(const uint16_t *w, 
     }
 }
 
+/* The same against a chunk of 8 rows, `r_count` at most 8: out[r * 8 + m]. (One template for both
+ * widths measured 0.6x at 16 rows: the compiler then spilled an accumulator.) */
+static inline __attribute__((always_inline)) void outer_tile8(const uint16_t *w, int64_t I, const float *xt,
+                                                              const int r_count, float *out) {
+    const int64_t I2 = I & ~(int64_t)1;
+    __m256 acc[8];
+    for (int r = 0; r < r_count; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < I2; i += 2) {
+        const __m256 x0 = _mm256_load_ps(xt + i * 8), x1 = _mm256_load_ps(xt + i * 8 + 8);
+        for (int r = 0; r < r_count; ++r) {
+            if (!(i & 31)) PREFETCH_NEXT_GROUP(w + (r + 8) * I + i);
+            __m256 w0, w1;
+            weight_pair(w + r * I + i, &w0, &w1);
+            acc[r] = _mm256_fmadd_ps(w0, x0, acc[r]);
+            acc[r] = _mm256_fmadd_ps(w1, x1, acc[r]);
+        }
+    }
+    if (I & 1)
+        for (int r = 0; r < r_count; ++r)
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(bf16_to_float(w[r * I + I2])), _mm256_load_ps(xt + I2 * 8),
+                                     acc[r]);
+    for (int r = 0; r < r_count; ++r) _mm256_storeu_ps(out + r * 8, acc[r]);
+}
+
+/* Weight rows o_begin..o_end-1 against one chunk of `chunk` (8 or 16) rows, M of them real: in
+ * groups of 16 / chunk * 4 weight rows (8 accumulators), the remainder one at a time. */
 static void outer_rows_kernel(const uint16_t *W, const float *xt, uint16_t *y, float *y_f32, int64_t M, int64_t O,
-                              int64_t I, int64_t o_begin, int64_t o_end) {
-    float out[OUTER_ROWS * 16];
+                              int64_t I, int64_t o_begin, int64_t o_end, int64_t chunk) {
+    const int64_t group = chunk == 8 ? 8 : 4;
+    float out[8 * 8];
     for (int64_t o = o_begin; o < o_end;) {
-        const int64_t r_count = o_end - o >= OUTER_ROWS ? OUTER_ROWS : 1;
-        if (r_count == OUTER_ROWS) outer_tile(W + o * I, I, xt, OUTER_ROWS, out);
-        else outer_tile(W + o * I, I, xt, 1, out);
-        for (int64_t r = 0; r < r_count; ++r) store_sums(y, y_f32, O, o + r, 0, M, out + r * 16);
+        const int64_t r_count = o_end - o >= group ? group : 1;
+        if (chunk == 8) {
+            if (r_count == 8) outer_tile8(W + o * I, I, xt, 8, out);
+            else outer_tile8(W + o * I, I, xt, 1, out);
+        } else {
+            if (r_count == 4) outer_tile16(W + o * I, I, xt, 4, out);
+            else outer_tile16(W + o * I, I, xt, 1, out);
+        }
+        for (int64_t r = 0; r < r_count; ++r) store_sums(y, y_f32, O, o + r, 0, M, out + r * chunk);
         o += r_count;
     }
 }
 
-/* The outer-product form over all of W; x_bf16 or x_f32 is the input, xt needs 16 * I floats per
- * chunk of 16 rows, 32-byte aligned. Each task's block of weight rows (16 rows: 64 KB at 2048
+/* The outer-product form over all of W; x_bf16 or x_f32 is the input, xt needs chunk_rows(M) * I
+ * floats per chunk, 32-byte aligned. Each task's block of weight rows (16 rows: 64 KB at 2048
  * inputs) stays in cache while every chunk of activations passes over it, so W is read from
  * memory once however many rows come in. */
 static void gemv_rows_outer(const uint16_t *W, const uint16_t *x_bf16, const float *x_f32, float *xt, uint16_t *y,
                             float *y_f32, int64_t M, int64_t O, int64_t I) {
-    const int64_t block = 16;
+    const int64_t block = 16, chunk = chunk_rows(M);
     const int64_t n_blocks = (O + block - 1) / block;
 #pragma omp parallel
     {
-        transpose_chunks(x_bf16, x_f32, xt, M, I);
+        transpose_chunks(x_bf16, x_f32, xt, M, I, chunk);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < n_blocks; ++b) {
             const int64_t o_end = (b + 1) * block < O ? (b + 1) * block : O;
-            for (int64_t m0 = 0; m0 < M; m0 += 16)
+            for (int64_t m0 = 0; m0 < M; m0 += chunk)
                 outer_rows_kernel(W, xt + m0 * I, y ? y + m0 * O : NULL, y ? NULL : y_f32 + m0 * O,
-                                  M - m0 < 16 ? M - m0 : 16, O, I, b * block, o_end);
+                                  M - m0 < chunk ? M - m0 : chunk, O, I, b * block, o_end, chunk);
         }
     }
 }
@@ -275,7 +318,8 @@ static void gemv_rows(const uint16_t *W, const float *xp, uint16_t *y, float *y_
 
 /* Float32 scratch the two entry points below need for M activation rows of I features. */
 int64_t accessory_gemv_bf16_scratch_floats(int64_t M, int64_t I) {
-    return M >= OUTER_MIN_ROWS ? (M + 15) / 16 * 16 * I + 8 : 2 * M * I;
+    const int64_t chunk = chunk_rows(M);
+    return M >= OUTER_MIN_ROWS ? (M + chunk - 1) / chunk * chunk * I + 8 : 2 * M * I;
 }
 
 /* y (M, O) bf16 (or y_f32 float32 when y is NULL) = x (M, I) bf16 @ W(O, I)^T. */
