@@ -306,8 +306,10 @@ static void gemv_rows_outer(const uint16_t *W, const uint16_t *x_bf16, const flo
                 float *yc_f32 = y ? NULL : y_f32 + m0 * O;
                 /* (the row counts bounded by a constant: told only "at most chunk", the compiler
                  * allocated the 16-row tile's registers worse, copies in its loop, 6-10% slower) */
-                if (chunk == 8) outer_rows8(W, xt + m0 * I, yc, yc_f32, M - m0 < 8 ? M - m0 : 8, O, I, b * block, o_end);
-                else outer_rows16(W, xt + m0 * I, yc, yc_f32, M - m0 < 16 ? M - m0 : 16, O, I, b * block, o_end);
+                if (chunk == 8)
+                    outer_rows8(W, xt + m0 * I, yc, yc_f32, M - m0 < 8 ? M - m0 : 8, O, I, b * block, o_end);
+                else
+                    outer_rows16(W, xt + m0 * I, yc, yc_f32, M - m0 < 16 ? M - m0 : 16, O, I, b * block, o_end);
             }
         }
     }
