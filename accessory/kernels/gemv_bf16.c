@@ -174,9 +174,9 @@ static void rows_kernel(const uint16_t *W, const float *xp, uint16_t *y, float *
  * prefetchers to keep their streams ahead, and the near prefetch of the row form (1 KB ahead) does
  * not reach the next group's first kilobyte. So while a group is multiplied, the next group's rows
  * (the same columns, a group further on) are fetched into L2, a line per 32 weights. Measured on
- * the machine of benchmarks/README.md, 16 rows against weights not in cache: 1.1-1.38x faster over
- * XS and S shapes (1.07-1.13x at 128 rows); into L1 instead, or half or twice a group ahead,
- * measured slower. */
+ * the machine of benchmarks/README.md, 16 rows against weights not in cache: 1.23-1.38x faster on
+ * XS shapes (768 inputs: short rows, the streams restart often), 1.0-1.2x on S shapes, 1.0-1.05x
+ * at 128 rows; into L1 instead, or half or twice a group ahead, measured slower. */
 #define PREFETCH_NEXT_GROUP(address) _mm_prefetch((const char *)(address), _MM_HINT_T1)
 
 static inline int64_t chunk_rows(int64_t M) { return M <= CHUNK_8_MAX_ROWS ? 8 : 16; }
