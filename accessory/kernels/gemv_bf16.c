@@ -165,8 +165,8 @@ static void rows_kernel(const uint16_t *W, const float *xp, uint16_t *y, float *
  * pairs, 4 activation rows at a time), weights not in cache, four XS and S shapes: 0.88-1.13x at
  * 5 rows, 0.98-1.23x at 6, 1.14-1.49x at 7, 1.3-1.46x at 8 (8-row chunks); 0.97-1.25x at 9,
  * 1.0-1.29x at 10, 1.12-1.53x at 11-12 (16-row chunks, partly padding); 1.1-1.35x at 14-16
- * (measured before the prefetch below). Up to 4 rows the row form, bound by reading W, stays the
- * faster. */
+ * (measured before the prefetch below). Up to 5 rows the row form stays: bound by reading W, it is
+ * the faster up to 4 rows, and at 5 neither form won on every shape. */
 #define OUTER_MIN_ROWS 6
 #define CHUNK_8_MAX_ROWS 8
 
