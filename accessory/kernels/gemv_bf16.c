@@ -261,30 +261,36 @@ static inline __attribute__((always_inline)) void outer_tile8(const uint16_t *w,
     for (int r = 0; r < r_count; ++r) _mm256_storeu_ps(out + r * 8, acc[r]);
 }
 
-/* Weight rows o_begin..o_end-1 against one chunk of 16 rows (M of them real), in groups of 4, the
- * remainder one at a time; and the same against a chunk of 8 rows in groups of 8. */
-static void outer_rows16(const uint16_t *W, const float *xt, uint16_t *y, float *y_f32, int64_t M,
-                         int64_t O, int64_t I, int64_t o_begin, int64_t o_end) {
-    float out[4 * 16];
+/* Weight rows o_begin..o_end-1 against one chunk of CHUNK (8 or 16, a compile-time constant) rows,
+ * M of them real: in groups of 64 / CHUNK weight rows (8 accumulators), the remainder one at a
+ * time. Each width gets a function of its own below, so each compiles with one tile only. */
+static inline __attribute__((always_inline)) void outer_rows(const uint16_t *W, const float *xt, uint16_t *y,
+                                                             float *y_f32, int64_t M, int64_t O, int64_t I,
+                                                             int64_t o_begin, int64_t o_end, const int CHUNK) {
+    const int64_t group = 64 / CHUNK;
+    float out[64];
     for (int64_t o = o_begin; o < o_end;) {
-        const int64_t r_count = o_end - o >= 4 ? 4 : 1;
-        if (r_count == 4) outer_tile16(W + o * I, I, xt, 4, out);
-        else outer_tile16(W + o * I, I, xt, 1, out);
-        for (int64_t r = 0; r < r_count; ++r) store_sums(y, y_f32, O, o + r, 0, M, out + r * 16);
+        const int64_t r_count = o_end - o >= group ? group : 1;
+        if (CHUNK == 8) {
+            if (r_count == 8) outer_tile8(W + o * I, I, xt, 8, out);
+            else outer_tile8(W + o * I, I, xt, 1, out);
+        } else {
+            if (r_count == 4) outer_tile16(W + o * I, I, xt, 4, out);
+            else outer_tile16(W + o * I, I, xt, 1, out);
+        }
+        for (int64_t r = 0; r < r_count; ++r) store_sums(y, y_f32, O, o + r, 0, M, out + r * CHUNK);
         o += r_count;
     }
 }
 
-static void outer_rows8(const uint16_t *W, const float *xt, uint16_t *y, float *y_f32, int64_t M,
-                        int64_t O, int64_t I, int64_t o_begin, int64_t o_end) {
-    float out[8 * 8];
-    for (int64_t o = o_begin; o < o_end;) {
-        const int64_t r_count = o_end - o >= 8 ? 8 : 1;
-        if (r_count == 8) outer_tile8(W + o * I, I, xt, 8, out);
-        else outer_tile8(W + o * I, I, xt, 1, out);
-        for (int64_t r = 0; r < r_count; ++r) store_sums(y, y_f32, O, o + r, 0, M, out + r * 8);
-        o += r_count;
-    }
+static void outer_rows16(const uint16_t *W, const float *xt, uint16_t *y, float *y_f32, int64_t M, int64_t O,
+                         int64_t I, int64_t o_begin, int64_t o_end) {
+    outer_rows(W, xt, y, y_f32, M, O, I, o_begin, o_end, 16);
+}
+
+static void outer_rows8(const uint16_t *W, const float *xt, uint16_t *y, float *y_f32, int64_t M, int64_t O,
+                        int64_t I, int64_t o_begin, int64_t o_end) {
+    outer_rows(W, xt, y, y_f32, M, O, I, o_begin, o_end, 8);
 }
 
 /* The outer-product form over all of W; x_bf16 or x_f32 is the input, xt needs chunk_rows(M) * I
