@@ -35,6 +35,39 @@ def test_native_linear_matches_float_reference(rows, out_features, in_features):
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [1, 5, 6, 8, 9, 16])
+@pytest.mark.parametrize("offset", [0, 3])  # scratch aligned to 32 bytes, or 12 bytes past
+@pytest.mark.parametrize("activations", ["float32", "bf16"])
+def test_kernel_stays_within_the_scratch_it_asks_for(rows, offset, activations):
+    """The decode step sizes the kernel's scratch by what ``scratch_floats_needed`` states (the
+    shared, larger buffer ``linear`` uses would hide an overrun): both entries, in each form, must
+    stay inside it, wherever it starts. Mutation-checked: dropping the 8 floats of alignment slack,
+    or the bf16 entry's second M x I, fails it."""
+    from accessory.kernels import linear as kernel_linear
+    from accessory.kernels.decode import decode_kernels
+    gen = torch.Generator().manual_seed(rows)
+    out_features, in_features = 37, 100
+    x = torch.randn(rows, in_features, generator=gen)
+    w = torch.randn(out_features, in_features, generator=gen).bfloat16()
+    needed = scratch_floats_needed(rows, in_features)
+    raw = torch.full((8 + offset + 2 * needed + 64,), 12345.0)  # room to see an overrun, not crash on it
+    aligned = (-raw.data_ptr() % 32) // 4  # the offset, not the allocator, decides the alignment
+    scratch = raw[aligned + offset:]
+    if activations == "float32":
+        y = torch.empty(rows, out_features)
+        decode_kernels().gemv_bf16(w.data_ptr(), x.data_ptr(), scratch.data_ptr(), y.data_ptr(), rows,
+                                   out_features, in_features)
+    else:
+        x = x.bfloat16()
+        y = torch.empty(rows, out_features, dtype=torch.bfloat16)
+        kernel_linear._kernel()(w.data_ptr(), x.data_ptr(), scratch.data_ptr(), y.data_ptr(), None, rows,
+                                out_features, in_features)
+    assert torch.equal(scratch[needed:], torch.full((scratch.numel() - needed,), 12345.0))
+    expected = F.linear(x.float(), w.float())
+    torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+
+
+@needs_kernel
 @pytest.mark.parametrize("batch", [1, 3, 7, 20])  # 2, 6, 14 and 40 rows: each form of the kernel
 def test_native_linear_keeps_leading_dims_and_adds_the_bias_before_rounding(batch):
     gen = torch.Generator().manual_seed(batch)
