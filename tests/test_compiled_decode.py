@@ -15,7 +15,6 @@ from accessory.model.layers import compiled_decode
 from test_fast_decode import ARGS, tiny  # (float32 here: the native step takes bf16)
 
 
-
 @pytest.fixture(autouse=True)
 def on_cpu(monkeypatch):
     monkeypatch.setattr(compiled_decode, "DEVICES", ("cuda", "cpu"))
