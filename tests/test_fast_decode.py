@@ -251,3 +251,139 @@ def test_the_cache_is_bf16_where_the_native_step_reads_it(monkeypatch):
     handle.remove()
     monkeypatch.setenv("ACCESSORY_FAST_DECODE", "0")
     assert model.new_kv_cache(2, 8).keys[0].dtype is torch.float32
+
+
+# ---- the whole step in one call: embedding, layers, final norm and output head (decode_logits)
+
+def record_whole_steps(monkeypatch) -> list:
+    """Per one-token step through forward_tokens: whether it ran as one native call."""
+    import accessory.model.LLM.llama as llama
+    calls, whole_step = [], llama.decode_logits
+
+    def recorded(model, tokens, *args):
+        logits = whole_step(model, tokens, *args)
+        if tokens.shape[1] == 1:
+            calls.append(logits is not None)
+        return logits
+    monkeypatch.setattr(llama, "decode_logits", recorded)
+    return calls
+
+
+class ModuleHead(Transformer):
+    """The same model whose final norm and output run through the modules (an override the whole
+    step must not bypass), its layers still native."""
+
+    def logits(self, h):
+        return super().logits(h)
+
+
+def test_whole_step_matches_the_layers_only_step(monkeypatch):
+    """One native call per step gives the logits the native layers + torch head give, up to the
+    head's bf16 rounding (the call keeps the normed activations and the logits in float32)."""
+    calls = record_whole_steps(monkeypatch)
+    model = tiny()
+    whole = decode_logits(model, monkeypatch=monkeypatch)
+    assert calls == [True] * 5 and uses_fast_path(model)
+    split = tiny()
+    split.__class__ = ModuleHead
+    calls.clear()
+    layers_only = decode_logits(split, monkeypatch=monkeypatch)
+    assert calls == [] and uses_fast_path(split)
+    torch.testing.assert_close(whole, layers_only, atol=0.02 * layers_only.abs().max().item(), rtol=0)
+    assert not torch.equal(whole, layers_only)  # the head did run differently
+
+
+@pytest.mark.parametrize("override", ["embed_tokens", "logits", "run_layers"])
+def test_a_model_that_overrides_an_end_keeps_its_override(override, monkeypatch):
+    calls = record_whole_steps(monkeypatch)
+    seen = []
+
+    def spy(self, *args, **kwargs):
+        seen.append(1)
+        return getattr(Transformer, override)(self, *args, **kwargs)
+    model = tiny()
+    model.__class__ = type("Variant", (Transformer,), {override: spy})
+    decode_logits(model, steps=2, monkeypatch=monkeypatch)
+    assert not any(calls) and len(seen) == 3  # prefill + 2 steps, each through the override
+
+
+@pytest.mark.parametrize("end", ["tok_embeddings", "norm", "output"])
+def test_a_hook_on_an_end_is_honoured(end, monkeypatch):
+    calls = record_whole_steps(monkeypatch)
+    model = tiny()
+    decode_logits(model, steps=1, monkeypatch=monkeypatch)
+    assert calls == [True]
+    seen = []
+    getattr(model, end).register_forward_hook(lambda *args: seen.append(1))
+    calls.clear()
+    got = decode_logits(model, steps=2, monkeypatch=monkeypatch)
+    assert calls == [False, False] and len(seen) == 3  # prefill + 2 steps
+    torch.testing.assert_close(got, decode_logits(model, steps=2, fast=False, monkeypatch=monkeypatch),
+                               atol=0.02 * got.abs().max().item(), rtol=0)
+
+
+def test_a_replaced_output_weight_is_noticed(monkeypatch):
+    calls = record_whole_steps(monkeypatch)
+    model = tiny()
+    before = decode_logits(model, steps=2, monkeypatch=monkeypatch)
+    with torch.no_grad():
+        model.output.weight = torch.nn.Parameter(model.output.weight * 2)
+    after = decode_logits(model, steps=2, monkeypatch=monkeypatch)
+    assert all(calls)
+    torch.testing.assert_close(after, before * 2, atol=0.02 * after.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("head_scheme", [None, "int8"])
+def test_whole_step_heads_match_the_torch_path(tied, head_scheme, monkeypatch):
+    """A quantized output head (the int8 one int4 models keep) and an output tied to the
+    embedding run in the one call too."""
+    calls = record_whole_steps(monkeypatch)
+    model = tiny(dim=128, multiple_of=64)
+    if tied:
+        model.output.weight = model.tok_embeddings.weight
+    if head_scheme:
+        model.output = QuantLinear.from_linear(model.output, resolve_scheme(head_scheme, "cpu"))
+    torch_path = decode_logits(model, fast=False, monkeypatch=monkeypatch)
+    calls.clear()
+    native = decode_logits(model, fast=True, monkeypatch=monkeypatch)
+    assert calls == [True] * 5
+    torch.testing.assert_close(native, torch_path, atol=0.03 * torch_path.abs().max().item(), rtol=0)
+
+
+def test_output_index_of_a_one_token_step(monkeypatch):
+    """The engine's output_index: 0 (or -1) per row picks the step's one token; any other index is
+    the torch path's IndexError."""
+    calls = record_whole_steps(monkeypatch)
+    model = tiny()
+    rows = 3
+    cache = model.new_kv_cache(rows, 16)
+    tokens, positions = torch.tensor([[5], [6], [7]]), torch.zeros(rows, 1, dtype=torch.long)
+    with torch.inference_mode():
+        plain = model.forward_tokens(tokens, positions, cache)
+        assert plain.shape == (rows, 1, ARGS["vocab_size"]) and plain.dtype is torch.float32
+        for index in (torch.zeros(rows, dtype=torch.long), torch.tensor([0, -1, 0])):
+            torch.testing.assert_close(model.forward_tokens(tokens, positions.clone(), cache, output_index=index),
+                                       plain[:, 0], atol=0, rtol=0)
+        assert calls == [True] * 3
+        with pytest.raises(IndexError):
+            model.forward_tokens(tokens, positions.clone(), cache, output_index=torch.tensor([0, 1, 0]))
+
+
+def test_out_of_range_inputs_raise_the_torch_error_and_leave_the_cache_alone(monkeypatch):
+    """A token id past the vocabulary or a position past the cache is refused before anything is
+    written, and the torch path then raises its own error."""
+    calls = record_whole_steps(monkeypatch)
+    model = tiny()
+    cache = model.new_kv_cache(2, 16)
+    positions = torch.tensor([[3], [4]])
+    with torch.inference_mode():
+        model.forward_tokens(torch.tensor([[1], [2]]), positions, cache)
+        saved = [k.clone() for k in cache.keys]
+        with pytest.raises(IndexError):
+            model.forward_tokens(torch.tensor([[1], [ARGS["vocab_size"]]]), torch.tensor([[5], [5]]), cache)
+        with pytest.raises((IndexError, RuntimeError, ValueError)):
+            model.forward_tokens(torch.tensor([[1], [2]]), torch.tensor([[5], [16]]), cache)
+    assert calls == [True, False, False]
+    for key, before in zip(cache.keys, saved):
+        assert torch.equal(key, before)

@@ -145,10 +145,8 @@ class GenerationEngine:
                                           device=device)
             if self._graphed is not None:
                 logits = self._graphed(cache, step_tokens, step_positions)
-            else:
-                logits = self.model.forward_tokens(step_tokens, step_positions, cache,
-                                                   output_index=torch.zeros(len(active), dtype=torch.long,
-                                                                            device=device))
+            else:  # (batch, 1, vocab): one token a row, so no index to gather by
+                logits = self.model.forward_tokens(step_tokens, step_positions, cache)[:, 0]
 
     def _record_logprobs(self, rows: List[RowState], logits: torch.Tensor, tokens: List[int],
                          top_k: int) -> None:

@@ -11,20 +11,50 @@ from typing import Optional
 from . import load_library
 from .quant import _kernels as quant_kernels
 
-_P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_P, _I64, _INT, _F, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_double
 _functions: Optional[SimpleNamespace] = None
 _loaded = False
 
 
-def _bind(library, name, argtypes):
+class StepProduct(ctypes.Structure):
+    """decode_ops.c's ``step_product``: one weight matrix. ``kind``: PRODUCT_KINDS."""
+    _fields_ = [("kind", _I64), ("out_features", _I64), ("in_features", _I64), ("group_size", _I64),
+                ("weight", _P), ("scales", _P), ("offsets", _P)]
+
+
+PRODUCT_KINDS = {"bf16": 0, "int8": 1, "int4": 2, "nf4": 3}
+
+
+class StepLayer(ctypes.Structure):
+    """decode_ops.c's ``step_layer``: one llama block's products and norms."""
+    _fields_ = [("qkv", StepProduct), ("wo", StepProduct), ("w13", StepProduct), ("w2", StepProduct),
+                ("attention_norm", _P), ("ffn_norm", _P), ("attention_norm_bf16", _I64), ("ffn_norm_bf16", _I64),
+                ("attention_norm_eps", _D), ("ffn_norm_eps", _D)]
+
+
+class DecodeStep(ctypes.Structure):
+    """decode_ops.c's ``decode_step``: what ``accessory_decode_step`` reads and writes."""
+    _fields_ = [("layers", ctypes.POINTER(StepLayer)), ("n_layers", _I64), ("keys", ctypes.POINTER(_P)),
+                ("values", ctypes.POINTER(_P)), ("kv_bf16", _I64), ("interleaved", _I64), ("positions", _P),
+                ("cos_table", _P), ("sin_table", _P), ("n_rotary", _I64),
+                *((name, _P) for name in ("h", "x", "qkv", "attn", "out", "gate_up", "act", "scratch")),
+                *((name, _I64) for name in ("rows", "dim", "n_heads", "n_kv_heads", "head_dim", "max_len")),
+                ("scale", _D), ("gemv_bf16", _P), ("gemv_int8", _P), ("gemv_q4", _P),
+                ("embedding", _P), ("embedding_bf16", _I64), ("vocab_size", _I64), ("tokens", _P),
+                ("final_norm", _P), ("final_norm_bf16", _I64), ("final_norm_eps", _D), ("head", StepProduct),
+                ("logits", _P)]
+
+
+def _bind(library, name, argtypes, restype=None):
     function = getattr(library, name)
-    function.argtypes, function.restype = argtypes, None
+    function.argtypes, function.restype = argtypes, restype
     return function
 
 
 def decode_kernels() -> Optional[SimpleNamespace]:
     """The kernels as ctypes functions (``rmsnorm``, ``add``, ``silu_mul``, ``attend_step``,
-    ``gemv_bf16``, ``gemv_int8``, ``gemv_q4``), or None when they cannot be built here."""
+    ``decode_step``, ``gemv_bf16``, ``gemv_int8``, ``gemv_q4``), or None when they cannot be
+    built here."""
     global _functions, _loaded
     if not _loaded:
         ops, bf16, quant = load_library("decode_ops"), load_library("gemv_bf16"), quant_kernels()
@@ -35,6 +65,7 @@ def decode_kernels() -> Optional[SimpleNamespace]:
                 silu_mul=_bind(ops, "accessory_silu_mul", [_P, _P, _I64, _I64]),
                 attend_step=_bind(ops, "accessory_attend_step",
                                   [_P, _P, _P, _P, _INT, _P, _P, _INT, _P] + [_I64] * 5 + [_F]),
+                decode_step=_bind(ops, "accessory_decode_step", [ctypes.POINTER(DecodeStep)], ctypes.c_int),
                 gemv_bf16=_bind(bf16, "accessory_gemv_bf16_f32", [_P, _P, _P, _P, _I64, _I64, _I64]),
                 gemv_int8=quant[0],
                 gemv_q4=quant[1],

@@ -255,3 +255,126 @@ void accessory_attend_step(float *qkv, const int64_t *positions, const float *co
                     positions[m] + 1, hd, scale, out + m * H * hd + h * hd, kv_bf16);
     }
 }
+
+/* ------------------------------------------------------------------------- a whole step's layers */
+
+/* The matrix products, from the libraries that hold them (gemv_bf16.c, gemv_quant.c): the caller
+ * passes their addresses, so each library stays one compiled file. */
+typedef void (*gemv_bf16_fn)(const void *W, const float *x, float *scratch, float *y, int64_t M, int64_t O,
+                             int64_t I);
+typedef void (*gemv_int8_fn)(const void *W, const void *scale, const void *x, void *y, int dtype, float *scratch,
+                             int64_t M, int64_t O, int64_t I);
+typedef void (*gemv_q4_fn)(const void *P, const void *scale, const void *offset, int nf4, const void *x, void *y,
+                           int dtype, float *scratch, int64_t M, int64_t O, int64_t I, int64_t G);
+
+enum { PRODUCT_BF16 = 0, PRODUCT_INT8 = 1, PRODUCT_INT4 = 2, PRODUCT_NF4 = 3 };
+
+/* One weight matrix (O, I): bf16 weight, or packed codes with their scales (and int4 offsets). */
+typedef struct {
+    int64_t kind, out_features, in_features, group_size;
+    const void *weight, *scales, *offsets;
+} step_product;
+
+/* One llama block: its four products and two RMS norms (float32 or bf16 weights). */
+typedef struct {
+    step_product qkv, wo, w13, w2;
+    const void *attention_norm, *ffn_norm;
+    int64_t attention_norm_bf16, ffn_norm_bf16;
+    double attention_norm_eps, ffn_norm_eps;
+} step_layer;
+
+/* Everything one decode step reads and writes. The buffers are float32, rows (M) by: h, x, out
+ * dim; qkv (H + 2 KV) hd; attn H hd; gate_up 2 F; act F; scratch as large as the largest product
+ * asks. keys[l], values[l]: layer l's cache, (B >= M, KV, L, hd). positions[m] must be below
+ * both L and n_rotary, the rows of the rotary tables.
+ * Both ends are optional. With embedding (vocab_size rows of dim, bf16 when embedding_bf16, else
+ * float32), h starts as the rows of tokens[0..M) instead of holding the inputs. With logits
+ * (M, head.out_features), the last h is normed by final_norm and multiplied by head into it. */
+typedef struct {
+    const step_layer *layers;
+    int64_t n_layers;
+    void *const *keys;
+    void *const *values;
+    int64_t kv_bf16, interleaved;
+    const int64_t *positions;
+    const float *cos_table, *sin_table;
+    int64_t n_rotary;
+    float *h, *x, *qkv, *attn, *out, *gate_up, *act, *scratch;
+    int64_t rows, dim, n_heads, n_kv_heads, head_dim, max_len;
+    double scale;
+    gemv_bf16_fn gemv_bf16;
+    gemv_int8_fn gemv_int8;
+    gemv_q4_fn gemv_q4;
+    const void *embedding;
+    int64_t embedding_bf16, vocab_size;
+    const int64_t *tokens;
+    const void *final_norm;
+    int64_t final_norm_bf16;
+    double final_norm_eps;
+    step_product head;
+    float *logits;
+} decode_step;
+
+static void step_product_run(const decode_step *s, const step_product *p, const float *x, float *y) {
+    switch (p->kind) {
+    case PRODUCT_BF16:
+        s->gemv_bf16(p->weight, x, s->scratch, y, s->rows, p->out_features, p->in_features);
+        break;
+    case PRODUCT_INT8:
+        s->gemv_int8(p->weight, p->scales, x, y, 0, s->scratch, s->rows, p->out_features, p->in_features);
+        break;
+    default:
+        s->gemv_q4(p->weight, p->scales, p->offsets, p->kind == PRODUCT_NF4, x, y, 0, s->scratch, s->rows,
+                   p->out_features, p->in_features, p->group_size);
+    }
+}
+
+/* One decode step, h updated in place (the residual stream in float32):
+ *     [h = embedding[tokens]]
+ *     per layer:  x = rmsnorm(h);  qkv = Wqkv x;  rotate q, k; write k, v to the cache; attend;
+ *                 h += Wo attn;  x = rmsnorm(h);  gu = W13 x;  h += W2 (silu(gate) * up)
+ *     [logits = head rmsnorm(h)]
+ * One call instead of ten per layer from Python: between two products that stream megabytes of
+ * weights, the interpreter's own code and data are out of the caches, and each call from Python
+ * cost tens of microseconds (measured in benchmarks/README.md).
+ * Returns 0, or -1 with nothing written when a position or a token id is out of range (the
+ * caller's torch path then raises the error that explains it). */
+int accessory_decode_step(const decode_step *s) {
+    const int64_t M = s->rows, D = s->dim;
+    for (int64_t m = 0; m < M; ++m)
+        if (s->positions[m] < 0 || s->positions[m] >= s->max_len || s->positions[m] >= s->n_rotary) return -1;
+    if (s->embedding) {
+        for (int64_t m = 0; m < M; ++m)
+            if (s->tokens[m] < 0 || s->tokens[m] >= s->vocab_size) return -1;
+        for (int64_t m = 0; m < M; ++m) {
+            float *row = s->h + m * D;
+            if (s->embedding_bf16) {
+                const uint16_t *e = (const uint16_t *)s->embedding + s->tokens[m] * D;
+                for (int64_t i = 0; i < D; ++i) row[i] = bf16_to_float(e[i]);
+            } else {
+                memcpy(row, (const float *)s->embedding + s->tokens[m] * D, D * sizeof(float));
+            }
+        }
+    }
+    for (int64_t l = 0; l < s->n_layers; ++l) {
+        const step_layer *layer = s->layers + l;
+        accessory_rmsnorm(s->h, layer->attention_norm, (int)layer->attention_norm_bf16, s->x, M, D,
+                          (float)layer->attention_norm_eps);
+        step_product_run(s, &layer->qkv, s->x, s->qkv);
+        accessory_attend_step(s->qkv, s->positions, s->cos_table, s->sin_table, (int)s->interleaved, s->keys[l],
+                              s->values[l], (int)s->kv_bf16, s->attn, M, s->n_heads, s->n_kv_heads, s->head_dim,
+                              s->max_len, (float)s->scale);
+        step_product_run(s, &layer->wo, s->attn, s->out);
+        accessory_add(s->h, s->out, M * D);
+        accessory_rmsnorm(s->h, layer->ffn_norm, (int)layer->ffn_norm_bf16, s->x, M, D, (float)layer->ffn_norm_eps);
+        step_product_run(s, &layer->w13, s->x, s->gate_up);
+        accessory_silu_mul(s->gate_up, s->act, M, layer->w2.in_features);
+        step_product_run(s, &layer->w2, s->act, s->out);
+        accessory_add(s->h, s->out, M * D);
+    }
+    if (s->logits) {
+        accessory_rmsnorm(s->h, s->final_norm, (int)s->final_norm_bf16, s->x, M, D, (float)s->final_norm_eps);
+        step_product_run(s, &s->head, s->x, s->logits);
+    }
+    return 0;
+}

@@ -15,7 +15,7 @@ from torch import nn
 from ..layers.attention import attend
 from ..layers.compiled_decode import compiled_decode_layers
 from ..layers.decoder import CausalDecoder
-from ..layers.fast_decode import decode_layers, native_step_fits
+from ..layers.fast_decode import decode_layers, decode_logits, native_step_fits
 from ..layers.kv_cache import KVCache
 from ..layers.linear import fuse_linears, make_linear, still_fused
 from ..layers.norm import RMSNorm
@@ -152,6 +152,12 @@ class TransformerBlock(nn.Module):
 PLAIN_BLOCK_TYPES = (Attention, FeedForward, TransformerBlock)
 
 
+def _first_of_one(output_index: Optional[torch.Tensor]) -> bool:
+    """Whether ``output_index`` is None or picks, in every row of a one-token step, that token."""
+    return output_index is None or (output_index.dim() == 1 and not output_index.is_floating_point()
+                                    and bool(((output_index == 0) | (output_index == -1)).all()))
+
+
 class Transformer(CLIPPrefixMixin, CausalDecoder):
     """The decoder. ``forward_tokens`` is the one entry point the engine uses.
 
@@ -190,6 +196,20 @@ class Transformer(CLIPPrefixMixin, CausalDecoder):
         self._inference_cache: Optional[KVCache] = None
         if with_visual:
             self.build_visual(args)
+
+    def forward_tokens(self, tokens: Optional[torch.Tensor], positions: Optional[torch.Tensor] = None,
+                       kv_cache: Optional[KVCache] = None, output_index: Optional[torch.Tensor] = None,
+                       **extra) -> torch.Tensor:
+        """As ``CausalDecoder.forward_tokens``; a CPU decode step of a plain model (these ends and
+        plain blocks) runs whole in one native call (``layers/fast_decode.py``'s ``decode_logits``)."""
+        cls = type(self)
+        if (kv_cache is not None and tokens is not None and positions is not None and not extra and tokens.is_cpu
+                and cls.run_layers is Transformer.run_layers and cls.embed_tokens is Transformer.embed_tokens
+                and cls.logits is Transformer.logits and _first_of_one(output_index)):
+            logits = decode_logits(self, tokens, positions, kv_cache, PLAIN_BLOCK_TYPES)
+            if logits is not None:
+                return logits if output_index is not None else logits[:, None]
+        return super().forward_tokens(tokens, positions, kv_cache, output_index, **extra)
 
     def run_layers(self, h: torch.Tensor, positions: torch.Tensor, kv_cache: Optional[KVCache],
                    causal_from_zero: bool, **extra) -> torch.Tensor:

@@ -2,22 +2,29 @@
 
 One decode step (every batch row adds one token) of a small model spends most of its time between
 the matrix products: some 40 torch operations per layer, each a dispatch and many an OpenMP fork.
-Here a layer is eight calls into ``kernels/decode_ops.c`` and the bf16 / quantized matrix-vector
-kernels, on float32 buffers allocated once per batch size:
+Here the step is one call into ``kernels/decode_ops.c`` (``accessory_decode_step``), which runs,
+per layer, its small operations and the bf16 / quantized matrix-vector kernels on float32 buffers
+allocated once per batch size:
 
     x = rmsnorm(h);  qkv = Wqkv x;  rotate q, k; write k, v to the cache; attend;  h += Wo attn
     x = rmsnorm(h);  gu = W13 x;  h += W2 (silu(gate) * up)
 
+:func:`decode_logits` also does the model's ends in that call: the token embedding before the
+layers, the final norm and the output head after them (:func:`decode_layers` only the layers).
+It is one call rather than ten per layer from Python because the products stream megabytes of
+weights through the caches: between two of them the interpreter's code and data are evicted, and
+each Python-side call cost tens of microseconds instead of one or two.
+
 The residual stream stays in float32 through the step (the torch path rounds it to the model
 dtype after every layer), so the two paths agree to bf16 rounding, not bit for bit.
 
-:func:`decode_layers` returns None, and the caller runs its torch layers, whenever anything is not
-what these kernels handle: not the CPU, more than ``MAX_ROWS`` rows, weights that are not bf16 or
-packed int8/int4/nf4, q/k/v or w1/w3 not fused, biases or LoRA, a forward hook on any module (the
-model-parallel all-reduce is one), a cache that is not bf16 or float32, gradients wanted, or
-``ACCESSORY_FAST_DECODE=0``.
-"""
+Both return None, and the caller runs its torch modules, whenever anything is not what these
+kernels handle: not the CPU, more than ``MAX_ROWS`` rows, weights that are not bf16 or packed
+int8/int4/nf4, q/k/v or w1/w3 not fused, biases or LoRA, a forward hook on any module (the
+model-parallel all-reduce is one), a cache that is not bf16 or float32, gradients wanted, a token
+or position out of range (the torch path raises the error), or ``ACCESSORY_FAST_DECODE=0``."""
 
+import ctypes
 import math
 import os
 import threading
@@ -28,7 +35,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ...kernels.decode import decode_kernels
+from ...kernels.decode import PRODUCT_KINDS, DecodeStep, StepLayer, StepProduct, decode_kernels
 from ...kernels.linear import NativeLinear, scratch_floats_needed as bf16_scratch_floats_needed
 from ...kernels.quant import scratch_floats_needed
 from ...quant.linear import FusedQuantLinear, QuantLinear
@@ -88,15 +95,11 @@ class _Product:
             return bf16_scratch_floats_needed(rows, self.in_features)
         return scratch_floats_needed(self.kind, rows, self.in_features, self.group_size)
 
-    def run(self, kernels, x: int, y: int, rows: int, scratch: int) -> None:
-        if self.kind == "bf16":
-            kernels.gemv_bf16(self.pointers[0], x, scratch, y, rows, self.out_features, self.in_features)
-        elif self.kind == "int8":
-            kernels.gemv_int8(self.pointers[0], self.pointers[1], x, y, 0, scratch, rows, self.out_features,
-                              self.in_features)
-        else:
-            kernels.gemv_q4(self.pointers[0], self.pointers[1], self.pointers[2], int(self.kind == "nf4"), x, y, 0,
-                            scratch, rows, self.out_features, self.in_features, self.group_size)
+    def struct(self) -> StepProduct:
+        """As decode_ops.c's ``step_product``."""
+        weight, scales, offsets = (*self.pointers, None, None)[:3]
+        return StepProduct(PRODUCT_KINDS[self.kind], self.out_features, self.in_features, self.group_size,
+                           weight, scales, offsets)
 
 
 def _norm_weight(norm: nn.Module):
@@ -170,7 +173,7 @@ def _state(model) -> SimpleNamespace:
     with _STATES_LOCK:
         state = _STATES.get(model)
         if state is None:
-            state = _STATES[model] = SimpleNamespace(plans=None, local=threading.local())
+            state = _STATES[model] = SimpleNamespace(plans=None, table=None, ends=None, local=threading.local())
         return state
 
 
@@ -210,35 +213,89 @@ def native_step_fits(model, block_types, rows: int) -> bool:
     return _plans(model, block_types) is not None and decode_kernels() is not None
 
 
-def _buffers(cache: Dict[int, SimpleNamespace], rows: int, dim: int, plans: List[SimpleNamespace]) -> SimpleNamespace:
+def _buffers(cache: Dict[int, SimpleNamespace], rows: int, dim: int, plans: List[SimpleNamespace],
+             head: Optional[_Product]) -> SimpleNamespace:
+    """The float32 buffers of a ``rows``-row step and the ``DecodeStep`` that points at them, made
+    again when the plans or the head are new (the sizes are worked out only then)."""
+    buffers = cache.get(rows)
+    if buffers is not None and buffers.plans is plans and buffers.head is head:
+        return buffers
     first = plans[0]
     widths = dict(h=dim, x=dim, out=dim, qkv=first.qkv.out_features, attn=first.wo.in_features,
                   gate_up=first.w13.out_features, act=first.w2.in_features)
-    scratch = max(p.scratch_floats(rows) for plan in plans for p in (plan.qkv, plan.wo, plan.w13, plan.w2))
-    key = (rows, tuple(sorted(widths.items())), scratch)
-    buffers = cache.get(rows)
-    if buffers is None or buffers.key != key:
-        buffers = SimpleNamespace(key=key, **{name: torch.empty(rows, width) for name, width in widths.items()})
-        buffers.scratch = torch.empty(max(scratch, 1))
-        buffers.pointers = {name: getattr(buffers, name).data_ptr() for name in (*widths, "scratch")}
-        cache[rows] = buffers
+    products = [p for plan in plans for p in (plan.qkv, plan.wo, plan.w13, plan.w2)] + ([head] if head else [])
+    scratch = max(p.scratch_floats(rows) for p in products)
+    buffers = SimpleNamespace(plans=plans, head=head, **{name: torch.empty(rows, width) for name, width in widths.items()})
+    buffers.scratch = torch.empty(max(scratch, 1))
+    buffers.step = DecodeStep(rows=rows, dim=dim, n_heads=first.n_heads, n_kv_heads=first.n_kv_heads,
+                              head_dim=first.head_dim, scale=1.0 / math.sqrt(first.head_dim),
+                              **{name: getattr(buffers, name).data_ptr() for name in (*widths, "scratch")})
+    if head is not None:
+        buffers.step.head = head.struct()
+    cache[rows] = buffers
     return buffers
 
 
-def decode_layers(model, h: torch.Tensor, positions: torch.Tensor, kv_cache, block_types) -> Optional[torch.Tensor]:
-    """Run ``model.layers`` for one decode step of ``h`` (rows, 1, dim) at ``positions`` (rows, 1)
-    through the native kernels; the hidden states after the last layer, or None when the step
-    must take the torch path (see the module docstring)."""
-    rows = h.shape[0]
-    if h.dim() != 3 or h.shape[1] != 1 or not 0 < rows <= MAX_ROWS or h.device.type != "cpu" or \
-            torch.is_grad_enabled() or kv_cache is None or not fast_decode_enabled():
+def _layer_table(plans: List[SimpleNamespace]) -> "ctypes.Array[StepLayer]":
+    """The plans as decode_ops.c's ``step_layer`` array (built once per set of plans)."""
+    table = (StepLayer * len(plans))()
+    for entry, plan in zip(table, plans):
+        entry.qkv, entry.wo, entry.w13, entry.w2 = (plan.qkv.struct(), plan.wo.struct(), plan.w13.struct(),
+                                                   plan.w2.struct())
+        entry.attention_norm, entry.attention_norm_bf16, entry.attention_norm_eps = plan.attention_norm
+        entry.ffn_norm, entry.ffn_norm_bf16, entry.ffn_norm_eps = plan.ffn_norm
+    return table
+
+
+def _address(function) -> int:
+    return ctypes.cast(function, ctypes.c_void_p).value
+
+
+def _ends_plan(model) -> Optional[SimpleNamespace]:
+    """The token embedding, final norm and output head as the step reads them, or None when they
+    are not plain (a bias, LoRA, a hook, another embedding type, a weight elsewhere than the CPU)."""
+    modules = model._modules
+    embedding, norm, output = modules.get("tok_embeddings"), modules.get("norm"), modules.get("output")
+    if type(embedding) is not nn.Embedding or embedding.max_norm is not None:
+        return None
+    table = embedding.weight
+    if table.dtype not in (torch.bfloat16, torch.float32) or table.device.type != "cpu" or not table.is_contiguous():
+        return None
+    final_norm, head = _norm_weight(norm), _Product.of(output)
+    if final_norm is None or head is None or head.in_features != table.shape[1] or \
+            any(hooked(m) for m in (embedding, norm, output)):
+        return None
+    return SimpleNamespace(
+        layer=model, embedding=table.data_ptr(), embedding_bf16=int(table.dtype is torch.bfloat16),
+        vocab_size=table.shape[0], final_norm=final_norm, head=head,
+        identities=((modules, "tok_embeddings", embedding), (modules, "norm", norm), (modules, "output", output)),
+        pointers=((embedding._parameters, "weight", table.data_ptr()), (norm._parameters, "weight", final_norm[0]),
+                  (output._parameters, _weight_key(output), head.pointers[0])),
+        watched=(embedding, norm, output))
+
+
+def _ends(model) -> Optional[SimpleNamespace]:
+    """``model``'s ends plan (cached, re-checked each step), or None."""
+    state = _state(model)
+    ends = state.ends
+    if ends is None or not _still_valid(model, ends):
+        ends = state.ends = _ends_plan(model)
+    return ends
+
+
+def _step(model, rows: int, positions: torch.Tensor, kv_cache, block_types,
+          ends: Optional[SimpleNamespace]) -> Optional[SimpleNamespace]:
+    """The buffers of a ``rows``-row step with their ``DecodeStep`` filled for ``positions`` and
+    ``kv_cache`` (and for the ``ends`` plan when given), or None when the step must take the torch
+    path (see the module docstring)."""
+    if not 0 < rows <= MAX_ROWS or torch.is_grad_enabled() or kv_cache is None or not fast_decode_enabled():
         return None
     keys, values = kv_cache.keys, kv_cache.values
     if not keys or keys[0].dtype not in (torch.float32, torch.bfloat16) or keys[0].shape[0] < rows or \
             any(k.dtype is not keys[0].dtype or v.dtype is not keys[0].dtype for k, v in zip(keys, values)):
         return None
-    kv_bf16 = int(keys[0].dtype is torch.bfloat16)
-    rotary = model.rotary  # its tables are float32 and its style one the kernel knows (rotary.py)
+    if positions.dtype is not torch.int64 or positions.shape != (rows, 1) or positions.device.type != "cpu":
+        return None
     kernels = decode_kernels()
     if kernels is None:
         return None
@@ -249,38 +306,71 @@ def decode_layers(model, h: torch.Tensor, positions: torch.Tensor, kv_cache, blo
     if keys[0].shape[1:] != (first.n_kv_heads, kv_cache.max_len, first.head_dim) or \
             any(not (k.is_contiguous() and v.is_contiguous()) for k, v in zip(keys, values)):
         return None
-    if positions.dtype is not torch.int64:
-        return None
-    step_positions = positions[:, 0].contiguous()
-    highest = int(step_positions.max())
-    if highest >= kv_cache.max_len or highest >= rotary.n_positions or int(step_positions.min()) < 0:
-        return None  # the torch path raises the error that explains it
-
-    dim = h.shape[-1]
+    dim = model.layers[0].attention_norm.weight.shape[0]
+    state = _state(model)
+    if state.table is None or state.table[0] is not plans:
+        state.table = (plans, _layer_table(plans))
     # per thread: two threads may decode with one model at once (each with its own cache)
-    local = _state(model).local
+    local = state.local
     if not hasattr(local, "buffers"):
         local.buffers = {}
-    buffers = _buffers(local.buffers, rows, dim, plans)
+    buffers = _buffers(local.buffers, rows, dim, plans, None if ends is None else ends.head)
+    n_layers = len(plans)
+    rotary = model.rotary  # its tables are float32 and its style one the kernel knows (rotary.py)
+    step = buffers.step
+    step.layers, step.n_layers = state.table[1], n_layers
+    # (the buffers keep the pointer arrays alive through the call)
+    buffers.key_pointers = (ctypes.c_void_p * n_layers)(*[keys[plan.layer_id].data_ptr() for plan in plans])
+    buffers.value_pointers = (ctypes.c_void_p * n_layers)(*[values[plan.layer_id].data_ptr() for plan in plans])
+    step.keys, step.values = buffers.key_pointers, buffers.value_pointers
+    step.kv_bf16, step.max_len = int(keys[0].dtype is torch.bfloat16), kv_cache.max_len
+    buffers.positions = positions.contiguous()  # (kept alive through the call)
+    step.positions = buffers.positions.data_ptr()
+    step.cos_table, step.sin_table, step.n_rotary = rotary.cos.data_ptr(), rotary.sin.data_ptr(), rotary.n_positions
+    step.interleaved = int(rotary.style == "interleaved")
+    step.gemv_bf16, step.gemv_int8 = _address(kernels.gemv_bf16), _address(kernels.gemv_int8)
+    step.gemv_q4 = _address(kernels.gemv_q4)
+    if ends is None:
+        step.embedding = step.final_norm = step.logits = None
+    else:
+        step.embedding, step.embedding_bf16, step.vocab_size = ends.embedding, ends.embedding_bf16, ends.vocab_size
+        step.final_norm, step.final_norm_bf16, step.final_norm_eps = ends.final_norm
+    return buffers
+
+
+def decode_layers(model, h: torch.Tensor, positions: torch.Tensor, kv_cache, block_types) -> Optional[torch.Tensor]:
+    """Run ``model.layers`` for one decode step of ``h`` (rows, 1, dim) at ``positions`` (rows, 1)
+    through the native kernels; the hidden states after the last layer, or None when the step
+    must take the torch path (see the module docstring)."""
+    if h.dim() != 3 or h.shape[1] != 1 or h.device.type != "cpu":
+        return None
+    rows, dim = h.shape[0], h.shape[2]
+    buffers = _step(model, rows, positions, kv_cache, block_types, None)
+    if buffers is None or buffers.h.shape[1] != dim:  # (a model whose layers are not its width)
+        return None
     buffers.h.copy_(h.view(rows, dim))
-    ptr = buffers.pointers
-    scale = 1.0 / math.sqrt(first.head_dim)
-    interleaved = int(rotary.style == "interleaved")
-    cos, sin = rotary.cos.data_ptr(), rotary.sin.data_ptr()
-    position_ptr = step_positions.data_ptr()
-    for plan in plans:
-        weight, is_bf16, eps = plan.attention_norm
-        kernels.rmsnorm(ptr["h"], weight, is_bf16, ptr["x"], rows, dim, eps)
-        plan.qkv.run(kernels, ptr["x"], ptr["qkv"], rows, ptr["scratch"])
-        kernels.attend_step(ptr["qkv"], position_ptr, cos, sin, interleaved, keys[plan.layer_id].data_ptr(),
-                            values[plan.layer_id].data_ptr(), kv_bf16, ptr["attn"], rows, plan.n_heads,
-                            plan.n_kv_heads, plan.head_dim, kv_cache.max_len, scale)
-        plan.wo.run(kernels, ptr["attn"], ptr["out"], rows, ptr["scratch"])
-        kernels.add(ptr["h"], ptr["out"], rows * dim)
-        weight, is_bf16, eps = plan.ffn_norm
-        kernels.rmsnorm(ptr["h"], weight, is_bf16, ptr["x"], rows, dim, eps)
-        plan.w13.run(kernels, ptr["x"], ptr["gate_up"], rows, ptr["scratch"])
-        kernels.silu_mul(ptr["gate_up"], ptr["act"], rows, plan.w2.in_features)
-        plan.w2.run(kernels, ptr["act"], ptr["out"], rows, ptr["scratch"])
-        kernels.add(ptr["h"], ptr["out"], rows * dim)
+    if decode_kernels().decode_step(buffers.step) != 0:
+        return None
     return buffers.h.view(rows, 1, dim).to(h.dtype)
+
+
+def decode_logits(model, tokens: torch.Tensor, positions: torch.Tensor, kv_cache, block_types) -> Optional[torch.Tensor]:
+    """One whole decode step of ``tokens`` (rows, 1) at ``positions`` (rows, 1) in one native call:
+    embedding, ``model.layers``, final norm and output head. The logits (rows, vocab) in float32
+    as the kernels sum them (the torch path rounds them to the model's dtype; the engine widens
+    them to float32 either way), or None when the step must take the torch path (see the module
+    docstring; also when ``model``'s embedding, norm or output is not plain)."""
+    if tokens.dim() != 2 or tokens.shape[1] != 1 or tokens.dtype is not torch.int64 or tokens.device.type != "cpu":
+        return None
+    ends = _ends(model)
+    if ends is None:
+        return None
+    buffers = _step(model, tokens.shape[0], positions, kv_cache, block_types, ends)
+    if buffers is None:
+        return None
+    logits = torch.empty(tokens.shape[0], ends.head.out_features)
+    tokens = tokens.contiguous()
+    buffers.step.tokens, buffers.step.logits = tokens.data_ptr(), logits.data_ptr()
+    if decode_kernels().decode_step(buffers.step) != 0:
+        return None
+    return logits
