@@ -387,3 +387,48 @@ def test_out_of_range_inputs_raise_the_torch_error_and_leave_the_cache_alone(mon
     assert calls == [True, False, False]
     for key, before in zip(cache.keys, saved):
         assert torch.equal(key, before)
+
+
+def test_a_hook_added_between_two_steps_of_one_cache_is_honoured(monkeypatch):
+    calls = record_whole_steps(monkeypatch)
+    model = tiny()
+    cache = model.new_kv_cache(2, 16)
+    seen = []
+    with torch.inference_mode():
+        model.forward_tokens(torch.tensor([[1], [2]]), torch.tensor([[0], [0]]), cache)
+        model.layers[1].feed_forward.w2.register_forward_hook(lambda *args: seen.append(1))
+        model.forward_tokens(torch.tensor([[3], [4]]), torch.tensor([[1], [1]]), cache)
+    assert calls == [True, False] and seen == [1]
+
+
+def test_a_replaced_layer_is_noticed(monkeypatch):
+    model = tiny()
+    decode_logits(model, steps=1, monkeypatch=monkeypatch)
+    assert uses_fast_path(model)
+    model.layers[1] = copy.deepcopy(model.layers[1])  # its own q/k/v, no longer fused: the modules' path
+    torch.testing.assert_close(decode_logits(model, monkeypatch=monkeypatch),
+                               decode_logits(model, fast=False, monkeypatch=monkeypatch), atol=0, rtol=0)
+    assert not uses_fast_path(model)
+
+
+def test_two_caches_stepped_in_turn_each_keep_their_own_rows(monkeypatch):
+    """Steps alternate between two live caches of the same batch size: each must read and write
+    its own (the step keeps the last cache's pointers only while it is that cache)."""
+    monkeypatch.setenv("ACCESSORY_FAST_DECODE", "1")
+    model = tiny()
+    gen = torch.Generator().manual_seed(5)
+    streams = [torch.randint(0, ARGS["vocab_size"], (2, 6), generator=gen) for _ in range(2)]
+
+    def run(order):
+        caches = [model.new_kv_cache(2, 16) for _ in streams]
+        out = {0: [], 1: []}
+        with torch.inference_mode():
+            for which, step in order:
+                positions = torch.full((2, 1), step)
+                out[which].append(model.forward_tokens(streams[which][:, step:step + 1], positions, caches[which]))
+        return {which: torch.cat(logits, 1) for which, logits in out.items() if logits}
+    alone = {which: run([(which, s) for s in range(6)])[which] for which in (0, 1)}
+    interleaved = run([(which, s) for s in range(6) for which in (0, 1)])
+    assert uses_fast_path(model)
+    for which in (0, 1):
+        assert torch.equal(interleaved[which], alone[which])

@@ -26,6 +26,7 @@ or position out of range (the torch path raises the error), or ``ACCESSORY_FAST_
 
 import ctypes
 import math
+import operator
 import os
 import threading
 import weakref
@@ -34,6 +35,7 @@ from typing import Dict, List, Optional
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ...kernels.decode import PRODUCT_KINDS, DecodeStep, StepLayer, StepProduct, decode_kernels
 from ...kernels.linear import NativeLinear, scratch_floats_needed as bf16_scratch_floats_needed
@@ -128,8 +130,8 @@ def _layer_plan(layer, block_types) -> Optional[SimpleNamespace]:
         return None
     wq, wo, w1, w2 = attention.wq, attention.wo, feed_forward.w1, feed_forward.w2
     attention_norm, ffn_norm = layer.attention_norm, layer.ffn_norm
-    # what _still_valid re-reads each step, as (dictionary, key, expected): plain dictionary
-    # lookups, where attribute access through nn.Module costs microseconds per name
+    # what the _Watch re-reads each step: plain dictionary lookups, where attribute access through
+    # nn.Module costs microseconds per name
     identities = ((layer._modules, "attention", attention), (layer._modules, "feed_forward", feed_forward),
                   (layer._modules, "attention_norm", attention_norm), (layer._modules, "ffn_norm", ffn_norm),
                   (attention._modules, "wq", wq), (attention._modules, "wo", wo),
@@ -143,24 +145,58 @@ def _layer_plan(layer, block_types) -> Optional[SimpleNamespace]:
     return SimpleNamespace(qkv=products[0], wo=products[1], w13=products[2], w2=products[3],
                            attention_norm=norms[0], ffn_norm=norms[1], layer_id=layer.layer_id,
                            n_heads=attention.n_heads, n_kv_heads=attention.n_kv_heads, head_dim=attention.head_dim,
-                           layer=layer, identities=identities, pointers=pointers,
+                           dim=layer.attention_norm.weight.shape[0], identities=identities, pointers=pointers,
                            watched=(layer, attention, feed_forward, wo, w2, attention_norm, ffn_norm))
 
 
-def _still_valid(layer, plan: SimpleNamespace) -> bool:
-    """Whether ``plan`` still describes ``layer``: the same modules and fused products over the
-    same memory, no new hook (a cast, a reload or a re-fuse replaces the memory; model parallelism
-    adds hooks). About 5 us per layer (measured 4.5): it runs every step."""
-    if layer is not plan.layer:
-        return False
-    for owner, key, expected in plan.identities:
-        if owner.get(key) is not expected:
+_HOOKS, _PRE_HOOKS = operator.attrgetter("_forward_hooks"), operator.attrgetter("_forward_pre_hooks")
+
+
+def _hook_epoch() -> Optional[int]:
+    """A number that grows whenever torch registers a hook anywhere (the id its RemovableHandle
+    hands out), or None where this torch has no such counter."""
+    return getattr(RemovableHandle, "next_id", None)
+
+
+class _Watch:
+    """What plans rely on, re-read before each step: ``identities`` (dictionary, key, expected
+    object) for the modules and fused products, ``pointers`` (parameter dictionary, name, data
+    pointer) for the memory the kernels read, ``modules`` that must stay without forward hooks, and
+    ``sizes`` (dictionary, length) for module lists. A cast, a reload or a re-fuse replaces memory;
+    model parallelism adds hooks.
+
+    The step's products have just streamed the weights through every cache, so this walk over a
+    few hundred objects runs cold (~300 us for 12 layers, against ~40 warm): it is a few passes of
+    C-level iteration (``map``) rather than a Python loop, and the hooks, a third of it, are walked
+    only after torch has registered a hook somewhere (``_hook_epoch``)."""
+
+    __slots__ = ("owners", "keys", "expected", "tensor_owners", "names", "pointers", "modules", "dicts",
+                 "lengths", "hook_epoch")
+
+    def __init__(self, identities, pointers, modules, sizes=()):
+        self.owners, self.keys, self.expected = (list(column) for column in zip(*identities))
+        self.tensor_owners, self.names, self.pointers = (list(column) for column in zip(*pointers))
+        self.modules = list(modules)
+        self.dicts, self.lengths = [d for d, _ in sizes], [n for _, n in sizes]
+        self.hook_epoch = None  # the plans were made hook-free; the modules are walked again once
+
+    def holds(self) -> bool:
+        if not all(map(operator.is_, map(dict.get, self.owners, self.keys), self.expected)) or \
+                list(map(len, self.dicts)) != self.lengths:
             return False
-    for parameters, key, pointer in plan.pointers:
-        tensor = parameters.get(key)
-        if tensor is None or tensor.data_ptr() != pointer:
+        try:
+            if list(map(torch.Tensor.data_ptr, map(dict.get, self.tensor_owners, self.names))) != self.pointers:
+                return False
+        except TypeError:  # a parameter gone (None has no data pointer)
             return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in plan.watched)
+        # the modules' hooks are walked only when torch has registered a hook anywhere since the
+        # last walk (a third of the cold walk's time otherwise)
+        epoch = _hook_epoch()
+        if epoch is None or epoch != self.hook_epoch:
+            if any(map(_HOOKS, self.modules)) or any(map(_PRE_HOOKS, self.modules)):
+                return False
+            self.hook_epoch = epoch
+        return True
 
 
 # per model, kept outside it (a model can still be deep-copied or pickled): its layer plans and
@@ -173,7 +209,8 @@ def _state(model) -> SimpleNamespace:
     with _STATES_LOCK:
         state = _STATES.get(model)
         if state is None:
-            state = _STATES[model] = SimpleNamespace(plans=None, table=None, ends=None, local=threading.local())
+            state = _STATES[model] = SimpleNamespace(plans=None, watch=None, table=None, ends=None,
+                                                     local=threading.local())
         return state
 
 
@@ -186,11 +223,11 @@ def uses_fast_decode(model) -> bool:
 
 def _plans(model, block_types) -> Optional[List[SimpleNamespace]]:
     """Every layer's plan (cached on the model and re-checked each step), or None."""
-    layers, state = model.layers, _state(model)
+    state = _state(model)
     cached = state.plans
-    if cached is not None and len(cached) == len(layers) and \
-            all(_still_valid(layer, plan) for layer, plan in zip(layers, cached)):
+    if cached is not None and state.watch.holds():
         return cached
+    layers = model.layers
     plans = []
     for layer in layers:
         plan = _layer_plan(layer, block_types)
@@ -199,7 +236,13 @@ def _plans(model, block_types) -> Optional[List[SimpleNamespace]]:
             return None
         plans.append(plan)
     if len({(p.qkv.out_features, p.w13.out_features, p.n_heads, p.n_kv_heads, p.head_dim) for p in plans}) != 1:
-        plans = None
+        state.plans = None
+        return None
+    listing = layers._modules
+    state.watch = _Watch([(model._modules, "layers", layers), *((listing, key, listing[key]) for key in listing),
+                          *(entry for plan in plans for entry in plan.identities)],
+                         [entry for plan in plans for entry in plan.pointers],
+                         [module for plan in plans for module in plan.watched], sizes=[(listing, len(listing))])
     state.plans = plans
     return plans
 
@@ -213,25 +256,34 @@ def native_step_fits(model, block_types, rows: int) -> bool:
     return _plans(model, block_types) is not None and decode_kernels() is not None
 
 
-def _buffers(cache: Dict[int, SimpleNamespace], rows: int, dim: int, plans: List[SimpleNamespace],
-             head: Optional[_Product]) -> SimpleNamespace:
-    """The float32 buffers of a ``rows``-row step and the ``DecodeStep`` that points at them, made
-    again when the plans or the head are new (the sizes are worked out only then)."""
+def _buffers(cache: Dict[int, SimpleNamespace], rows: int, plans: List[SimpleNamespace], table,
+             ends: Optional[SimpleNamespace], kernels) -> SimpleNamespace:
+    """The float32 buffers of a ``rows``-row step and the ``DecodeStep`` that points at them, with
+    what does not change from step to step filled in (the layer ``table``, the ``ends`` when given,
+    the products' addresses). Made again when the plans or the ends are new."""
     buffers = cache.get(rows)
-    if buffers is not None and buffers.plans is plans and buffers.head is head:
+    if buffers is not None and buffers.plans is plans and buffers.ends is ends:
         return buffers
     first = plans[0]
-    widths = dict(h=dim, x=dim, out=dim, qkv=first.qkv.out_features, attn=first.wo.in_features,
+    widths = dict(h=first.dim, x=first.dim, out=first.dim, qkv=first.qkv.out_features, attn=first.wo.in_features,
                   gate_up=first.w13.out_features, act=first.w2.in_features)
-    products = [p for plan in plans for p in (plan.qkv, plan.wo, plan.w13, plan.w2)] + ([head] if head else [])
+    products = [p for plan in plans for p in (plan.qkv, plan.wo, plan.w13, plan.w2)]
+    if ends is not None:
+        products.append(ends.head)
     scratch = max(p.scratch_floats(rows) for p in products)
-    buffers = SimpleNamespace(plans=plans, head=head, **{name: torch.empty(rows, width) for name, width in widths.items()})
+    buffers = SimpleNamespace(plans=plans, ends=ends, cache=None,
+                              **{name: torch.empty(rows, width) for name, width in widths.items()})
     buffers.scratch = torch.empty(max(scratch, 1))
-    buffers.step = DecodeStep(rows=rows, dim=dim, n_heads=first.n_heads, n_kv_heads=first.n_kv_heads,
-                              head_dim=first.head_dim, scale=1.0 / math.sqrt(first.head_dim),
-                              **{name: getattr(buffers, name).data_ptr() for name in (*widths, "scratch")})
-    if head is not None:
-        buffers.step.head = head.struct()
+    step = buffers.step = DecodeStep(
+        rows=rows, dim=first.dim, n_heads=first.n_heads, n_kv_heads=first.n_kv_heads, head_dim=first.head_dim,
+        scale=1.0 / math.sqrt(first.head_dim), layers=table, n_layers=len(plans),
+        gemv_bf16=_address(kernels.gemv_bf16), gemv_int8=_address(kernels.gemv_int8),
+        gemv_q4=_address(kernels.gemv_q4), **{name: getattr(buffers, name).data_ptr() for name in (*widths, "scratch")})
+    if ends is not None:
+        step.embedding, step.embedding_bf16, step.vocab_size = ends.embedding, ends.embedding_bf16, ends.vocab_size
+        step.final_norm, step.final_norm_bf16, step.final_norm_eps = ends.final_norm
+        step.head = ends.head.struct()
+    buffers.table = table  # (kept alive with the step that points at it)
     cache[rows] = buffers
     return buffers
 
@@ -265,22 +317,49 @@ def _ends_plan(model) -> Optional[SimpleNamespace]:
     if final_norm is None or head is None or head.in_features != table.shape[1] or \
             any(hooked(m) for m in (embedding, norm, output)):
         return None
-    return SimpleNamespace(
-        layer=model, embedding=table.data_ptr(), embedding_bf16=int(table.dtype is torch.bfloat16),
-        vocab_size=table.shape[0], final_norm=final_norm, head=head,
-        identities=((modules, "tok_embeddings", embedding), (modules, "norm", norm), (modules, "output", output)),
-        pointers=((embedding._parameters, "weight", table.data_ptr()), (norm._parameters, "weight", final_norm[0]),
-                  (output._parameters, _weight_key(output), head.pointers[0])),
-        watched=(embedding, norm, output))
+    watch = _Watch(((modules, "tok_embeddings", embedding), (modules, "norm", norm), (modules, "output", output)),
+                   ((embedding._parameters, "weight", table.data_ptr()), (norm._parameters, "weight", final_norm[0]),
+                    (output._parameters, _weight_key(output), head.pointers[0])),
+                   (embedding, norm, output))
+    return SimpleNamespace(embedding=table.data_ptr(), embedding_bf16=int(table.dtype is torch.bfloat16),
+                           vocab_size=table.shape[0], final_norm=final_norm, head=head, watch=watch)
 
 
 def _ends(model) -> Optional[SimpleNamespace]:
     """``model``'s ends plan (cached, re-checked each step), or None."""
     state = _state(model)
     ends = state.ends
-    if ends is None or not _still_valid(model, ends):
+    if ends is None or not ends.watch.holds():
         ends = state.ends = _ends_plan(model)
     return ends
+
+
+def _cache_pointers(buffers: SimpleNamespace, kv_cache, plans: List[SimpleNamespace],
+                    rows: int) -> Optional[SimpleNamespace]:
+    """Layer by layer, the cache's key and value pointers as arrays for the step, or None when
+    the cache is not one the kernels read. Checked and made once per set of cache tensors (a new
+    cache, or ``select_rows``), then found again by their identity (through weak references: a
+    finished generation's cache is not kept alive)."""
+    keys, values = kv_cache.keys, kv_cache.values
+    known = buffers.cache
+    if known is not None and len(keys) == len(known.key_refs) and len(values) == len(known.value_refs) and \
+            all(map(operator.is_, keys, map(weakref.ref.__call__, known.key_refs))) and \
+            all(map(operator.is_, values, map(weakref.ref.__call__, known.value_refs))):
+        return known
+    first = plans[0]
+    if len(keys) < len(plans) or len(values) != len(keys) or not keys or \
+            keys[0].dtype not in (torch.float32, torch.bfloat16) or \
+            any(t.dtype is not keys[0].dtype or t.shape != keys[0].shape or not t.is_contiguous()
+                for t in (*keys, *values)) or \
+            keys[0].shape[0] < rows or keys[0].shape[1:] != (first.n_kv_heads, kv_cache.max_len, first.head_dim):
+        return None
+    n_layers = len(plans)
+    buffers.cache = SimpleNamespace(
+        key_refs=[weakref.ref(t) for t in keys], value_refs=[weakref.ref(t) for t in values],
+        bf16=int(keys[0].dtype is torch.bfloat16),
+        keys=(ctypes.c_void_p * n_layers)(*[keys[plan.layer_id].data_ptr() for plan in plans]),
+        values=(ctypes.c_void_p * n_layers)(*[values[plan.layer_id].data_ptr() for plan in plans]))
+    return buffers.cache
 
 
 def _step(model, rows: int, positions: torch.Tensor, kv_cache, block_types,
@@ -290,10 +369,6 @@ def _step(model, rows: int, positions: torch.Tensor, kv_cache, block_types,
     path (see the module docstring)."""
     if not 0 < rows <= MAX_ROWS or torch.is_grad_enabled() or kv_cache is None or not fast_decode_enabled():
         return None
-    keys, values = kv_cache.keys, kv_cache.values
-    if not keys or keys[0].dtype not in (torch.float32, torch.bfloat16) or keys[0].shape[0] < rows or \
-            any(k.dtype is not keys[0].dtype or v.dtype is not keys[0].dtype for k, v in zip(keys, values)):
-        return None
     if positions.dtype is not torch.int64 or positions.shape != (rows, 1) or positions.device.type != "cpu":
         return None
     kernels = decode_kernels()
@@ -302,11 +377,6 @@ def _step(model, rows: int, positions: torch.Tensor, kv_cache, block_types,
     plans = _plans(model, block_types)
     if plans is None:
         return None
-    first = plans[0]
-    if keys[0].shape[1:] != (first.n_kv_heads, kv_cache.max_len, first.head_dim) or \
-            any(not (k.is_contiguous() and v.is_contiguous()) for k, v in zip(keys, values)):
-        return None
-    dim = model.layers[0].attention_norm.weight.shape[0]
     state = _state(model)
     if state.table is None or state.table[0] is not plans:
         state.table = (plans, _layer_table(plans))
@@ -314,27 +384,17 @@ def _step(model, rows: int, positions: torch.Tensor, kv_cache, block_types,
     local = state.local
     if not hasattr(local, "buffers"):
         local.buffers = {}
-    buffers = _buffers(local.buffers, rows, dim, plans, None if ends is None else ends.head)
-    n_layers = len(plans)
+    buffers = _buffers(local.buffers, rows, plans, state.table[1], ends, kernels)
+    cache = _cache_pointers(buffers, kv_cache, plans, rows)
+    if cache is None:
+        return None
     rotary = model.rotary  # its tables are float32 and its style one the kernel knows (rotary.py)
     step = buffers.step
-    step.layers, step.n_layers = state.table[1], n_layers
-    # (the buffers keep the pointer arrays alive through the call)
-    buffers.key_pointers = (ctypes.c_void_p * n_layers)(*[keys[plan.layer_id].data_ptr() for plan in plans])
-    buffers.value_pointers = (ctypes.c_void_p * n_layers)(*[values[plan.layer_id].data_ptr() for plan in plans])
-    step.keys, step.values = buffers.key_pointers, buffers.value_pointers
-    step.kv_bf16, step.max_len = int(keys[0].dtype is torch.bfloat16), kv_cache.max_len
+    step.keys, step.values, step.kv_bf16, step.max_len = cache.keys, cache.values, cache.bf16, kv_cache.max_len
     buffers.positions = positions.contiguous()  # (kept alive through the call)
     step.positions = buffers.positions.data_ptr()
     step.cos_table, step.sin_table, step.n_rotary = rotary.cos.data_ptr(), rotary.sin.data_ptr(), rotary.n_positions
     step.interleaved = int(rotary.style == "interleaved")
-    step.gemv_bf16, step.gemv_int8 = _address(kernels.gemv_bf16), _address(kernels.gemv_int8)
-    step.gemv_q4 = _address(kernels.gemv_q4)
-    if ends is None:
-        step.embedding = step.final_norm = step.logits = None
-    else:
-        step.embedding, step.embedding_bf16, step.vocab_size = ends.embedding, ends.embedding_bf16, ends.vocab_size
-        step.final_norm, step.final_norm_bf16, step.final_norm_eps = ends.final_norm
     return buffers
 
 
