@@ -245,9 +245,13 @@ void accessory_attend_step(float *qkv, const int64_t *positions, const float *co
             }
         }
     }
+    /* Threads from a few thousand multiply-adds: in a decode step this cache has not been read
+     * since the last token (the weights streamed since have evicted it), so even one stream's
+     * short context is a cold read worth splitting; XS, one stream, 48 keys: 1.04-1.06x a step
+     * against the former threshold of 65536 (alternating runs, benchmarks/README.md). */
     int64_t work = 0;
     for (int64_t m = 0; m < M; ++m) work += (positions[m] + 1) * H * hd;
-#pragma omp parallel for schedule(static) if (work > 65536)
+#pragma omp parallel for schedule(static) if (work > 4096)
     for (int64_t task = 0; task < M * H; ++task) {
         const int64_t m = task / H, h = task % H, g = h / n_rep;
         const int64_t base = (m * KV + g) * L * hd * size;
