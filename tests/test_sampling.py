@@ -95,6 +95,41 @@ def test_neutral_penalties_leave_greedy_equal_to_argmax():
     assert torch.equal(sampler(logits, histories, histories), logits.argmax(dim=-1))
 
 
+def argmax_cases():
+    """(rows, vocab) float32 logits where an argmax can go wrong: ties, NaN, infinities, signed
+    zeros, bf16-rounded near ties, vocabularies with and without a tail past the 8-wide blocks."""
+    gen = torch.Generator().manual_seed(3)
+    for rows, vocab in ((1, 32000), (16, 32000), (3, 7), (2, 9), (5, 1), (4, 33), (2, 64)):
+        x = torch.randn(rows, vocab, generator=gen)
+        yield x
+        yield x.bfloat16().float()
+        yield torch.ones(rows, vocab)
+        nan = x.clone()
+        nan[0, vocab // 2] = nan[-1, -1] = float("nan")
+        yield nan
+        infinite = x.clone()
+        infinite[0] = float("-inf")
+        infinite[-1, 0] = infinite[-1, -1] = float("inf")
+        yield infinite
+        zeros = torch.zeros(rows, vocab)
+        zeros[:, 0] = -0.0
+        zeros[-1, vocab // 3] = 0.0
+        yield zeros
+        late = torch.full((rows, vocab), -5.0)
+        late[:, -1] = 2.0  # the best in the tail
+        yield late
+
+
+def test_greedy_pick_is_torch_argmax_on_every_edge_case():
+    """The native argmax the greedy sampler uses picks exactly torch.argmax's index: the first of
+    equal values, the first NaN when there is one."""
+    sampler = Sampler(SamplingParams(), "cpu")
+    for logits in argmax_cases():
+        assert torch.equal(sampler(logits), logits.argmax(dim=-1)), logits
+        strided = torch.cat([logits, logits], dim=1)[:, ::2]  # not contiguous
+        assert torch.equal(sampler(strided), strided.argmax(dim=-1))
+
+
 # ---------------------------------------------------------------- through the engine
 def test_neutral_penalties_keep_greedy_generation(model):
     default = model.generate(PROMPTS, max_gen_len=8)

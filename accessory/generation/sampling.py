@@ -20,6 +20,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ..kernels.decode import decode_kernels
+
 
 @dataclass
 class SamplingParams:
@@ -49,6 +51,20 @@ class SamplingParams:
     @property
     def uses_penalties(self) -> bool:
         return self.uses_repetition_penalty or self.uses_presence_frequency
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` for (batch, vocab) logits, the same index on ties and NaN, through
+    the native kernel for float32 CPU logits (torch's took ~650 us for 16 x 32000 on 2 threads)."""
+    if logits.dim() == 2 and logits.dtype is torch.float32 and logits.device.type == "cpu" and \
+            logits.shape[1] > 0:
+        kernels = decode_kernels()
+        if kernels is not None:
+            logits = logits.contiguous()
+            out = torch.empty(logits.shape[0], dtype=torch.long)
+            kernels.argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr())
+            return out
+    return logits.argmax(dim=-1)
 
 
 def token_counts(histories: Sequence[Sequence[int]], vocab_size: int, device=None) -> torch.Tensor:
@@ -182,7 +198,7 @@ class Sampler:
         """
         logits = self.process(logits, contexts, generated)
         if self.params.greedy:
-            return logits.argmax(dim=-1)
+            return argmax(logits)
         probs = logits.softmax(dim=-1)
         if not self.generators:
             return torch.multinomial(probs, 1).squeeze(-1)

@@ -53,7 +53,7 @@ def _bind(library, name, argtypes, restype=None):
 
 def decode_kernels() -> Optional[SimpleNamespace]:
     """The kernels as ctypes functions (``rmsnorm``, ``add``, ``silu_mul``, ``attend_step``,
-    ``decode_step``, ``gemv_bf16``, ``gemv_int8``, ``gemv_q4``), or None when they cannot be
+    ``decode_step``, ``argmax_rows``, ``gemv_bf16``, ``gemv_int8``, ``gemv_q4``), or None when they cannot be
     built here."""
     global _functions, _loaded
     if not _loaded:
@@ -66,6 +66,7 @@ def decode_kernels() -> Optional[SimpleNamespace]:
                 attend_step=_bind(ops, "accessory_attend_step",
                                   [_P, _P, _P, _P, _INT, _P, _P, _INT, _P] + [_I64] * 5 + [_F]),
                 decode_step=_bind(ops, "accessory_decode_step", [ctypes.POINTER(DecodeStep)], ctypes.c_int),
+                argmax_rows=_bind(ops, "accessory_argmax_rows", [_P, _I64, _I64, _P]),
                 gemv_bf16=_bind(bf16, "accessory_gemv_bf16_f32", [_P, _P, _P, _P, _I64, _I64, _I64]),
                 gemv_int8=quant[0],
                 gemv_q4=quant[1],

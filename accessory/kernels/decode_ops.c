@@ -382,3 +382,45 @@ int accessory_decode_step(const decode_step *s) {
     }
     return 0;
 }
+
+/* out[m] = the index of the largest of row m's n floats, the first one on ties, as torch.argmax
+ * picks (a NaN counts as the largest: the first NaN's index). torch's own took ~650 us for 16 rows
+ * of 32000 logits on 2 threads, ~2% of a 16-stream XS step. */
+void accessory_argmax_rows(const float *x, int64_t M, int64_t n, int64_t *out) {
+#pragma omp parallel for schedule(static) if (M * n > 65536)
+    for (int64_t m = 0; m < M; ++m) {
+        const float *row = x + m * n;
+        const int64_t n8 = n & ~(int64_t)7;
+        if (n <= 0) {
+            out[m] = 0;
+            continue;
+        }
+        __m256 top = _mm256_set1_ps(-INFINITY);
+        int nan = 0;
+        for (int64_t i = 0; i < n8; i += 8) {
+            const __m256 v = _mm256_loadu_ps(row + i);
+            nan |= _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            top = _mm256_max_ps(top, v);
+        }
+        float best = -INFINITY;
+        float lanes[8];
+        _mm256_storeu_ps(lanes, top);
+        for (int j = 0; j < 8; ++j) best = lanes[j] > best ? lanes[j] : best;
+        for (int64_t i = n8; i < n; ++i) {
+            if (row[i] != row[i]) nan = 1;
+            else if (row[i] > best) best = row[i];
+        }
+        int64_t index = 0;
+        if (nan) {
+            while (row[index] == row[index]) ++index;
+        } else {  /* the first block holding the maximum, then its first element equal to it */
+            const __m256 want = _mm256_set1_ps(best);
+            int64_t i = 0;
+            for (; i < n8; i += 8)
+                if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + i), want, _CMP_EQ_OQ))) break;
+            while (row[i] != best) ++i;
+            index = i;
+        }
+        out[m] = index;
+    }
+}
