@@ -432,3 +432,32 @@ def test_two_caches_stepped_in_turn_each_keep_their_own_rows(monkeypatch):
     assert uses_fast_path(model)
     for which in (0, 1):
         assert torch.equal(interleaved[which], alone[which])
+
+
+def test_two_threads_decode_one_model_at_once(monkeypatch):
+    """Each thread has its own step buffers: two threads stepping one model with their own caches
+    get what each gets alone."""
+    import threading
+    model = tiny()
+    prompts = [(7, 4, 7), (3, 6, 5)]  # the same batch size: the same-sized buffers, one set per thread
+    alone = [decode_logits(model, lens, steps=6, monkeypatch=monkeypatch) for lens in prompts]
+    got, errors = [None, None], []
+    barrier = threading.Barrier(2)
+
+    def work(which):
+        try:
+            barrier.wait()
+            for _ in range(20):
+                got[which] = decode_logits(model, prompts[which], steps=6, monkeypatch=monkeypatch)
+                assert torch.equal(got[which], alone[which])
+        except Exception as exc:  # (re-raised below, in the test's thread)
+            errors.append(exc)
+    threads = [threading.Thread(target=work, args=(which,)) for which in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert uses_fast_path(model)
+    for which in (0, 1):
+        assert torch.equal(got[which], alone[which])
