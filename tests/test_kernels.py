@@ -143,3 +143,14 @@ def test_fused_linears_are_views_and_give_the_same_outputs():
 def test_biased_or_lora_linears_are_not_fused():
     assert fuse_linears(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4, bias=False)) is None
     assert fuse_linears(LoraLinear(4, 4, bias=False, lora_rank=2), torch.nn.Linear(4, 4, bias=False)) is None
+
+
+def test_the_decode_step_structs_match_their_ctypes_mirrors():
+    """kernels/decode.py fills decode_ops.c's step structs through ctypes mirrors; a field added
+    on one side only would shift every field after it (decode_kernels() then refuses to run)."""
+    from accessory.kernels import load_library
+    from accessory.kernels.decode import layout_of_mirrors, native_layout
+    library = load_library("decode_ops")
+    if library is None:
+        pytest.skip("native kernels cannot be built on this machine")
+    assert native_layout(library) == layout_of_mirrors()

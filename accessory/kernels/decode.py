@@ -5,6 +5,7 @@ Every function takes raw pointers (``tensor.data_ptr()``) of contiguous float32 
 """
 
 import ctypes
+import logging
 from types import SimpleNamespace
 from typing import Optional
 
@@ -12,6 +13,7 @@ from . import load_library
 from .quant import _kernels as quant_kernels
 
 _P, _I64, _INT, _F, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_double
+log = logging.getLogger(__name__)
 _functions: Optional[SimpleNamespace] = None
 _loaded = False
 
@@ -45,6 +47,19 @@ class DecodeStep(ctypes.Structure):
                 ("logits", _P)]
 
 
+def layout_of_mirrors() -> list:
+    """What ``accessory_step_layout`` reports, as the ctypes mirrors above lay the structs out."""
+    return [ctypes.sizeof(StepProduct), ctypes.sizeof(StepLayer), ctypes.sizeof(DecodeStep),
+            StepLayer.ffn_norm_eps.offset, DecodeStep.scale.offset, DecodeStep.head.offset,
+            DecodeStep.logits.offset]
+
+
+def native_layout(library) -> list:
+    out = (ctypes.c_int64 * 7)()
+    _bind(library, "accessory_step_layout", [_P])(out)
+    return list(out)
+
+
 def _bind(library, name, argtypes, restype=None):
     function = getattr(library, name)
     function.argtypes, function.restype = argtypes, restype
@@ -58,6 +73,10 @@ def decode_kernels() -> Optional[SimpleNamespace]:
     global _functions, _loaded
     if not _loaded:
         ops, bf16, quant = load_library("decode_ops"), load_library("gemv_bf16"), quant_kernels()
+        if ops is not None and native_layout(ops) != layout_of_mirrors():
+            log.warning("decode_ops.c's step structs do not match kernels/decode.py's mirrors "
+                        "(%s != %s): the native decode step is off", native_layout(ops), layout_of_mirrors())
+            ops = None
         if ops is not None and bf16 is not None and quant is not None:
             _functions = SimpleNamespace(
                 rmsnorm=_bind(ops, "accessory_rmsnorm", [_P, _P, _INT, _P, _I64, _I64, _F]),

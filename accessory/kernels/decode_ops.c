@@ -11,6 +11,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -318,6 +319,18 @@ typedef struct {
     step_product head;
     float *logits;
 } decode_step;
+
+/* The sizes and a few offsets of the structs above, for the Python side to check its ctypes
+ * mirrors (kernels/decode.py) against before it fills one. */
+void accessory_step_layout(int64_t *out) {
+    out[0] = sizeof(step_product);
+    out[1] = sizeof(step_layer);
+    out[2] = sizeof(decode_step);
+    out[3] = offsetof(step_layer, ffn_norm_eps);
+    out[4] = offsetof(decode_step, scale);
+    out[5] = offsetof(decode_step, head);
+    out[6] = offsetof(decode_step, logits);
+}
 
 static void step_product_run(const decode_step *s, const step_product *p, const float *x, float *y) {
     switch (p->kind) {
