@@ -67,20 +67,20 @@ def _bind(library, name, argtypes, restype=None):
 
 
 def decode_kernels() -> Optional[SimpleNamespace]:
-    """The kernels as ctypes functions (``rmsnorm``, ``add``, ``silu_mul``, ``attend_step``,
-    ``decode_step``, ``argmax_rows``, ``gemv_bf16``, ``gemv_int8``, ``gemv_q4``), or None when they cannot be
-    built here."""
+    """The kernels as ctypes functions (``decode_step``, ``argmax_rows``, the ``silu_mul`` and
+    ``attend_step`` it runs, ``gemv_bf16``, ``gemv_int8``, ``gemv_q4``), or None when they cannot
+    be built here."""
     global _functions, _loaded
     if not _loaded:
         ops, bf16, quant = load_library("decode_ops"), load_library("gemv_bf16"), quant_kernels()
-        if ops is not None and native_layout(ops) != layout_of_mirrors():
-            log.warning("decode_ops.c's step structs do not match kernels/decode.py's mirrors "
-                        "(%s != %s): the native decode step is off", native_layout(ops), layout_of_mirrors())
-            ops = None
+        if ops is not None:
+            native, mirrors = native_layout(ops), layout_of_mirrors()
+            if native != mirrors:
+                log.warning("decode_ops.c's step structs do not match kernels/decode.py's mirrors "
+                            "(%s != %s): the native decode step is off", native, mirrors)
+                ops = None
         if ops is not None and bf16 is not None and quant is not None:
             _functions = SimpleNamespace(
-                rmsnorm=_bind(ops, "accessory_rmsnorm", [_P, _P, _INT, _P, _I64, _I64, _F]),
-                add=_bind(ops, "accessory_add", [_P, _P, _I64]),
                 silu_mul=_bind(ops, "accessory_silu_mul", [_P, _P, _I64, _I64]),
                 attend_step=_bind(ops, "accessory_attend_step",
                                   [_P, _P, _P, _P, _INT, _P, _P, _INT, _P] + [_I64] * 5 + [_F]),
