@@ -13,8 +13,26 @@ its log-probability under the model's raw distribution (before penalties or temp
 A model cut across a model-parallel group runs one engine per process: with ``sync_group`` the
 tokens picked by the group's first rank are broadcast each step, so every rank feeds the same
 tokens to its slice whatever its random state.
+
+Prompt cache (off by default; the chat faces turn it on): a run of one text prompt keeps its cache
+when it ends, with the token ids whose keys and values it holds (its prompt and the tokens fed
+back). The next one-prompt run copies the positions its prompt shares with those ids and prefills
+only the rest: in a chat, each turn's prompt is the last one plus the answer and a new message, so
+a turn costs its new tokens instead of the whole conversation. The prompt's last token is
+prefilled again for its logits, unless the prompt is the kept run's own (a regenerated answer):
+its first logits are kept too, so that run repeats exactly. Otherwise reused keys were computed
+by other steps than a fresh prefill's (decode steps for an answer, a prefill of another length),
+so a reused turn can differ from a fresh one by rounding, as llama.cpp's prompt reuse does: hence
+off for ``generate`` / ``stream_generate`` unless asked for. Nothing is reused when the model's
+weights (their memory, or an in-place write torch counts) or hooks changed since, for image runs,
+or for batches of several prompts (which leave the kept cache alone). ``prompt_cache=True`` (or
+the attribute) turns it on, ``ACCESSORY_PROMPT_CACHE=1`` / ``0`` where the code does not say;
+``clear_prompt_cache()`` frees the kept cache.
 """
 
+import itertools
+import os
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -41,22 +59,103 @@ class RowState:
     logprobs: List[float] = field(default_factory=list)
     # with top_logprobs=k, one list per token of new_tokens: the k best (token id, logprob) pairs
     top_logprobs: List[List[Tuple[int, float]]] = field(default_factory=list)
+    cached_tokens: int = 0  # leading prompt tokens whose keys and values came from the prompt cache
+
+
+def prompt_cache_enabled(wanted: Optional[bool] = None, default: bool = False) -> bool:
+    """``wanted`` when given, else ``ACCESSORY_PROMPT_CACHE`` when set (``1``, ``true``, ``yes``,
+    ``on`` / ``0``, ``false``, ``no``, ``off``), else ``default`` (the faces pass True)."""
+    if wanted is not None:
+        return bool(wanted)
+    setting = os.environ.get("ACCESSORY_PROMPT_CACHE", "").strip().lower()
+    if setting in ("1", "true", "yes", "on"):
+        return True
+    if setting in ("0", "false", "no", "off"):
+        return False
+    return default
+
+
+def weights_state(model) -> tuple:
+    """What a kept cache's keys and values were computed from: every parameter and buffer (its
+    memory, dtype, shape and, where torch counts them, its in-place writes) and the modules' hooks."""
+    def version(t: torch.Tensor):
+        try:
+            return t._version
+        except RuntimeError:  # an inference tensor counts no writes
+            return None
+    tensors = tuple((t.data_ptr(), version(t), t.dtype, tuple(t.shape))
+                    for t in itertools.chain(model.parameters(), model.buffers()))
+    hooks = tuple((tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for m in model.modules())
+    return tensors, hooks
+
+
+@dataclass
+class _KeptCache:
+    """A finished one-prompt run's cache: positions 0..len(tokens)-1 hold the keys and values of
+    ``tokens`` (``prompt`` and the tokens fed back), computed by weights in ``weights``' state;
+    ``logits``: its prefill's (None if the prefill did not finish)."""
+    cache: object
+    tokens: List[int]
+    weights: tuple
+    prompt: List[int]
+    logits: Optional[torch.Tensor]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for k in range(n):
+        if a[k] != b[k]:
+            return k
+    return n
 
 
 class GenerationEngine:
     """Drives a model that offers ``new_kv_cache`` and ``forward_tokens`` (see model/LLM/llama.py)."""
 
     def __init__(self, model, tokenizer, eos_ids: Sequence[int], sync_group=None,
-                 cuda_graphs: Optional[bool] = None):
+                 cuda_graphs: Optional[bool] = None, prompt_cache: Optional[bool] = None):
         """``sync_group``: a torch.distributed group whose ranks must pick the same tokens (the
         model-parallel group), or None. ``cuda_graphs``: replay decode steps on a GPU as CUDA
-        graphs (``generation/cuda_graphs.py``); None: on, unless ``ACCESSORY_CUDA_GRAPHS=0`` or model-parallel."""
+        graphs (``generation/cuda_graphs.py``); None: on, unless ``ACCESSORY_CUDA_GRAPHS=0`` or model-parallel.
+        ``prompt_cache``: reuse the last one-prompt run's keys and values (see the module notes);
+        None: ``ACCESSORY_PROMPT_CACHE`` when set, else off. The attribute can be changed later."""
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = set(i for i in eos_ids if i is not None)
         self.sync_group = sync_group
         self.cuda_graphs = cuda_graphs
+        self.prompt_cache = prompt_cache_enabled(prompt_cache)
         self._graphed = None  # CUDA-graph decode steps (generation/cuda_graphs.py), made on first CUDA run
+        self._kept: Optional[_KeptCache] = None
+        self._kept_lock = threading.Lock()
+
+    def clear_prompt_cache(self) -> None:
+        """Drop the kept cache (its memory is freed once no run uses it)."""
+        with self._kept_lock:
+            self._kept = None
+
+    def _take_kept(self, prompt: Sequence[int]) -> Tuple[Optional[_KeptCache], int]:
+        """The kept cache (taken out, so one run at a time uses it) and how many leading tokens of
+        ``prompt`` it can serve: all of them when it is the kept run's prompt and its logits were
+        kept, else the shared prefix less the last token (prefilled again for its logits); 0 when
+        the weights or hooks changed since it was kept."""
+        with self._kept_lock:
+            kept, self._kept = self._kept, None
+        if kept is None or kept.weights != weights_state(self.model):
+            return None, 0
+        if kept.logits is not None and kept.prompt == list(prompt):
+            return kept, len(prompt)
+        return kept, max(0, min(_common_prefix(kept.tokens, prompt), len(prompt) - 1))
+
+    def _agree_min(self, value: int) -> int:
+        """The smallest ``value`` across ``sync_group`` (each rank keeps its own cache; a rank that
+        stopped a run early holds fewer positions)."""
+        if self.sync_group is None:
+            return value
+        import torch.distributed as dist
+        tensor = torch.tensor([value], device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.sync_group)
+        return int(tensor.item())
 
     def _agree(self, tokens: torch.Tensor) -> torch.Tensor:
         """The first rank's token ids on every rank of ``sync_group`` (unchanged without one)."""
@@ -103,50 +202,75 @@ class GenerationEngine:
 
         offsets = image_offsets(image_embeds, len(rows), self.model.image_layout)  # image positions before each row's text
         capacity = max(offsets[i] + rows[i].prompt_len + rows[i].max_new_tokens for i in active)
+        # one text prompt: reuse the kept cache's shared prefix, and keep this run's cache after it
+        keep = self.prompt_cache and len(active) == 1 and image_embeds is None
+        kept, start = self._take_kept(prompts[active[0]]) if keep else (None, 0)
+        if keep:
+            start = self._agree_min(start)
         cache = self.model.new_kv_cache(len(active), capacity)
-        longest = max(rows[i].prompt_len for i in active)
-        tokens = torch.zeros((len(active), longest), dtype=torch.long, device=device)
-        for slot, i in enumerate(active):
-            tokens[slot, : rows[i].prompt_len] = torch.tensor(list(prompts[i]), dtype=torch.long)
-        if image_embeds is None:
-            positions = torch.arange(longest, device=device).expand(len(active), longest)
-            last_index = torch.tensor([rows[i].prompt_len - 1 for i in active], device=device)
-            logits = self.model.forward_tokens(tokens, positions, cache, output_index=last_index)
-        else:
-            row_images = (image_embeds[active] if isinstance(image_embeds, torch.Tensor)
-                          else [image_embeds[i] for i in active])
-            inputs = insert_images(self.model.embed_tokens(tokens), [rows[i].prompt_len for i in active],
-                                   row_images, self.model.image_layout)
-            last_index = torch.tensor([n - 1 for n in inputs.lengths], device=device)
-            logits = self.model.forward_tokens(None, inputs.positions, cache, output_index=last_index,
-                                               input_embeds=inputs.embeds, image_prefix=inputs.prefix)
-
-        while True:
-            logits = logits.float()
-            contexts = generated = None
-            if sampling.uses_penalties:
-                generated = [rows[i].new_tokens for i in active]
-                contexts = [prompts[i] + rows[i].new_tokens for i in active]
-            next_tokens = self._agree(sampler(logits, contexts, generated, rows=active)).tolist()
-            if logprobs:
-                self._record_logprobs([rows[i] for i in active], logits, next_tokens, top_logprobs)
+        if start > 0 and not cache.copy_prefix_from(kept.cache, start):
+            start = 0
+        first_logits = kept.logits if start and start == rows[active[0]].prompt_len else None
+        kept = None  # the old cache's memory goes before the prefill needs more
+        rows[active[0]].cached_tokens = start
+        cached = start  # leading tokens of the kept row's prompt + new tokens held by `cache`
+        try:
+            longest = max(rows[i].prompt_len for i in active) - start
+            tokens = torch.zeros((len(active), longest), dtype=torch.long, device=device)
             for slot, i in enumerate(active):
-                self._advance(rows[i], next_tokens[slot], matcher)
-            yield rows
-            still = [slot for slot, i in enumerate(active) if not rows[i].finished]
-            if not still:
-                return
-            if len(still) < len(active):
-                cache.select_rows(torch.tensor(still, device=device))
-                active = [active[slot] for slot in still]
-            step_tokens = torch.tensor([[rows[i].new_tokens[-1]] for i in active], device=device)
-            step_positions = torch.tensor([[offsets[i] + rows[i].prompt_len + len(rows[i].new_tokens) - 1]
-                                           for i in active],
-                                          device=device)
-            if self._graphed is not None:
-                logits = self._graphed(cache, step_tokens, step_positions)
-            else:  # (batch, 1, vocab): one token a row, so no index to gather by
-                logits = self.model.forward_tokens(step_tokens, step_positions, cache)[:, 0]
+                tokens[slot, : rows[i].prompt_len - start] = torch.tensor(list(prompts[i][start:]), dtype=torch.long)
+            if first_logits is not None:  # the kept run's own prompt: its prefill's logits
+                logits = first_logits.clone()
+            elif image_embeds is None:
+                positions = torch.arange(start, start + longest, device=device).expand(len(active), longest)
+                last_index = torch.tensor([rows[i].prompt_len - 1 - start for i in active], device=device)
+                logits = self.model.forward_tokens(tokens, positions, cache, output_index=last_index)
+            else:
+                row_images = (image_embeds[active] if isinstance(image_embeds, torch.Tensor)
+                              else [image_embeds[i] for i in active])
+                inputs = insert_images(self.model.embed_tokens(tokens), [rows[i].prompt_len for i in active],
+                                       row_images, self.model.image_layout)
+                last_index = torch.tensor([n - 1 for n in inputs.lengths], device=device)
+                logits = self.model.forward_tokens(None, inputs.positions, cache, output_index=last_index,
+                                                   input_embeds=inputs.embeds, image_prefix=inputs.prefix)
+            cached = rows[active[0]].prompt_len
+            first_logits = logits.clone() if keep else None
+
+            while True:
+                logits = logits.float()
+                contexts = generated = None
+                if sampling.uses_penalties:
+                    generated = [rows[i].new_tokens for i in active]
+                    contexts = [prompts[i] + rows[i].new_tokens for i in active]
+                next_tokens = self._agree(sampler(logits, contexts, generated, rows=active)).tolist()
+                if logprobs:
+                    self._record_logprobs([rows[i] for i in active], logits, next_tokens, top_logprobs)
+                for slot, i in enumerate(active):
+                    self._advance(rows[i], next_tokens[slot], matcher)
+                yield rows
+                still = [slot for slot, i in enumerate(active) if not rows[i].finished]
+                if not still:
+                    return
+                if len(still) < len(active):
+                    cache.select_rows(torch.tensor(still, device=device))
+                    active = [active[slot] for slot in still]
+                step_tokens = torch.tensor([[rows[i].new_tokens[-1]] for i in active], device=device)
+                step_positions = torch.tensor([[offsets[i] + rows[i].prompt_len + len(rows[i].new_tokens) - 1]
+                                               for i in active],
+                                              device=device)
+                if self._graphed is not None:
+                    logits = self._graphed(cache, step_tokens, step_positions)
+                else:  # (batch, 1, vocab): one token a row, so no index to gather by
+                    logits = self.model.forward_tokens(step_tokens, step_positions, cache)[:, 0]
+                if keep:
+                    cached = rows[active[0]].prompt_len + len(rows[active[0]].new_tokens)
+        finally:  # also when the caller stops early or a step fails: the positions written before
+            if keep:
+                row = active[0]
+                held = (list(prompts[row]) + rows[row].new_tokens)[:cached]
+                with self._kept_lock:
+                    self._kept = _KeptCache(cache, held, weights_state(self.model), list(prompts[row]),
+                                            first_logits if cached >= rows[row].prompt_len else None)
 
     def _record_logprobs(self, rows: List[RowState], logits: torch.Tensor, tokens: List[int],
                          top_k: int) -> None:

@@ -1,5 +1,6 @@
 """A preallocated key/value cache addressed by absolute position, one slot per batch row."""
 
+import itertools
 from typing import List, Optional, Tuple
 
 import torch
@@ -89,6 +90,19 @@ class KVCache:
         if length > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, {length} requested")
         return keys[:, :, :length], values[:, :, :length]
+
+    def copy_prefix_from(self, other: "KVCache", length: int) -> bool:
+        """Copy positions 0..length-1 of every layer's keys and values from ``other``, a cache of
+        the same model and batch size (the engine's prompt cache); False, copying nothing, when
+        the two differ in layers, batch, heads or head size, or either holds fewer positions."""
+        if len(other.keys) != len(self.keys) or length > min(self.max_len, other.max_len):
+            return False
+        if any(a.shape[:2] != b.shape[:2] or a.shape[3] != b.shape[3] for a, b in zip(self.keys, other.keys)):
+            return False
+        for mine, theirs in itertools.chain(zip(self.keys, other.keys), zip(self.values, other.values)):
+            mine[:, :, :length].copy_(theirs[:, :, :length])
+        self._planned_for = self._plan = None
+        return True
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows ``rows`` (a 1-D index), e.g. once other rows have finished."""

@@ -1,0 +1,200 @@
+"""The engine's prompt cache: a one-prompt run reuses the keys and values the last one-prompt run
+left for the tokens both share, and prefills only the rest (generation/engine.py)."""
+
+import pytest
+import torch
+
+from accessory.generation.engine import GenerationEngine, prompt_cache_enabled
+from accessory.generation.sampling import SamplingParams
+from accessory.model.meta import MetaModel
+
+from ckpt_utils import TINY_LLAMA, random_llama_state, write_checkpoint
+
+FIRST = "The quick brown fox jumps over the lazy dog and then"
+MORE = " Then the dog woke up and chased the fox all the way home."
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    state = random_llama_state(TINY_LLAMA, 32000, seed=3)
+    return write_checkpoint(tmp_path_factory.mktemp("prompt_cache"), state, TINY_LLAMA)
+
+
+def _load(checkpoint, dtype=torch.float32, **kwargs):
+    return MetaModel.from_pretrained(str(checkpoint), max_seq_len=160, dtype=dtype, device="cpu", progress=False,
+                                     **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return _load(checkpoint)
+
+
+def _engines(model):
+    """(an engine with the prompt cache, one without) on the same model."""
+    eos = [model.tokenizer.eos_id]
+    return (GenerationEngine(model.llma, model.tokenizer, eos, prompt_cache=True),
+            GenerationEngine(model.llma, model.tokenizer, eos, prompt_cache=False))
+
+
+def _run(engine, ids, new_tokens=8):
+    states = None
+    for states in engine.run([ids], [new_tokens], SamplingParams(), logprobs=True):
+        pass
+    return states[0]
+
+
+def _encode(model, text, bos=False):
+    return model.tokenizer.encode(text, bos=bos, eos=False)
+
+
+def _second_turn(model, first_ids, first):
+    """The next prompt of a chat: the first prompt, its answer and a new message."""
+    return first_ids + first.new_tokens + _encode(model, MORE)
+
+
+def test_off_unless_asked(model, monkeypatch):
+    monkeypatch.delenv("ACCESSORY_PROMPT_CACHE", raising=False)
+    assert not GenerationEngine(model.llma, model.tokenizer, []).prompt_cache
+    assert prompt_cache_enabled(default=True) and not prompt_cache_enabled(default=False)
+    monkeypatch.setenv("ACCESSORY_PROMPT_CACHE", "1")
+    assert GenerationEngine(model.llma, model.tokenizer, []).prompt_cache
+    assert not GenerationEngine(model.llma, model.tokenizer, [], prompt_cache=False).prompt_cache
+    monkeypatch.setenv("ACCESSORY_PROMPT_CACHE", "0")
+    assert not prompt_cache_enabled(default=True)
+
+
+def test_next_turn_prefills_only_what_the_cache_lacks(model):
+    cached, fresh = _engines(model)
+    first_ids = _encode(model, FIRST, bos=True)
+    first = _run(cached, first_ids)
+    assert first.cached_tokens == 0 and len(first.new_tokens) == 8
+    ids = _second_turn(model, first_ids, first)
+    got, want = _run(cached, ids), _run(fresh, ids)
+    # the cache holds the first prompt and the answer's tokens fed back (all but the last)
+    assert got.cached_tokens == len(first_ids) + len(first.new_tokens) - 1
+    assert want.cached_tokens == 0
+    assert got.new_tokens == want.new_tokens
+    assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+
+
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_the_same_prompt_again_repeats_exactly(checkpoint, quant):
+    """A regenerated answer reuses the whole prompt and the kept prefill logits: bit for bit the
+    first run, although the kernels round a one-token prefill differently."""
+    model = _load(checkpoint, dtype=torch.bfloat16, quant=quant)
+    cached, fresh = _engines(model)
+    ids = _encode(model, FIRST, bos=True)
+    first, again, plain = _run(cached, ids, 12), _run(cached, ids, 12), _run(fresh, ids, 12)
+    assert again.cached_tokens == len(ids)
+    assert again.new_tokens == first.new_tokens == plain.new_tokens
+    assert again.logprobs == first.logprobs == plain.logprobs
+
+
+def test_changed_weights_are_not_reused(checkpoint):
+    model = _load(checkpoint)
+    cached, fresh = _engines(model)
+    first_ids = _encode(model, FIRST, bos=True)
+    ids = _second_turn(model, first_ids, _run(cached, first_ids))
+    weight = model.llma.layers[0].attention.wq.weight
+    with torch.no_grad():  # an in-place write, as load_state_dict makes
+        weight.mul_(1.5)
+    got, want = _run(cached, ids), _run(fresh, ids)
+    assert got.cached_tokens == 0
+    assert got.new_tokens == want.new_tokens and got.logprobs == want.logprobs
+
+
+def test_a_new_hook_stops_reuse(model):
+    cached, _ = _engines(model)
+    first_ids = _encode(model, FIRST, bos=True)
+    ids = _second_turn(model, first_ids, _run(cached, first_ids))
+    handle = model.llma.layers[1].register_forward_hook(lambda module, args, output: None)
+    try:
+        assert _run(cached, ids).cached_tokens == 0
+    finally:
+        handle.remove()
+
+
+def test_a_run_stopped_early_keeps_what_it_wrote(model):
+    cached, fresh = _engines(model)
+    first_ids = _encode(model, FIRST, bos=True)
+    run = cached.run([first_ids], [20], SamplingParams())
+    for _ in range(3):
+        rows = next(run)
+    answer = list(rows[0].new_tokens)
+    run.close()
+    assert len(answer) == 3
+    ids = first_ids + answer + _encode(model, MORE)
+    got, want = _run(cached, ids), _run(fresh, ids)
+    assert got.cached_tokens == len(first_ids) + 2  # the third token was never fed back
+    assert got.new_tokens == want.new_tokens
+    assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+
+
+def test_a_failed_prefill_leaves_only_the_copied_positions(checkpoint, monkeypatch):
+    """A prefill that fails after writing part of the cache: the next run must not reuse those
+    positions (here poisoned with NaN)."""
+    model = _load(checkpoint)
+    cached, fresh = _engines(model)
+    first_ids = _encode(model, FIRST, bos=True)
+    first = _run(cached, first_ids)
+    ids = _second_turn(model, first_ids, first)
+    copied = len(first_ids) + len(first.new_tokens) - 1
+
+    def failing(tokens, positions, cache, *args, **kwargs):
+        start = int(positions.min())
+        for tensor in cache.keys + cache.values:
+            tensor[:, :, start:] = float("nan")
+        raise RuntimeError("step failed")
+
+    monkeypatch.setattr(model.llma, "forward_tokens", failing)
+    with pytest.raises(RuntimeError, match="step failed"):
+        _run(cached, ids + _encode(model, " and"))
+    monkeypatch.undo()
+    got, want = _run(cached, ids), _run(fresh, ids)
+    assert got.cached_tokens == copied
+    assert got.new_tokens == want.new_tokens
+    assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+
+
+def test_batches_neither_use_nor_drop_the_kept_cache(model):
+    cached, _ = _engines(model)
+    first_ids = _encode(model, FIRST, bos=True)
+    ids = _second_turn(model, first_ids, _run(cached, first_ids))
+    states = None
+    for states in cached.run([ids, _encode(model, "Hello", bos=True)], [4, 4], SamplingParams()):
+        pass
+    assert [row.cached_tokens for row in states] == [0, 0]
+    assert _run(cached, ids).cached_tokens > len(first_ids)
+
+
+def test_cleared_cache_is_not_reused(model):
+    cached, _ = _engines(model)
+    first_ids = _encode(model, FIRST, bos=True)
+    ids = _second_turn(model, first_ids, _run(cached, first_ids))
+    cached.clear_prompt_cache()
+    assert _run(cached, ids).cached_tokens == 0
+
+
+def test_a_cut_prompt_shares_nothing(model):
+    """A conversation cut from the left (it outgrew the context) starts differently: no reuse,
+    and the answer is a fresh run's."""
+    cached, fresh = _engines(model)
+    first_ids = _encode(model, FIRST, bos=True)
+    _run(cached, first_ids)
+    ids = _encode(model, MORE, bos=True)
+    got, want = _run(cached, ids), _run(fresh, ids)
+    assert got.cached_tokens == 1  # BOS only
+    assert got.new_tokens == want.new_tokens
+
+
+def test_chat_faces_turn_it_on(checkpoint, monkeypatch):
+    import argparse
+
+    from accessory.demos.common import load_chat_model
+    args = argparse.Namespace(pretrained_path=[str(checkpoint)], llama_type=None, llama_config=None,
+                              tokenizer_path=None, max_seq_len=64, dtype=torch.float32, device="cpu", quant=None)
+    monkeypatch.delenv("ACCESSORY_PROMPT_CACHE", raising=False)
+    assert load_chat_model(args).engine.prompt_cache
+    monkeypatch.setenv("ACCESSORY_PROMPT_CACHE", "0")
+    assert not load_chat_model(args).engine.prompt_cache
