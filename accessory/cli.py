@@ -47,6 +47,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     import torch
 
     from .data.conversation import conv_templates
+    from .generation.engine import prompt_cache_enabled
     from .model.meta import MetaModel
 
     if args.path is None:
@@ -58,6 +59,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model = MetaModel.from_pretrained(str(model_dir), max_seq_len=args.max_seq_len, dtype=args.dtype,
                                       device=args.device, quant=args.quant)
+    # each turn's prompt is the last one plus its answer: prefill only the new part (generation/engine.py)
+    model.engine.prompt_cache = prompt_cache_enabled(default=True)
     template_name = _chat_template_for(model_dir, args.template)
     if template_name not in conv_templates:
         print(f"unknown template {template_name!r}; known: {', '.join(conv_templates)}", file=sys.stderr)

@@ -5,6 +5,7 @@ One spawn runs every scenario (process start-up dominates the cost); each rank w
 measured to a JSON file and the tests below assert on those files.
 """
 
+import faulthandler
 import json
 import socket
 from pathlib import Path
@@ -48,8 +49,34 @@ def _all_ranks(value):
     return values
 
 
+def _one_row(engine, ids, new_tokens):
+    from accessory.generation.sampling import SamplingParams
+    states = None
+    for states in engine.run([ids], [new_tokens], SamplingParams()):
+        pass
+    return states[0]
+
+
+def _prompt_cache(model, reference, rank: int) -> dict:
+    """Two chat turns with the prompt cache on every rank, then the second again after rank 1
+    alone dropped its cache: the ranks must agree on what to reuse (their collectives meet)."""
+    model.engine.prompt_cache = True
+    first_ids = model.tokenizer.encode(PROMPTS[0], bos=True, eos=False)
+    first = _one_row(model.engine, first_ids, 6)
+    ids = first_ids + first.new_tokens + model.tokenizer.encode(" And then", bos=False, eos=False)
+    second = _one_row(model.engine, ids, 6)
+    if rank == 1:
+        model.engine.clear_prompt_cache()
+    again = _one_row(model.engine, ids, 6)
+    return {"held": len(first_ids) + len(first.new_tokens) - 1, "cached": [second.cached_tokens, again.cached_tokens],
+            "tokens": [second.new_tokens, again.new_tokens], "reference": _one_row(reference.engine, ids, 6).new_tokens}
+
+
 def _worker(rank: int, port: int, dirs: dict, out_dir: str) -> None:
     torch.set_num_threads(1)
+    # a rank left waiting in a collective (ranks that disagree) exits with its stack after a few
+    # minutes, which fails the spawn, instead of hanging the test run (the scenarios take seconds)
+    faulthandler.dump_traceback_later(180, exit=True)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     group = dist.new_group(list(range(WORLD)))
     singles = [dist.new_group([r]) for r in range(WORLD)]  # every rank must create every group
@@ -87,6 +114,8 @@ def _worker(rank: int, port: int, dirs: dict, out_dir: str) -> None:
             "sampled_all_ranks": _all_ranks(_sampled(model, seed=99 + rank)),
         }
 
+    result["prompt_cache"] = _prompt_cache(_load(dirs["llama_mp2"], mp_group=group), reference, rank)
+
     single = _load(dirs["llama_mp2"], mp_group=singles[rank])
     result["single"] = {"wq_shape": list(single.llma.layers[0].attention.wq.weight.shape),
                         "logits_diff": _max_diff(single.compute_logits(PROMPTS), ref_logits)}
@@ -108,6 +137,7 @@ def _worker(rank: int, port: int, dirs: dict, out_dir: str) -> None:
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +193,13 @@ def test_llama_peft_with_lora_and_biases(ranks, key):
     for result in ranks:
         assert result[key]["logits_diff"] < 1e-5
         assert result[key]["greedy_equal"]
+
+
+def test_prompt_cache_reuse_is_agreed_across_ranks(ranks):
+    for result in ranks:
+        got = result["prompt_cache"]
+        assert got["cached"] == [got["held"], 0]  # rank 1's dropped cache: neither rank reuses
+        assert got["tokens"] == [got["reference"], got["reference"]]
 
 
 def test_group_of_size_one_loads_the_whole_model(ranks):

@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from accessory.data.conversation import conv_templates
 from accessory.serve import OpenAIService, start_in_thread
@@ -127,7 +128,8 @@ def test_chat_equals_generate(server, tiny_llama_model):
     assert choice["finish_reason"] == _finish(expected, 12) and choice["logprobs"] is None
     prompt_tokens = _prompt_tokens(tiny_llama_model, prompt)
     assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": len(expected["tokens"]),
-                             "total_tokens": prompt_tokens + len(expected["tokens"])}
+                             "total_tokens": prompt_tokens + len(expected["tokens"]),
+                             "prompt_tokens_details": {"cached_tokens": 0}}  # this model's prompt cache is off
 
 
 def test_chat_history_and_system_message_follow_the_template(server, tiny_llama_model):
@@ -139,6 +141,31 @@ def test_chat_history_and_system_message_follow_the_template(server, tiny_llama_
     expected = _generate(tiny_llama_model, prompt, max_gen_len=10, additional_stop_symbols=[stop], **GREEDY)
     assert body["choices"][0]["message"]["content"] == expected["text"].lstrip()
     assert body["usage"]["prompt_tokens"] == _prompt_tokens(tiny_llama_model, prompt)
+
+
+def test_next_chat_turn_reuses_the_prompt_cache(tiny_llama_dir, tiny_llama_model):
+    """With the prompt cache on (as ``accessory serve`` has it), the second turn of a conversation
+    prefills only what the first left out, says so in its usage, and answers as a fresh run."""
+    from accessory.model.meta import MetaModel
+    model = MetaModel.from_pretrained(str(tiny_llama_dir), dtype=torch.float32, device="cpu", progress=False)
+    model.engine.prompt_cache = True
+    srv, thread = start_in_thread(OpenAIService(model, NAME, "default"), port=0)
+    try:
+        first = [{"role": "user", "content": "Tell me a story."}]
+        body = _post(srv, "/v1/chat/completions", {"messages": first, "max_tokens": 12, **GREEDY})
+        answer = body["choices"][0]["message"]["content"]
+        assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+        second = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
+        body = _post(srv, "/v1/chat/completions", {"messages": second, "max_tokens": 12, **GREEDY})
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=10)
+    prompt, stop = _chat_prompt([["Tell me a story.", answer], ["And then?", None]])
+    first_prompt_tokens = _prompt_tokens(model, _chat_prompt([["Tell me a story.", None]])[0])
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] >= first_prompt_tokens
+    expected = _generate(tiny_llama_model, prompt, max_gen_len=12, additional_stop_symbols=[stop], **GREEDY)
+    assert body["choices"][0]["message"]["content"] == expected["text"].lstrip()
 
 
 def test_chat_stream_concatenates_to_the_same_text(server):

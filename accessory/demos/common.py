@@ -69,6 +69,17 @@ def load_model(args: argparse.Namespace, with_visual: bool = False, mp_group=Non
         sys.exit(f"error: cannot load {', '.join(map(str, paths))}: {exc}{hint}")
 
 
+def load_chat_model(args: argparse.Namespace, with_visual: bool = False, mp_group=None):
+    """``load_model`` for the faces that hold a conversation (the multi-turn demo, the server): the
+    engine's prompt cache on (each turn prefills only what the last one did not hold; see
+    generation/engine.py), unless ``ACCESSORY_PROMPT_CACHE=0``."""
+    from accessory.generation.engine import prompt_cache_enabled
+
+    model = load_model(args, with_visual=with_visual, mp_group=mp_group)
+    model.engine.prompt_cache = prompt_cache_enabled(default=True)
+    return model
+
+
 def launch(demo, args: argparse.Namespace, **kwargs):
     """Queue (one generation at a time: the model is shared) and serve ``demo``."""
     demo.queue(default_concurrency_limit=1, api_open=True)

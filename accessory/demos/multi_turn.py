@@ -31,7 +31,7 @@ if not __package__:  # run as a file: make `import accessory` find this checkout
 
 from accessory.cli import _chat_template_for  # noqa: E402
 from accessory.data.conversation import conv_templates  # noqa: E402
-from accessory.demos.common import add_model_args, checkpoint_dirs, launch, load_model  # noqa: E402
+from accessory.demos.common import add_model_args, checkpoint_dirs, launch, load_chat_model  # noqa: E402
 from accessory.demos.parallel import check_process_count, run_with_spawned_followers  # noqa: E402
 
 DEFAULT_TEMPERATURE = 0.1
@@ -206,7 +206,7 @@ def main(argv=None) -> None:
     check_chat_args(args)
     args.pretrained_path = [str(p) for p in checkpoint_dirs(args.pretrained_path)]
     template_name = _chat_template_for(Path(args.pretrained_path[-1]), args.template)
-    run_with_spawned_followers(args, args.n_gpus, load_model,
+    run_with_spawned_followers(args, args.n_gpus, load_chat_model,
                                lambda model, args: launch(build_demo(model, template_name, args.max_seq_len), args))
 
 

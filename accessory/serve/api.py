@@ -399,7 +399,8 @@ class OpenAIService:
         prompt_tokens = sum(len(p) for p in plan.prompts)
         completion_tokens = sum(len(row.new_tokens) for row in rows)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": sum(row.cached_tokens for row in rows)}}
 
     # -------------------------------------------------------------- responses
     def complete(self, body, kind: str):

@@ -56,11 +56,12 @@ class RowSnapshot:
     new_tokens: Sequence[int]
     logprobs: Sequence[float]
     top_logprobs: Sequence[Sequence[Tuple[int, float]]]
+    cached_tokens: int = 0  # prompt tokens served by the engine's prompt cache
 
     @classmethod
     def of(cls, row) -> "RowSnapshot":
         return cls(row.visible, row.finished, row.finish_reason, _Prefix(row.new_tokens), _Prefix(row.logprobs),
-                   _Prefix(row.top_logprobs))
+                   _Prefix(row.top_logprobs), row.cached_tokens)
 
 
 class Job:

@@ -63,7 +63,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
     from ..cli import _chat_template_for
-    from ..demos.common import checkpoint_dirs, load_model
+    from ..demos.common import checkpoint_dirs, load_chat_model
     from .api import OpenAIService
     from .server import OpenAIServer
 
@@ -72,7 +72,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.pretrained_path = [str(p) for p in checkpoint_dirs(args.pretrained_path)]
     last = Path(args.pretrained_path[-1])
     template_name = _chat_template_for(last, args.template)
-    model = load_model(args)
+    model = load_chat_model(args)
     name = args.model_name or last.resolve().name
     try:
         service = OpenAIService(model, name, template_name, max_batch=args.max_batch)
