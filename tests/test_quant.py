@@ -93,9 +93,10 @@ needs_kernels = pytest.mark.skipif(not kq.native_quant_available(), reason="nati
 
 @needs_kernels
 @pytest.mark.parametrize("scheme", SCHEMES, ids=_ids)
-@pytest.mark.parametrize("rows", [1, 3, 5, 16])
+@pytest.mark.parametrize("rows", [1, 3, 5, 16, "most"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_native_kernel_computes_the_formats_product(scheme, rows, dtype):
+    rows = kq.MAX_ROWS[scheme.name] if rows == "most" else rows
     gen = torch.Generator().manual_seed(rows)
     out_features, in_features = 37, 256 if scheme.name != "int8" else 200  # odd rows; int8: a tail
     w = torch.randn(out_features, in_features, generator=gen) * 0.05
@@ -121,7 +122,7 @@ def _blockwise_int8(x: torch.Tensor):
 
 @needs_kernels
 @pytest.mark.parametrize("scheme", [QuantScheme("int8"), QuantScheme("int4"), QuantScheme("int4", 128)], ids=_ids)
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 61, 64])
 def test_integer_kernels_compute_their_stated_arithmetic(scheme, rows):
     """int8 / int4 against a float64 re-statement of what they compute: the weight codes times
     the activations' block codes, scaled per block (int4: plus each group's offset times the
@@ -152,11 +153,14 @@ def test_integer_kernels_compute_their_stated_arithmetic(scheme, rows):
     assert torch.allclose(y.double(), reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
 
 
-def test_kernel_declines_what_it_does_not_handle():
-    scheme = QuantScheme("int8")
+@pytest.mark.parametrize("scheme", SCHEMES, ids=_ids)
+def test_kernel_declines_what_it_does_not_handle(scheme):
     packed = quantize(torch.randn(8, 64), scheme)
-    assert kq.quant_gemv(torch.randn(17, 64), packed, scheme, 8, 64) is None  # prefill-sized: fallback
-    x = torch.randn(20, 64)
+    most = kq.MAX_ROWS[scheme.name]
+    if kq.native_quant_available():
+        assert kq.quant_gemv(torch.randn(most, 64), packed, scheme, 8, 64) is not None
+    assert kq.quant_gemv(torch.randn(most + 1, 64), packed, scheme, 8, 64) is None  # a longer prompt: fallback
+    x = torch.randn(most + 4, 64)
     assert torch.allclose(quantized_matmul(x, packed, scheme, 8, 64), x @ dequantize(packed, scheme).T,
                           atol=1e-5)
 
@@ -214,9 +218,9 @@ def test_bf16_prefill_products_on_cpus_with_and_without_native_bf16(monkeypatch,
     scheme = QuantScheme("int4", 32)
     gen = torch.Generator().manual_seed(5)
     packed = quantize(torch.randn(9000, 128, generator=gen) * 0.05, scheme)  # several blocks of rows
-    x = torch.randn(2, 20, 128, generator=gen).bfloat16()
+    x = torch.randn(2, kq.MAX_ROWS["int4"] // 2 + 3, 128, generator=gen).bfloat16()  # past the kernels' rows
     got = quantized_matmul(x, packed, scheme, 9000, 128)
-    assert got.dtype == torch.bfloat16 and got.shape == (2, 20, 9000)
+    assert got.dtype == torch.bfloat16 and got.shape == (*x.shape[:2], 9000)
     reference = x.double() @ dequantize(packed, scheme, torch.float64).T
     error = ((got.double() - reference).abs().max() / reference.abs().max()).item()
     assert error < (1e-2 if native_bf16 else 5e-3)
@@ -241,10 +245,10 @@ PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away"]
 LONG = "Once upon a time, in a land far away, there lived a king who had three daughters and an old dog"
 
 
-def _logits(model, text=LONG):
+def _logits(model, text=" ".join([LONG] * 3)):
     """Whole-prompt logits: more than kernels.quant.MAX_ROWS tokens, so the expansion path."""
     tokens = torch.tensor([model.tokenizer.encode(text, bos=True, eos=False)])
-    assert tokens.shape[1] > kq.MAX_ROWS
+    assert tokens.shape[1] > max(kq.MAX_ROWS.values())
     with torch.inference_mode():
         return model.llma.forward_tokens(tokens).float()
 

@@ -2,7 +2,7 @@
 
 ``quant_gemv(x, tensors, scheme)`` returns ``x @ W.T`` for the quantized ``W`` without ever
 expanding it in memory, or None when the native kernel does not apply (not on the CPU, more than
-``MAX_ROWS`` rows, kernels disabled or not buildable); callers then use their fallback.
+``MAX_ROWS[scheme]`` rows, kernels disabled or not buildable); callers then use their fallback.
 """
 
 import ctypes
@@ -12,7 +12,15 @@ import torch
 
 from . import load_library, scratch_floats
 
-MAX_ROWS = 16
+#: The most activation rows a call takes natively, per scheme; more rows (a longer prompt) expand
+#: the matrix for torch's float32 product instead (quant/linear.py). int8 and int4 multiply the
+#: activations' int8 block codes with integer multiply-adds, so they stay ahead well past decode
+#: sizes; nf4 expands its levels to float32 for every activation row. Measured on the 2-core AVX2
+#: machine of benchmarks/README.md, five XS and S shapes, native against expansion in one run:
+#: int8 1.46-1.84x at 64 rows, 1.23-1.67x at 80, 0.82-1.77x at 128; int4 (groups of 32)
+#: 1.33-2.21x at 64, 0.95-1.42x at 128; int4 with groups of 128 1.00-2.22x at 64, 0.85-2.04x at
+#: 80; nf4 0.93-3.48x at 24 rows, 0.75-2.56x at 32 (so 16, as for decoding).
+MAX_ROWS = {"int8": 64, "int4": 64, "nf4": 16}
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _functions = None
@@ -59,7 +67,7 @@ def quant_gemv(x: torch.Tensor, tensors: Dict[str, torch.Tensor], scheme, out_fe
     if x.device.type != "cpu" or x.dtype not in _DTYPE_CODES or x.requires_grad:
         return None
     rows = x.numel() // in_features if x.dim() else 0
-    if not 0 < rows <= MAX_ROWS:
+    if not 0 < rows <= MAX_ROWS.get(scheme.name, 0):
         return None
     kernels = _kernels()
     if kernels is None:
