@@ -198,3 +198,35 @@ def test_chat_faces_turn_it_on(checkpoint, monkeypatch):
     assert load_chat_model(args).engine.prompt_cache
     monkeypatch.setenv("ACCESSORY_PROMPT_CACHE", "0")
     assert not load_chat_model(args).engine.prompt_cache
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_conversations_taking_turns_keep_their_caches_with_enough_slots(model, slots):
+    """Two conversations alternate (two clients of a server): with two slots each next turn finds
+    its own conversation's cache; with one, each finds the other's and reuses only BOS."""
+    cached, fresh = _engines(model)
+    cached.prompt_cache_slots = slots
+    starts = [_encode(model, FIRST, bos=True), _encode(model, "Once upon a time in a small village", bos=True)]
+    firsts = [_run(cached, ids) for ids in starts]
+    for ids, first in zip(starts, firsts):
+        following = _second_turn(model, ids, first)
+        got = _run(cached, following)
+        held = len(ids) + len(first.new_tokens) - 1
+        assert got.cached_tokens == (held if slots == 2 else 1)
+        want = _run(fresh, following)
+        assert got.new_tokens == want.new_tokens
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+
+
+def test_a_repeated_turn_does_not_push_another_conversation_out(model):
+    """The same prompt again (a regenerated answer, greedy: the same ids) supersedes its own kept
+    cache instead of taking a second slot, so the other conversation's cache stays."""
+    cached, _ = _engines(model)
+    cached.prompt_cache_slots = 2
+    other_ids = _encode(model, "Once upon a time in a small village", bos=True)
+    other = _run(cached, other_ids)
+    ids = _encode(model, FIRST, bos=True)
+    _run(cached, ids)
+    assert _run(cached, ids).cached_tokens == len(ids)
+    assert len(cached._kept) == 2
+    assert _run(cached, _second_turn(model, other_ids, other)).cached_tokens == len(other_ids) + len(other.new_tokens) - 1

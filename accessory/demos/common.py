@@ -72,11 +72,13 @@ def load_model(args: argparse.Namespace, with_visual: bool = False, mp_group=Non
 def load_chat_model(args: argparse.Namespace, with_visual: bool = False, mp_group=None):
     """``load_model`` for the faces that hold a conversation (the multi-turn demo, the server): the
     engine's prompt cache on (each turn prefills only what the last one did not hold; see
-    generation/engine.py), unless ``ACCESSORY_PROMPT_CACHE=0``."""
+    generation/engine.py), unless ``ACCESSORY_PROMPT_CACHE=0``, with ``args.prompt_cache_slots``
+    conversations kept (1 when the face has no such flag)."""
     from accessory.generation.engine import prompt_cache_enabled
 
     model = load_model(args, with_visual=with_visual, mp_group=mp_group)
     model.engine.prompt_cache = prompt_cache_enabled(default=True)
+    model.engine.prompt_cache_slots = getattr(args, "prompt_cache_slots", 1)
     return model
 
 

@@ -16,8 +16,9 @@ tokens to its slice whatever its random state.
 
 Prompt cache (off by default; the chat faces turn it on): a run of one text prompt keeps its cache
 when it ends, with the token ids whose keys and values it holds (its prompt and the tokens fed
-back). The next one-prompt run copies the positions its prompt shares with those ids and prefills
-only the rest: in a chat, each turn's prompt is the last one plus the answer and a new message, so
+back); ``prompt_cache_slots`` runs' caches are kept (1 unless set: the most recent). The next
+one-prompt run takes the kept cache that shares the longest prefix with its prompt, copies those
+positions and prefills only the rest: in a chat, each turn's prompt is the last one plus the answer and a new message, so
 a turn costs its new tokens instead of the whole conversation. The prompt's last token is
 prefilled again for its logits, unless the prompt is the kept run's own (a regenerated answer):
 its first logits are kept too, so that run repeats exactly. Otherwise reused keys were computed
@@ -89,7 +90,7 @@ def weights_state(model) -> tuple:
     return tensors, hooks
 
 
-@dataclass
+@dataclass(eq=False)
 class _KeptCache:
     """A finished one-prompt run's cache: positions 0..len(tokens)-1 hold the keys and values of
     ``tokens`` (``prompt`` and the tokens fed back), computed by weights in ``weights``' state;
@@ -125,27 +126,49 @@ class GenerationEngine:
         self.sync_group = sync_group
         self.cuda_graphs = cuda_graphs
         self.prompt_cache = prompt_cache_enabled(prompt_cache)
+        # how many runs' caches are kept (several conversations taking turns, as on a server);
+        # each holds its run's whole cache
+        self.prompt_cache_slots = 1
         self._graphed = None  # CUDA-graph decode steps (generation/cuda_graphs.py), made on first CUDA run
-        self._kept: Optional[_KeptCache] = None
+        self._kept: List[_KeptCache] = []  # the most recently kept first
         self._kept_lock = threading.Lock()
 
     def clear_prompt_cache(self) -> None:
-        """Drop the kept cache (its memory is freed once no run uses it)."""
+        """Drop the kept caches (their memory is freed once no run uses them)."""
         with self._kept_lock:
-            self._kept = None
+            self._kept = []
 
     def _take_kept(self, prompt: Sequence[int]) -> Tuple[Optional[_KeptCache], int]:
-        """The kept cache (taken out, so one run at a time uses it) and how many leading tokens of
-        ``prompt`` it can serve: all of them when it is the kept run's prompt and its logits were
-        kept, else the shared prefix less the last token (prefilled again for its logits); 0 when
-        the weights or hooks changed since it was kept."""
+        """The kept cache that serves most of ``prompt`` and how many leading tokens it serves:
+        all of them when ``prompt`` is its run's prompt and the logits were kept, else the shared
+        prefix less the last token (prefilled again for its logits). A kept cache is only ever
+        copied from, so it stays for other runs, unless all its ids begin ``prompt`` (the same
+        conversation's last turn): this run's cache will hold them too, so it goes now, before
+        the prefill needs memory. Caches kept before the weights or hooks changed are dropped."""
+        prompt = list(prompt)
+        state = weights_state(self.model)
+
+        def serves(kept: _KeptCache) -> int:
+            if kept.logits is not None and kept.prompt == prompt:
+                return len(prompt)
+            return max(0, min(_common_prefix(kept.tokens, prompt), len(prompt) - 1))
         with self._kept_lock:
-            kept, self._kept = self._kept, None
-        if kept is None or kept.weights != weights_state(self.model):
-            return None, 0
-        if kept.logits is not None and kept.prompt == list(prompt):
-            return kept, len(prompt)
-        return kept, max(0, min(_common_prefix(kept.tokens, prompt), len(prompt) - 1))
+            self._kept = [kept for kept in self._kept if kept.weights == state]
+            if not self._kept:
+                return None, 0
+            kept = max(self._kept, key=serves)  # the first (most recent) of equals
+            if kept.tokens == prompt[:len(kept.tokens)]:
+                self._kept.remove(kept)
+        return kept, serves(kept)
+
+    def _keep(self, kept: _KeptCache) -> None:
+        """Keep a finished run's cache first; one whose ids it extends (the same conversation's
+        earlier turn) goes, and the oldest beyond ``prompt_cache_slots``."""
+        def extended(old: _KeptCache) -> bool:
+            return len(old.tokens) <= len(kept.tokens) and kept.tokens[:len(old.tokens)] == old.tokens
+        with self._kept_lock:
+            others = [old for old in self._kept if not extended(old)]
+            self._kept = [kept] + others[:max(self.prompt_cache_slots, 1) - 1]
 
     def _agree_min(self, value: int) -> int:
         """The smallest ``value`` across ``sync_group`` (each rank keeps its own cache; a rank that
@@ -211,7 +234,7 @@ class GenerationEngine:
         if start > 0 and not cache.copy_prefix_from(kept.cache, start):
             start = 0
         first_logits = kept.logits if start and start == rows[active[0]].prompt_len else None
-        kept = None  # the old cache's memory goes before the prefill needs more
+        kept = None  # (a superseded kept cache's memory goes before the prefill needs more)
         rows[active[0]].cached_tokens = start
         cached = start  # leading tokens of the kept row's prompt + new tokens held by `cache`
         try:
@@ -268,9 +291,8 @@ class GenerationEngine:
             if keep:
                 row = active[0]
                 held = (list(prompts[row]) + rows[row].new_tokens)[:cached]
-                with self._kept_lock:
-                    self._kept = _KeptCache(cache, held, weights_state(self.model), list(prompts[row]),
-                                            first_logits if cached >= rows[row].prompt_len else None)
+                self._keep(_KeptCache(cache, held, weights_state(self.model), list(prompts[row]),
+                                      first_logits if cached >= rows[row].prompt_len else None))
 
     def _record_logprobs(self, rows: List[RowState], logits: torch.Tensor, tokens: List[int],
                          top_k: int) -> None:

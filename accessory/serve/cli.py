@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                              f"template, as `accessory chat` picks it), or one of {', '.join(conv_templates)}")
     parser.add_argument("--max_batch", "--max-batch", dest="max_batch", type=int, default=16,
                         help="most rows (choices of waiting requests) generated together (default 16)")
+    parser.add_argument("--prompt_cache_slots", "--prompt-cache-slots", dest="prompt_cache_slots", type=int,
+                        default=4, help="conversations whose keys and values are kept for their next turn "
+                                        "(default 4; each holds up to --max_seq_len positions of cache; 0 "
+                                        "turns the prompt cache off)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="do not log each request")
     return parser
@@ -54,6 +58,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if args.max_batch < 1:
         print(f"error: --max_batch must be at least 1, got {args.max_batch}", file=sys.stderr)
+        return 2
+    if args.prompt_cache_slots < 0:
+        print(f"error: --prompt_cache_slots must be 0 or more, got {args.prompt_cache_slots}", file=sys.stderr)
         return 2
     if args.template != "auto" and args.template not in conv_templates:
         print(f"error: unknown --template {args.template!r}; known: auto, {', '.join(conv_templates)}",
@@ -73,6 +80,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     last = Path(args.pretrained_path[-1])
     template_name = _chat_template_for(last, args.template)
     model = load_chat_model(args)
+    if args.prompt_cache_slots == 0:
+        model.engine.prompt_cache = False
     name = args.model_name or last.resolve().name
     try:
         service = OpenAIService(model, name, template_name, max_batch=args.max_batch)
