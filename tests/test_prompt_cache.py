@@ -157,15 +157,35 @@ def test_a_failed_prefill_leaves_only_the_copied_positions(checkpoint, monkeypat
     assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
 
 
-def test_batches_neither_use_nor_drop_the_kept_cache(model):
-    cached, _ = _engines(model)
-    first_ids = _encode(model, FIRST, bos=True)
-    ids = _second_turn(model, first_ids, _run(cached, first_ids))
+def _batch(engine, prompts, new_tokens):
     states = None
-    for states in cached.run([ids, _encode(model, "Hello", bos=True)], [4, 4], SamplingParams()):
+    for states in engine.run(prompts, new_tokens, SamplingParams(), logprobs=True):
         pass
-    assert [row.cached_tokens for row in states] == [0, 0]
-    assert _run(cached, ids).cached_tokens > len(first_ids)
+    return states
+
+
+def test_a_batch_reuses_and_keeps_each_rows_cache(model):
+    """Rows of one batch start from their own kept prefixes (different positions per row), leave
+    at different steps (their caches copied out first), and are each found by their next turn."""
+    cached, fresh = _engines(model)
+    cached.prompt_cache_slots = 3
+    starts = [_encode(model, FIRST, bos=True), _encode(model, "Once upon a time in a small village", bos=True)]
+    firsts = [_run(cached, ids) for ids in starts]
+    seconds = [_second_turn(model, ids, first) for ids, first in zip(starts, firsts)]
+    prompts = seconds + [_encode(model, "A completely new question about cats", bos=True)]
+    limits = [8, 5, 2]  # the rows finish at different steps
+    got, want = _batch(cached, prompts, limits), _batch(fresh, prompts, limits)
+    held = [len(ids) + len(first.new_tokens) - 1 for ids, first in zip(starts, firsts)]
+    # (the new question would share BOS only, but both kept caches went to their conversations)
+    assert [row.cached_tokens for row in got] == held + [0]
+    for g, w in zip(got, want):
+        assert g.new_tokens == w.new_tokens
+        assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+    for ids, row in zip(prompts, got):  # every row's cache was kept: each next turn reuses it
+        following = ids + row.new_tokens + _encode(model, " Go on.")
+        again, plain = _run(cached, following), _run(fresh, following)
+        assert again.cached_tokens == len(ids) + len(row.new_tokens) - 1
+        assert again.new_tokens == plain.new_tokens
 
 
 def test_cleared_cache_is_not_reused(model):
@@ -230,3 +250,20 @@ def test_a_repeated_turn_does_not_push_another_conversation_out(model):
     assert _run(cached, ids).cached_tokens == len(ids)
     assert len(cached._kept) == 2
     assert _run(cached, _second_turn(model, other_ids, other)).cached_tokens == len(other_ids) + len(other.new_tokens) - 1
+
+
+def test_a_batch_with_a_repeated_prompt_and_a_long_new_one(model):
+    """A row whose whole prompt is kept still prefills its last token (a batch keeps no logits per
+    row), and its padding, written past its own last position while a long new prompt fills,
+    needs cache room beyond what either row asks for."""
+    cached, fresh = _engines(model)
+    repeated = _encode(model, FIRST + MORE, bos=True)
+    _run(cached, repeated, 2)
+    new = _encode(model, "Tell me everything you know about the history of the small village and its people, "
+                         "its roads and rivers, its bakers and its bells", bos=True)
+    assert len(new) > 2 * len(repeated) // 3
+    got, want = _batch(cached, [repeated, new], [2, 2]), _batch(fresh, [repeated, new], [2, 2])
+    assert got[0].cached_tokens == len(repeated) - 1
+    for g, w in zip(got, want):
+        assert g.new_tokens == w.new_tokens
+        assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)

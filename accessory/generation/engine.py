@@ -14,21 +14,23 @@ A model cut across a model-parallel group runs one engine per process: with ``sy
 tokens picked by the group's first rank are broadcast each step, so every rank feeds the same
 tokens to its slice whatever its random state.
 
-Prompt cache (off by default; the chat faces turn it on): a run of one text prompt keeps its cache
-when it ends, with the token ids whose keys and values it holds (its prompt and the tokens fed
-back); ``prompt_cache_slots`` runs' caches are kept (1 unless set: the most recent). The next
-one-prompt run takes the kept cache that shares the longest prefix with its prompt, copies those
-positions and prefills only the rest: in a chat, each turn's prompt is the last one plus the answer and a new message, so
-a turn costs its new tokens instead of the whole conversation. The prompt's last token is
-prefilled again for its logits, unless the prompt is the kept run's own (a regenerated answer):
-its first logits are kept too, so that run repeats exactly. Otherwise reused keys were computed
-by other steps than a fresh prefill's (decode steps for an answer, a prefill of another length),
-so a reused turn can differ from a fresh one by rounding, as llama.cpp's prompt reuse does: hence
-off for ``generate`` / ``stream_generate`` unless asked for. Nothing is reused when the model's
-weights (their memory, or an in-place write torch counts) or hooks changed since, for image runs,
-or for batches of several prompts (which leave the kept cache alone). ``prompt_cache=True`` (or
-the attribute) turns it on, ``ACCESSORY_PROMPT_CACHE=1`` / ``0`` where the code does not say;
-``clear_prompt_cache()`` frees the kept cache.
+Prompt cache (off by default; the chat faces turn it on): each row of a text run keeps its cache
+when it ends (a one-row run the cache itself, a batch's rows copies taken as they leave), with the
+token ids whose keys and values it holds: its prompt and the tokens fed back, counted as positions
+are written, so a run stopped early or a failed step claims only what it wrote. Up to
+``prompt_cache_slots`` caches are kept (1 unless set), the most recent first. Each row of a later
+run takes the kept cache sharing the longest prefix with its prompt, copies those positions and
+prefills only the rest, from its own position: in a chat each turn's prompt is the last one plus
+the answer and a new message, so a turn costs its new tokens instead of the whole conversation.
+The prompt's last token is prefilled again for its logits, unless a one-row run's prompt is the
+kept run's own (a regenerated answer): its first logits are kept too, so that run repeats
+exactly. Otherwise reused keys were computed by other steps than a fresh prefill's (decode steps
+for an answer, a prefill of another length or batch), so a reused turn can differ from a fresh
+one by rounding, as llama.cpp's prompt reuse does: hence off for ``generate`` /
+``stream_generate`` unless asked for. Nothing is reused when the model's weights (their memory,
+or an in-place write torch counts) or hooks changed since, or for image runs.
+``prompt_cache=True`` (or the attribute) turns it on, ``ACCESSORY_PROMPT_CACHE=1`` / ``0`` where
+the code does not say; ``clear_prompt_cache()`` frees the kept caches.
 """
 
 import itertools
@@ -170,15 +172,15 @@ class GenerationEngine:
             others = [old for old in self._kept if not extended(old)]
             self._kept = [kept] + others[:max(self.prompt_cache_slots, 1) - 1]
 
-    def _agree_min(self, value: int) -> int:
-        """The smallest ``value`` across ``sync_group`` (each rank keeps its own cache; a rank that
-        stopped a run early holds fewer positions)."""
+    def _agree_min(self, values: List[int]) -> List[int]:
+        """Each of ``values`` lowered to its smallest across ``sync_group`` (each rank keeps its own
+        caches; a rank that stopped a run early holds fewer positions)."""
         if self.sync_group is None:
-            return value
+            return values
         import torch.distributed as dist
-        tensor = torch.tensor([value], device=self.device)
+        tensor = torch.tensor(values, device=self.device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.sync_group)
-        return int(tensor.item())
+        return tensor.tolist()
 
     def _agree(self, tokens: torch.Tensor) -> torch.Tensor:
         """The first rank's token ids on every rank of ``sync_group`` (unchanged without one)."""
@@ -225,28 +227,45 @@ class GenerationEngine:
 
         offsets = image_offsets(image_embeds, len(rows), self.model.image_layout)  # image positions before each row's text
         capacity = max(offsets[i] + rows[i].prompt_len + rows[i].max_new_tokens for i in active)
-        # one text prompt: reuse the kept cache's shared prefix, and keep this run's cache after it
-        keep = self.prompt_cache and len(active) == 1 and image_embeds is None
-        kept, start = self._take_kept(prompts[active[0]]) if keep else (None, 0)
+        # text prompts: reuse kept caches' shared prefixes, and keep this run's rows' caches after it
+        keep = self.prompt_cache and image_embeds is None
+        single = len(active) == 1
+        kept_for, starts = [None] * len(active), [0] * len(active)
         if keep:
-            start = self._agree_min(start)
+            for slot, i in enumerate(active):
+                kept_for[slot], starts[slot] = self._take_kept(prompts[i])
+                if not single:  # a batch prefills at least each row's last token (kept logits: one row only)
+                    starts[slot] = min(starts[slot], rows[i].prompt_len - 1)
+            starts = self._agree_min(starts)
+        longest = max(rows[i].prompt_len - starts[slot] for slot, i in enumerate(active))
+        # (a row that starts later writes its padding further on: room for it)
+        capacity = max(capacity, max(starts) + longest)
         cache = self.model.new_kv_cache(len(active), capacity)
-        if start > 0 and not cache.copy_prefix_from(kept.cache, start):
-            start = 0
-        first_logits = kept.logits if start and start == rows[active[0]].prompt_len else None
-        kept = None  # (a superseded kept cache's memory goes before the prefill needs more)
-        rows[active[0]].cached_tokens = start
-        cached = start  # leading tokens of the kept row's prompt + new tokens held by `cache`
+        for slot, kept in enumerate(kept_for):
+            if starts[slot] > 0 and not cache.copy_prefix_from(kept.cache, starts[slot], row=slot):
+                starts[slot] = 0
+        first_logits = kept_for[0].logits if single and starts[0] == rows[active[0]].prompt_len > 0 else None
+        kept_for = kept = None  # (a superseded kept cache's memory goes before the prefill needs more)
+        cached = {}  # row -> leading tokens of its prompt + new tokens that `cache` holds
+        for slot, i in enumerate(active):
+            rows[i].cached_tokens = cached[i] = starts[slot]
+        kept_rows = 0
         try:
-            longest = max(rows[i].prompt_len for i in active) - start
+            longest = max(rows[i].prompt_len - starts[slot] for slot, i in enumerate(active))
             tokens = torch.zeros((len(active), longest), dtype=torch.long, device=device)
             for slot, i in enumerate(active):
-                tokens[slot, : rows[i].prompt_len - start] = torch.tensor(list(prompts[i][start:]), dtype=torch.long)
+                tokens[slot, : rows[i].prompt_len - starts[slot]] = torch.tensor(list(prompts[i][starts[slot]:]),
+                                                                                 dtype=torch.long)
             if first_logits is not None:  # the kept run's own prompt: its prefill's logits
                 logits = first_logits.clone()
             elif image_embeds is None:
-                positions = torch.arange(start, start + longest, device=device).expand(len(active), longest)
-                last_index = torch.tensor([rows[i].prompt_len - 1 - start for i in active], device=device)
+                if len(set(starts)) == 1:
+                    positions = torch.arange(starts[0], starts[0] + longest, device=device).expand(len(active), longest)
+                else:
+                    positions = (torch.tensor(starts, device=device)[:, None]
+                                 + torch.arange(longest, device=device)[None, :])
+                last_index = torch.tensor([rows[i].prompt_len - 1 - starts[slot] for slot, i in enumerate(active)],
+                                          device=device)
                 logits = self.model.forward_tokens(tokens, positions, cache, output_index=last_index)
             else:
                 row_images = (image_embeds[active] if isinstance(image_embeds, torch.Tensor)
@@ -256,8 +275,11 @@ class GenerationEngine:
                 last_index = torch.tensor([n - 1 for n in inputs.lengths], device=device)
                 logits = self.model.forward_tokens(None, inputs.positions, cache, output_index=last_index,
                                                    input_embeds=inputs.embeds, image_prefix=inputs.prefix)
-            cached = rows[active[0]].prompt_len
-            first_logits = logits.clone() if keep else None
+            first_logits = {}
+            for slot, i in enumerate(active):
+                cached[i] = rows[i].prompt_len
+                if keep:
+                    first_logits[i] = logits[slot:slot + 1].clone()
 
             while True:
                 logits = logits.float()
@@ -275,6 +297,12 @@ class GenerationEngine:
                 if not still:
                     return
                 if len(still) < len(active):
+                    if keep:  # rows leaving the batch: keep copies of their caches first
+                        for slot, i in enumerate(active):
+                            if rows[i].finished and kept_rows < self.prompt_cache_slots:
+                                self._keep_row(cache.row_prefix(slot, cached[i]), prompts[i], rows[i], cached[i],
+                                               first_logits.get(i))
+                                kept_rows += 1
                     cache.select_rows(torch.tensor(still, device=device))
                     active = [active[slot] for slot in still]
                 step_tokens = torch.tensor([[rows[i].new_tokens[-1]] for i in active], device=device)
@@ -285,14 +313,24 @@ class GenerationEngine:
                     logits = self._graphed(cache, step_tokens, step_positions)
                 else:  # (batch, 1, vocab): one token a row, so no index to gather by
                     logits = self.model.forward_tokens(step_tokens, step_positions, cache)[:, 0]
-                if keep:
-                    cached = rows[active[0]].prompt_len + len(rows[active[0]].new_tokens)
+                for i in active:
+                    cached[i] = rows[i].prompt_len + len(rows[i].new_tokens)
         finally:  # also when the caller stops early or a step fails: the positions written before
             if keep:
-                row = active[0]
-                held = (list(prompts[row]) + rows[row].new_tokens)[:cached]
-                self._keep(_KeptCache(cache, held, weights_state(self.model), list(prompts[row]),
-                                      first_logits if cached >= rows[row].prompt_len else None))
+                for slot, i in enumerate(active):
+                    if kept_rows >= self.prompt_cache_slots:
+                        break
+                    # the last row of a run keeps the cache itself; rows of a batch, copies
+                    row_cache = cache if cache.batch_size == 1 else cache.row_prefix(slot, cached[i])
+                    self._keep_row(row_cache, prompts[i], rows[i], cached[i],
+                                   first_logits.get(i) if isinstance(first_logits, dict) else None)
+                    kept_rows += 1
+
+    def _keep_row(self, cache, prompt: List[int], row: RowState, cached: int, logits: Optional[torch.Tensor]):
+        """Keep ``cache`` (one row) as holding the first ``cached`` ids of ``prompt`` + its new tokens."""
+        held = (list(prompt) + row.new_tokens)[:cached]
+        self._keep(_KeptCache(cache, held, weights_state(self.model), list(prompt),
+                              logits if cached >= len(prompt) else None))
 
     def _record_logprobs(self, rows: List[RowState], logits: torch.Tensor, tokens: List[int],
                          top_k: int) -> None:

@@ -91,18 +91,27 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.max_len} positions, {length} requested")
         return keys[:, :, :length], values[:, :, :length]
 
-    def copy_prefix_from(self, other: "KVCache", length: int) -> bool:
-        """Copy positions 0..length-1 of every layer's keys and values from ``other``, a cache of
-        the same model and batch size (the engine's prompt cache); False, copying nothing, when
-        the two differ in layers, batch, heads or head size, or either holds fewer positions."""
+    def copy_prefix_from(self, other: "KVCache", length: int, row: int = 0) -> bool:
+        """Copy positions 0..length-1 of every layer's keys and values from ``other``'s first row
+        into batch row ``row`` (the engine's prompt cache); False, copying nothing, when the two
+        differ in layers, heads or head size, or either holds fewer positions."""
         if len(other.keys) != len(self.keys) or length > min(self.max_len, other.max_len):
             return False
-        if any(a.shape[:2] != b.shape[:2] or a.shape[3] != b.shape[3] for a, b in zip(self.keys, other.keys)):
+        if any(a.shape[1] != b.shape[1] or a.shape[3] != b.shape[3] for a, b in zip(self.keys, other.keys)):
             return False
         for mine, theirs in itertools.chain(zip(self.keys, other.keys), zip(self.values, other.values)):
-            mine[:, :, :length].copy_(theirs[:, :, :length])
+            mine[row, :, :length].copy_(theirs[0, :, :length])
         self._planned_for = self._plan = None
         return True
+
+    def row_prefix(self, row: int, length: int) -> "KVCache":
+        """A one-row cache of ``length`` positions: a copy of batch row ``row``'s first ones."""
+        out = KVCache.__new__(KVCache)
+        out.keys = [k[row:row + 1, :, :length].clone() for k in self.keys]
+        out.values = [v[row:row + 1, :, :length].clone() for v in self.values]
+        out.max_len = length
+        out._planned_for = out._plan = None
+        return out
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows ``rows`` (a 1-D index), e.g. once other rows have finished."""
