@@ -215,7 +215,10 @@ def test_chat_faces_turn_it_on(checkpoint, monkeypatch):
     args = argparse.Namespace(pretrained_path=[str(checkpoint)], llama_type=None, llama_config=None,
                               tokenizer_path=None, max_seq_len=64, dtype=torch.float32, device="cpu", quant=None)
     monkeypatch.delenv("ACCESSORY_PROMPT_CACHE", raising=False)
-    assert load_chat_model(args).engine.prompt_cache
+    model = load_chat_model(args)
+    assert model.engine.prompt_cache and model.engine.prompt_cache_slots == 1
+    args.prompt_cache_slots = 3  # the server's and the multi-turn demo's flag
+    assert load_chat_model(args).engine.prompt_cache_slots == 3
     monkeypatch.setenv("ACCESSORY_PROMPT_CACHE", "0")
     assert not load_chat_model(args).engine.prompt_cache
 

@@ -415,6 +415,12 @@ def test_serve_help():
     assert "/v1/chat/completions" in out.stdout and "--model-name" in out.stdout
 
 
+def test_serve_refuses_a_negative_prompt_cache_slot_count(capsys):
+    from accessory.serve.cli import main
+    assert main(["--prompt_cache_slots", "-1"]) == 2
+    assert "--prompt_cache_slots must be 0 or more" in capsys.readouterr().err
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -455,9 +461,19 @@ def test_accessory_serve_subprocess_on_embedded_model():
              "temperature": 0}).encode(), headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as response:
             reply = json.loads(response.read())
+        answer = reply["choices"][0]["message"]["content"]
+        follow_up = urllib.request.Request(url + "/v1/chat/completions", method="POST", data=json.dumps(
+            {"model": DEMO_MODEL_NAME, "max_tokens": 8, "temperature": 0, "messages": [
+                {"role": "user", "content": question}, {"role": "assistant", "content": answer},
+                {"role": "user", "content": "And of Italy?"}]}).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(follow_up, timeout=120) as response:
+            second = json.loads(response.read())
     finally:
         server.terminate()
         server.wait(timeout=30)
+    # the served model keeps the first turn's keys and values: the second turn prefills only its new part
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= reply["usage"]["prompt_tokens"] - 1
+    assert second["choices"][0]["message"]["content"]
     model = MetaModel.from_pretrained(str(model_dir), dtype=torch.float32, device="cpu", progress=False)
     prompt, stop = _chat_prompt([[question, None]], template="smollm2")
     expected = model.generate([prompt], max_gen_len=24, additional_stop_symbols=[stop], **GREEDY)[0]

@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m accessory.demos.multi_turn", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_chat_args(parser)
+    parser.add_argument("--prompt_cache_slots", type=int, default=4,
+                        help="conversations (browser sessions) whose keys and values are kept for their next "
+                             "turn (default 4; each holds up to --max_seq_len positions of cache)")
     return parser
 
 

@@ -104,8 +104,10 @@ class _KeptCache:
     logits: Optional[torch.Tensor]
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def _common_prefix(a: List[int], b: List[int]) -> int:
     n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # (a chat's next turn: compared at C speed)
+        return n
     for k in range(n):
         if a[k] != b[k]:
             return k
@@ -140,15 +142,15 @@ class GenerationEngine:
         with self._kept_lock:
             self._kept = []
 
-    def _take_kept(self, prompt: Sequence[int]) -> Tuple[Optional[_KeptCache], int]:
+    def _take_kept(self, prompt: Sequence[int], state: tuple) -> Tuple[Optional[_KeptCache], int]:
         """The kept cache that serves most of ``prompt`` and how many leading tokens it serves:
         all of them when ``prompt`` is its run's prompt and the logits were kept, else the shared
         prefix less the last token (prefilled again for its logits). A kept cache is only ever
         copied from, so it stays for other runs, unless all its ids begin ``prompt`` (the same
         conversation's last turn): this run's cache will hold them too, so it goes now, before
-        the prefill needs memory. Caches kept before the weights or hooks changed are dropped."""
+        the prefill needs memory. Caches kept before the weights or hooks changed (``state``,
+        :func:`weights_state` now) are dropped."""
         prompt = list(prompt)
-        state = weights_state(self.model)
 
         def serves(kept: _KeptCache) -> int:
             if kept.logits is not None and kept.prompt == prompt:
@@ -232,8 +234,9 @@ class GenerationEngine:
         single = len(active) == 1
         kept_for, starts = [None] * len(active), [0] * len(active)
         if keep:
+            state = weights_state(self.model)
             for slot, i in enumerate(active):
-                kept_for[slot], starts[slot] = self._take_kept(prompts[i])
+                kept_for[slot], starts[slot] = self._take_kept(prompts[i], state)
                 if not single:  # a batch prefills at least each row's last token (kept logits: one row only)
                     starts[slot] = min(starts[slot], rows[i].prompt_len - 1)
             starts = self._agree_min(starts)
@@ -298,10 +301,11 @@ class GenerationEngine:
                     return
                 if len(still) < len(active):
                     if keep:  # rows leaving the batch: keep copies of their caches first
+                        state = weights_state(self.model)
                         for slot, i in enumerate(active):
                             if rows[i].finished and kept_rows < self.prompt_cache_slots:
                                 self._keep_row(cache.row_prefix(slot, cached[i]), prompts[i], rows[i], cached[i],
-                                               first_logits.get(i))
+                                               first_logits.get(i), state)
                                 kept_rows += 1
                     cache.select_rows(torch.tensor(still, device=device))
                     active = [active[slot] for slot in still]
@@ -317,20 +321,22 @@ class GenerationEngine:
                     cached[i] = rows[i].prompt_len + len(rows[i].new_tokens)
         finally:  # also when the caller stops early or a step fails: the positions written before
             if keep:
+                state = weights_state(self.model)
                 for slot, i in enumerate(active):
                     if kept_rows >= self.prompt_cache_slots:
                         break
                     # the last row of a run keeps the cache itself; rows of a batch, copies
                     row_cache = cache if cache.batch_size == 1 else cache.row_prefix(slot, cached[i])
                     self._keep_row(row_cache, prompts[i], rows[i], cached[i],
-                                   first_logits.get(i) if isinstance(first_logits, dict) else None)
+                                   first_logits.get(i) if isinstance(first_logits, dict) else None, state)
                     kept_rows += 1
 
-    def _keep_row(self, cache, prompt: List[int], row: RowState, cached: int, logits: Optional[torch.Tensor]):
-        """Keep ``cache`` (one row) as holding the first ``cached`` ids of ``prompt`` + its new tokens."""
+    def _keep_row(self, cache, prompt: List[int], row: RowState, cached: int, logits: Optional[torch.Tensor],
+                  state: tuple):
+        """Keep ``cache`` (one row) as holding the first ``cached`` ids of ``prompt`` + its new
+        tokens, computed by weights in ``state``."""
         held = (list(prompt) + row.new_tokens)[:cached]
-        self._keep(_KeptCache(cache, held, weights_state(self.model), list(prompt),
-                              logits if cached >= len(prompt) else None))
+        self._keep(_KeptCache(cache, held, state, list(prompt), logits if cached >= len(prompt) else None))
 
     def _record_logprobs(self, rows: List[RowState], logits: torch.Tensor, tokens: List[int],
                          top_k: int) -> None:
