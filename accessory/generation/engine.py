@@ -122,7 +122,7 @@ class GenerationEngine:
         """``sync_group``: a torch.distributed group whose ranks must pick the same tokens (the
         model-parallel group), or None. ``cuda_graphs``: replay decode steps on a GPU as CUDA
         graphs (``generation/cuda_graphs.py``); None: on, unless ``ACCESSORY_CUDA_GRAPHS=0`` or model-parallel.
-        ``prompt_cache``: reuse the last one-prompt run's keys and values (see the module notes);
+        ``prompt_cache``: reuse the keys and values earlier runs' rows kept (see the module notes);
         None: ``ACCESSORY_PROMPT_CACHE`` when set, else off. The attribute can be changed later."""
         self.model = model
         self.tokenizer = tokenizer
@@ -130,8 +130,8 @@ class GenerationEngine:
         self.sync_group = sync_group
         self.cuda_graphs = cuda_graphs
         self.prompt_cache = prompt_cache_enabled(prompt_cache)
-        # how many runs' caches are kept (several conversations taking turns, as on a server);
-        # each holds its run's whole cache
+        # how many rows' caches are kept (several conversations taking turns, as on a server);
+        # each holds one row's cache, up to the positions its run asked for
         self.prompt_cache_slots = 1
         self._graphed = None  # CUDA-graph decode steps (generation/cuda_graphs.py), made on first CUDA run
         self._kept: List[_KeptCache] = []  # the most recently kept first
@@ -164,6 +164,12 @@ class GenerationEngine:
             if kept.tokens == prompt[:len(kept.tokens)]:
                 self._kept.remove(kept)
         return kept, serves(kept)
+
+    def _fits(self, cache) -> bool:
+        """Whether ``cache`` has this model's geometry (layers, kv heads, head size)."""
+        keys = getattr(cache, "keys", None)
+        return (isinstance(keys, list) and len(keys) == self.model.n_layers and bool(keys)
+                and keys[0].shape[1] == self.model.n_kv_heads and keys[0].shape[3] == self.model.head_dim)
 
     def _keep(self, kept: _KeptCache) -> None:
         """Keep a finished run's cache first; one whose ids it extends (the same conversation's
@@ -237,6 +243,8 @@ class GenerationEngine:
             state = weights_state(self.model)
             for slot, i in enumerate(active):
                 kept_for[slot], starts[slot] = self._take_kept(prompts[i], state)
+                if kept_for[slot] is not None and not self._fits(kept_for[slot].cache):
+                    starts[slot] = 0
                 if not single:  # a batch prefills at least each row's last token (kept logits: one row only)
                     starts[slot] = min(starts[slot], rows[i].prompt_len - 1)
             starts = self._agree_min(starts)
@@ -246,7 +254,8 @@ class GenerationEngine:
         cache = self.model.new_kv_cache(len(active), capacity)
         for slot, kept in enumerate(kept_for):
             if starts[slot] > 0 and not cache.copy_prefix_from(kept.cache, starts[slot], row=slot):
-                starts[slot] = 0
+                raise RuntimeError(f"a kept cache could not serve {starts[slot]} positions of row {slot}: "
+                                   f"turn the prompt cache off (ACCESSORY_PROMPT_CACHE=0) and report this")
         first_logits = kept_for[0].logits if single and starts[0] == rows[active[0]].prompt_len > 0 else None
         kept_for = kept = None  # (a superseded kept cache's memory goes before the prefill needs more)
         cached = {}  # row -> leading tokens of its prompt + new tokens that `cache` holds
@@ -335,6 +344,8 @@ class GenerationEngine:
                   state: tuple):
         """Keep ``cache`` (one row) as holding the first ``cached`` ids of ``prompt`` + its new
         tokens, computed by weights in ``state``."""
+        if cached <= 0:  # (a prefill that failed with nothing reused holds nothing)
+            return
         held = (list(prompt) + row.new_tokens)[:cached]
         self._keep(_KeptCache(cache, held, state, list(prompt), logits if cached >= len(prompt) else None))
 
