@@ -226,11 +226,22 @@ def test_multi_turn_cancelled_answer_stops_generating(tiny_llama_model, monkeypa
 
 # ------------------------------------------------------------------ command lines
 
-def test_multi_turn_served_two_turns_equal_generate(tiny_llama_model):
-    """Two chat turns through a launched page's API (/show_user_input then /stream_model_output)."""
+@pytest.mark.parametrize("prompt_cache", [False, True], ids=["fresh", "prompt_cache"])
+def test_multi_turn_served_two_turns_equal_generate(tiny_llama_model, tiny_llama_dir, prompt_cache):
+    """Two chat turns through a launched page's API (/show_user_input then /stream_model_output);
+    with the prompt cache on (as the demo's command line loads the model) the second turn reuses
+    the first's keys and values and still answers as a fresh generate."""
     from gradio_client import Client
 
-    demo = multi_turn.build_demo(tiny_llama_model, "default", max_seq_len=256)
+    import torch
+
+    from accessory.model.meta import MetaModel
+
+    model = tiny_llama_model
+    if prompt_cache:
+        model = MetaModel.from_pretrained(str(tiny_llama_dir), dtype=torch.float32, device="cpu", progress=False)
+        model.engine.prompt_cache = True
+    demo = multi_turn.build_demo(model, "default", max_seq_len=256)
     demo.queue(default_concurrency_limit=1)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, share=False, prevent_thread_lock=True, quiet=True)
@@ -249,6 +260,9 @@ def test_multi_turn_served_two_turns_equal_generate(tiny_llama_model):
     for turn in range(2):
         prompt, stop = multi_turn.build_conversation_prompt(qas[:turn] + [[qas[turn][0], None]])
         assert qas[turn][1] == tiny_llama_model.generate([prompt], additional_stop_symbols=[stop], **GEN)[0].strip()
+    if prompt_cache:  # the second turn's conversation is what the engine keeps now
+        [kept] = model.engine._kept
+        assert len(kept.tokens) > len(model.tokenizer.encode(prompt, bos=True, eos=False))
 
 
 def test_demo_flags():
@@ -259,6 +273,7 @@ def test_demo_flags():
     assert (args.max_seq_len, args.host, args.share) == (4096, "127.0.0.1", False)
     args = multi_turn.build_parser().parse_args([])
     assert (args.pretrained_path, args.max_seq_len, args.n_gpus, args.dtype) == (None, 2048, 1, "bf16")
+    assert args.prompt_cache_slots == 4
 
 
 def test_quant_flag_loads_quantized(tiny_llama_dir):
