@@ -270,3 +270,34 @@ def test_a_batch_with_a_repeated_prompt_and_a_long_new_one(model):
     for g, w in zip(got, want):
         assert g.new_tokens == w.new_tokens
         assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+
+
+def test_kept_caches_stay_within_their_memory_bound(model):
+    """Older conversations' caches go once the kept caches would hold more than
+    ``prompt_cache_bytes``; the most recent one always stays."""
+    cached, _ = _engines(model)
+    cached.prompt_cache_slots = 3
+    starts = [_encode(model, FIRST, bos=True), _encode(model, "Once upon a time in a small village", bos=True)]
+    _run(cached, starts[0])
+    one = cached._kept[0].nbytes
+    assert one > 0
+    cached.prompt_cache_bytes = one + one // 2  # room for one cache with the newest, not two
+    firsts = [_run(cached, ids) for ids in starts[1:]]
+    assert len(cached._kept) == 1
+    cached.prompt_cache_bytes = 0  # the newest stays even alone over the bound
+    assert _run(cached, _second_turn(model, starts[1], firsts[0])).cached_tokens > len(starts[1])
+    assert len(cached._kept) == 1
+    cached.prompt_cache_bytes = None
+    _run(cached, starts[0])
+    assert len(cached._kept) == 2
+
+
+def test_serve_flags_bound_the_prompt_cache(checkpoint):
+    import argparse
+
+    from accessory.demos.common import load_chat_model
+    args = argparse.Namespace(pretrained_path=[str(checkpoint)], llama_type=None, llama_config=None,
+                              tokenizer_path=None, max_seq_len=64, dtype=torch.float32, device="cpu", quant=None,
+                              prompt_cache_slots=2, prompt_cache_mb=1.5)
+    engine = load_chat_model(args).engine
+    assert (engine.prompt_cache_slots, engine.prompt_cache_bytes) == (2, 3 * 2 ** 19)

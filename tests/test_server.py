@@ -415,10 +415,11 @@ def test_serve_help():
     assert "/v1/chat/completions" in out.stdout and "--model-name" in out.stdout
 
 
-def test_serve_refuses_a_negative_prompt_cache_slot_count(capsys):
+@pytest.mark.parametrize("flag", ["--prompt_cache_slots", "--prompt_cache_mb"])
+def test_serve_refuses_a_negative_prompt_cache_bound(capsys, flag):
     from accessory.serve.cli import main
-    assert main(["--prompt_cache_slots", "-1"]) == 2
-    assert "--prompt_cache_slots must be 0 or more" in capsys.readouterr().err
+    assert main([flag, "-1"]) == 2
+    assert f"{flag} must be 0 or more" in capsys.readouterr().err
 
 
 def _free_port() -> int:

@@ -177,7 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_args(parser)
     parser.add_argument("--prompt_cache_slots", type=int, default=4,
                         help="conversations (browser sessions) whose keys and values are kept for their next "
-                             "turn (default 4; each holds up to --max_seq_len positions of cache)")
+                             "turn (default 4)")
+    parser.add_argument("--prompt_cache_mb", type=float, default=2048,
+                        help="memory the kept conversations may hold together, in MiB, the most recent one "
+                             "aside (default 2048)")
     return parser
 
 

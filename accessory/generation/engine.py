@@ -18,7 +18,8 @@ Prompt cache (off by default; the chat faces turn it on): each row of a text run
 when it ends (a one-row run the cache itself, a batch's rows copies taken as they leave), with the
 token ids whose keys and values it holds: its prompt and the tokens fed back, counted as positions
 are written, so a run stopped early or a failed step claims only what it wrote. Up to
-``prompt_cache_slots`` caches are kept (1 unless set), the most recent first. Each row of a later
+``prompt_cache_slots`` caches are kept (1 unless set), the most recent first, and older ones only
+while all fit in ``prompt_cache_bytes`` (None: no bound). Each row of a later
 run takes the kept cache sharing the longest prefix with its prompt, copies those positions and
 prefills only the rest, from its own position: in a chat each turn's prompt is the last one plus
 the answer and a new message, so a turn costs its new tokens instead of the whole conversation.
@@ -103,6 +104,10 @@ class _KeptCache:
     prompt: List[int]
     logits: Optional[torch.Tensor]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in itertools.chain(self.cache.keys, self.cache.values))
+
 
 def _common_prefix(a: List[int], b: List[int]) -> int:
     n = min(len(a), len(b))
@@ -133,6 +138,8 @@ class GenerationEngine:
         # how many rows' caches are kept (several conversations taking turns, as on a server);
         # each holds one row's cache, up to the positions its run asked for
         self.prompt_cache_slots = 1
+        # the most bytes the kept caches hold together, the most recent one aside (None: no bound)
+        self.prompt_cache_bytes: Optional[int] = None
         self._graphed = None  # CUDA-graph decode steps (generation/cuda_graphs.py), made on first CUDA run
         self._kept: List[_KeptCache] = []  # the most recently kept first
         self._kept_lock = threading.Lock()
@@ -173,12 +180,21 @@ class GenerationEngine:
 
     def _keep(self, kept: _KeptCache) -> None:
         """Keep a finished run's cache first; one whose ids it extends (the same conversation's
-        earlier turn) goes, and the oldest beyond ``prompt_cache_slots``."""
+        earlier turn) goes, and the oldest beyond ``prompt_cache_slots`` or, with the new one,
+        beyond ``prompt_cache_bytes``."""
         def extended(old: _KeptCache) -> bool:
             return len(old.tokens) <= len(kept.tokens) and kept.tokens[:len(old.tokens)] == old.tokens
         with self._kept_lock:
-            others = [old for old in self._kept if not extended(old)]
-            self._kept = [kept] + others[:max(self.prompt_cache_slots, 1) - 1]
+            others = [old for old in self._kept if not extended(old)][:max(self.prompt_cache_slots, 1) - 1]
+            if self.prompt_cache_bytes is not None:
+                total, fitting = kept.nbytes, []
+                for old in others:
+                    if total + old.nbytes > self.prompt_cache_bytes:
+                        break
+                    total += old.nbytes
+                    fitting.append(old)
+                others = fitting
+            self._kept = [kept] + others
 
     def _agree_min(self, values: List[int]) -> List[int]:
         """Each of ``values`` lowered to its smallest across ``sync_group`` (each rank keeps its own

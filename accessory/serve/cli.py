@@ -44,8 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="most rows (choices of waiting requests) generated together (default 16)")
     parser.add_argument("--prompt_cache_slots", "--prompt-cache-slots", dest="prompt_cache_slots", type=int,
                         default=4, help="conversations whose keys and values are kept for their next turn "
-                                        "(default 4; each holds up to --max_seq_len positions of cache; 0 "
-                                        "turns the prompt cache off)")
+                                        "(default 4; 0 turns the prompt cache off)")
+    parser.add_argument("--prompt_cache_mb", "--prompt-cache-mb", dest="prompt_cache_mb", type=float,
+                        default=2048, help="memory the kept conversations may hold together, in MiB, the most "
+                                           "recent one aside (default 2048; a 7B llama-2 in bf16 keeps 0.5 MiB "
+                                           "a token)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="do not log each request")
     return parser
@@ -61,6 +64,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if args.prompt_cache_slots < 0:
         print(f"error: --prompt_cache_slots must be 0 or more, got {args.prompt_cache_slots}", file=sys.stderr)
+        return 2
+    if args.prompt_cache_mb < 0:
+        print(f"error: --prompt_cache_mb must be 0 or more, got {args.prompt_cache_mb}", file=sys.stderr)
         return 2
     if args.template != "auto" and args.template not in conv_templates:
         print(f"error: unknown --template {args.template!r}; known: auto, {', '.join(conv_templates)}",
