@@ -313,3 +313,31 @@ def test_text_generation_of_a_multimodal_type_is_unchanged(case):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.generate([PROMPTS[0]], **GEN)
+
+
+def test_the_same_picture_again_is_not_encoded_again(case, monkeypatch):
+    """A chat about one picture sends it every turn: the last encodings are kept, keyed by the
+    pixels and the weights, and a hit gives the same answer as encoding again."""
+    import accessory.model.meta as meta
+
+    layout, _, _, _, directory = case
+    model = MetaModel.from_pretrained(str(directory), with_visual=True, max_seq_len=64, dtype=torch.float32,
+                                      device="cpu", progress=False)
+    calls = []
+    real = meta.encode_for
+    monkeypatch.setattr(meta, "encode_for", lambda llma, batch: calls.append(batch.shape) or real(llma, batch))
+    picture = images(3)[0]
+    first = model.generate([PROMPTS[0]], [picture], **GEN)
+    again = list(model.stream_generate(PROMPTS[1], picture.clone(), **GEN))[-1]["text"]  # equal pixels, new tensor
+    assert len(calls) == 1
+    assert again == model.generate([PROMPTS[1]], [images(3)[0]], **GEN)[0] and len(calls) == 1
+    other = images(4)[0]
+    model.generate([PROMPTS[0]], [other], **GEN)
+    assert len(calls) == 2  # other pixels: encoded
+    with torch.no_grad():  # new weights: encoded again, and the answer is the new weights'
+        next(model.llma.parameters()).mul_(1.0)
+    assert model.generate([PROMPTS[0]], [picture], **GEN) == first and len(calls) == 3
+    for seed in range(5, 5 + meta.IMAGE_MEMO_SIZE):  # the oldest encodings go
+        model.generate([PROMPTS[0]], [images(seed)[0]], max_gen_len=1)
+    model.generate([PROMPTS[0]], [picture], max_gen_len=1)
+    assert len(calls) == 3 + meta.IMAGE_MEMO_SIZE + 1

@@ -12,9 +12,12 @@ set-up is needed at model-parallel size 1; CPU works; every batch row stops at i
 missing weights are an error unless ``strict=False``; BOS follows the tokenizer's own setting.
 """
 
+import collections
 import dataclasses
+import hashlib
 import json
 import logging
+import threading
 import typing
 import warnings
 from pathlib import Path
@@ -26,7 +29,7 @@ from torch import nn
 from ..checkpoint.discover import find_shards, read_llama_type
 from ..checkpoint.load import load_pretrained
 from ..errors import CheckpointError, ConfigError, TokenizerError
-from ..generation.engine import GenerationEngine
+from ..generation.engine import GenerationEngine, weights_state
 from ..kernels.linear import use_native_linear
 from ..generation.sampling import SamplingParams
 from ..quant import Quantizer, eligible_linears, make_shells, resolve_scheme
@@ -157,6 +160,10 @@ def _quant_plan(quant, device: torch.device, paths: Sequence[Path]):
     return saved, True
 
 
+#: encoded image batches MetaModel keeps (see MetaModel._encode_images)
+IMAGE_MEMO_SIZE = 4
+
+
 class MetaModel(nn.Module):
     """A language model (``self.llma``) with its tokenizer and the original's inference API."""
 
@@ -185,6 +192,8 @@ class MetaModel(nn.Module):
         self.is_peft = getattr(self.llma, "is_peft", False)
         self.mp_group = None  # set by from_pretrained when the weights are cut across a group
         self._engine = None
+        self._image_memo = collections.OrderedDict()  # see _encode_images
+        self._image_memo_lock = threading.Lock()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -495,10 +504,28 @@ class MetaModel(nn.Module):
                 " (it was loaded with with_visual=False; a multimodal llama_type needs with_visual=True)"
             raise NotImplementedError(f"llama_type {self.llama_type!r} takes no images{hint}")
         batch = self._image_batch(images, count, name, single)
+        # A chat about a picture sends it again every turn, and a CPU takes seconds to encode one
+        # (21 s for SPHINX-Tiny's encoders, benchmarks/README.md): the last few encodings are
+        # kept, keyed by the pixels and the weights' state (not under model parallelism, whose
+        # ranks would have to agree on every hit). A hit returns the very vectors computed before.
+        key = None
+        if self.mp_group is None:
+            pixels = batch.detach().to("cpu", copy=False).contiguous()
+            key = (hashlib.sha1(pixels.view(torch.uint8).numpy().tobytes()).hexdigest(), tuple(pixels.shape),
+                   pixels.dtype, weights_state(self.llma))
+            with self._image_memo_lock:
+                if key in self._image_memo:
+                    self._image_memo.move_to_end(key)
+                    return self._image_memo[key]
         embeds = encode_for(self.llma, batch)
         if embeds.dim() != 3 or embeds.shape[0] != count:
             raise RuntimeError(f"llama_type {self.llama_type!r}: encode_images returned shape {tuple(embeds.shape)}, "
                                f"expected ({count}, N, dim)")
+        if key is not None:
+            with self._image_memo_lock:
+                self._image_memo[key] = embeds
+                while len(self._image_memo) > IMAGE_MEMO_SIZE:
+                    self._image_memo.popitem(last=False)
         return embeds
 
     def _image_batch(self, images, count: int, name: str, single: bool) -> torch.Tensor:
