@@ -49,13 +49,23 @@ class _Captured:
     logits: torch.Tensor
 
 
-def _fingerprint(model) -> tuple:
-    """What a captured graph relies on besides its cache: the memory of every parameter and buffer
-    (a cast, a reload or a replaced module moves them) and the modules' hooks. A graph replays
-    what it captured, whatever the model has become since."""
-    tensors = tuple((t.data_ptr(), t.dtype, tuple(t.shape))
+def weights_state(model, count_writes: bool = False) -> tuple:
+    """What work done with ``model`` relies on: the memory, dtype and shape of every parameter and
+    buffer (a cast, a reload or a replaced module changes them), the modules' hooks and, with
+    ``count_writes``, the in-place writes torch counts on each tensor. A captured graph replays
+    what it captured, whatever the model has become since, and reads the weights' memory as it
+    is (so it needs no write count); the engine's kept prompt caches hold values computed from
+    the weights (so they do)."""
+    def writes(t: torch.Tensor):
+        if not count_writes:
+            return None
+        try:
+            return t._version
+        except RuntimeError:  # an inference tensor counts no writes
+            return None
+    tensors = tuple((t.data_ptr(), writes(t), t.dtype, tuple(t.shape))
                     for t in itertools.chain(model.parameters(), model.buffers()))
-    hooks = tuple((len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules())
+    hooks = tuple((tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for m in model.modules())
     return tensors, hooks
 
 
@@ -82,7 +92,7 @@ class GraphedDecoder:
         if self.disabled:
             return self._direct(cache, tokens, positions)
         if self._checked is None or self._checked() is not cache:  # once per cache: a new call, rows dropped
-            fingerprint = _fingerprint(self.model)
+            fingerprint = weights_state(self.model)
             if fingerprint != self._fingerprint:
                 self.graphs.clear()
                 self._fingerprint = fingerprint

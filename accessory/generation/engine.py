@@ -43,7 +43,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from ..model.layers.multimodal import image_offsets, insert_images
-from .cuda_graphs import GraphedDecoder, cuda_graphs_enabled
+from .cuda_graphs import GraphedDecoder, cuda_graphs_enabled, weights_state
 from .detokenize import IncrementalDetokenizer
 from .sampling import Sampler, SamplingParams
 from .stopping import StopStringMatcher
@@ -77,20 +77,6 @@ def prompt_cache_enabled(wanted: Optional[bool] = None, default: bool = False) -
     if setting in ("0", "false", "no", "off"):
         return False
     return default
-
-
-def weights_state(model) -> tuple:
-    """What a kept cache's keys and values were computed from: every parameter and buffer (its
-    memory, dtype, shape and, where torch counts them, its in-place writes) and the modules' hooks."""
-    def version(t: torch.Tensor):
-        try:
-            return t._version
-        except RuntimeError:  # an inference tensor counts no writes
-            return None
-    tensors = tuple((t.data_ptr(), version(t), t.dtype, tuple(t.shape))
-                    for t in itertools.chain(model.parameters(), model.buffers()))
-    hooks = tuple((tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for m in model.modules())
-    return tensors, hooks
 
 
 @dataclass(eq=False)
@@ -172,12 +158,6 @@ class GenerationEngine:
                 self._kept.remove(kept)
         return kept, serves(kept)
 
-    def _fits(self, cache) -> bool:
-        """Whether ``cache`` has this model's geometry (layers, kv heads, head size)."""
-        keys = getattr(cache, "keys", None)
-        return (isinstance(keys, list) and len(keys) == self.model.n_layers and bool(keys)
-                and keys[0].shape[1] == self.model.n_kv_heads and keys[0].shape[3] == self.model.head_dim)
-
     def _keep(self, kept: _KeptCache) -> None:
         """Keep a finished run's cache first; one whose ids it extends (the same conversation's
         earlier turn) goes, and the oldest beyond ``prompt_cache_slots`` or, with the new one,
@@ -256,10 +236,11 @@ class GenerationEngine:
         single = len(active) == 1
         kept_for, starts = [None] * len(active), [0] * len(active)
         if keep:
-            state = weights_state(self.model)
+            state = weights_state(self.model, count_writes=True)
+            geometry = (self.model.n_layers, self.model.n_kv_heads, self.model.head_dim)
             for slot, i in enumerate(active):
                 kept_for[slot], starts[slot] = self._take_kept(prompts[i], state)
-                if kept_for[slot] is not None and not self._fits(kept_for[slot].cache):
+                if kept_for[slot] is not None and kept_for[slot].cache.geometry != geometry:
                     starts[slot] = 0
                 if not single:  # a batch prefills at least each row's last token (kept logits: one row only)
                     starts[slot] = min(starts[slot], rows[i].prompt_len - 1)
@@ -279,7 +260,6 @@ class GenerationEngine:
             rows[i].cached_tokens = cached[i] = starts[slot]
         kept_rows = 0
         try:
-            longest = max(rows[i].prompt_len - starts[slot] for slot, i in enumerate(active))
             tokens = torch.zeros((len(active), longest), dtype=torch.long, device=device)
             for slot, i in enumerate(active):
                 tokens[slot, : rows[i].prompt_len - starts[slot]] = torch.tensor(list(prompts[i][starts[slot]:]),
@@ -326,7 +306,7 @@ class GenerationEngine:
                     return
                 if len(still) < len(active):
                     if keep:  # rows leaving the batch: keep copies of their caches first
-                        state = weights_state(self.model)
+                        state = weights_state(self.model, count_writes=True)
                         for slot, i in enumerate(active):
                             if rows[i].finished and kept_rows < self.prompt_cache_slots:
                                 self._keep_row(cache.row_prefix(slot, cached[i]), prompts[i], rows[i], cached[i],
@@ -346,7 +326,7 @@ class GenerationEngine:
                     cached[i] = rows[i].prompt_len + len(rows[i].new_tokens)
         finally:  # also when the caller stops early or a step fails: the positions written before
             if keep:
-                state = weights_state(self.model)
+                state = weights_state(self.model, count_writes=True)
                 for slot, i in enumerate(active):
                     if kept_rows >= self.prompt_cache_slots:
                         break

@@ -512,7 +512,7 @@ class MetaModel(nn.Module):
         if self.mp_group is None:
             pixels = batch.detach().to("cpu", copy=False).contiguous()
             key = (hashlib.sha1(pixels.view(torch.uint8).numpy().tobytes()).hexdigest(), tuple(pixels.shape),
-                   pixels.dtype, weights_state(self.llma))
+                   pixels.dtype, weights_state(self.llma, count_writes=True))
             with self._image_memo_lock:
                 if key in self._image_memo:
                     self._image_memo.move_to_end(key)

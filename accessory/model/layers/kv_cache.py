@@ -91,13 +91,16 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.max_len} positions, {length} requested")
         return keys[:, :, :length], values[:, :, :length]
 
+    @property
+    def geometry(self) -> Tuple[int, int, int]:
+        """(layers, kv heads, head size): what a cache must share with another to take its keys."""
+        return (len(self.keys), self.keys[0].shape[1], self.keys[0].shape[3]) if self.keys else (0, 0, 0)
+
     def copy_prefix_from(self, other: "KVCache", length: int, row: int = 0) -> bool:
         """Copy positions 0..length-1 of every layer's keys and values from ``other``'s first row
         into batch row ``row`` (the engine's prompt cache); False, copying nothing, when the two
-        differ in layers, heads or head size, or either holds fewer positions."""
-        if len(other.keys) != len(self.keys) or length > min(self.max_len, other.max_len):
-            return False
-        if any(a.shape[1] != b.shape[1] or a.shape[3] != b.shape[3] for a, b in zip(self.keys, other.keys)):
+        differ in geometry or either holds fewer positions."""
+        if other.geometry != self.geometry or length > min(self.max_len, other.max_len):
             return False
         for mine, theirs in itertools.chain(zip(self.keys, other.keys), zip(self.values, other.values)):
             mine[row, :, :length].copy_(theirs[0, :, :length])
