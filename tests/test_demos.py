@@ -274,6 +274,8 @@ def test_demo_flags():
     args = multi_turn.build_parser().parse_args([])
     assert (args.pretrained_path, args.max_seq_len, args.n_gpus, args.dtype) == (None, 2048, 1, "bf16")
     assert args.prompt_cache_slots == 4
+    with pytest.raises(SystemExit, match="--prompt_cache_slots must be 0 or more"):
+        multi_turn.main(["--prompt_cache_slots", "-1"])
 
 
 def test_quant_flag_loads_quantized(tiny_llama_dir):

@@ -219,6 +219,8 @@ def test_chat_faces_turn_it_on(checkpoint, monkeypatch):
     assert model.engine.prompt_cache and model.engine.prompt_cache_slots == 1
     args.prompt_cache_slots = 3  # the server's and the multi-turn demo's flag
     assert load_chat_model(args).engine.prompt_cache_slots == 3
+    args.prompt_cache_slots = 0
+    assert not load_chat_model(args).engine.prompt_cache
     monkeypatch.setenv("ACCESSORY_PROMPT_CACHE", "0")
     assert not load_chat_model(args).engine.prompt_cache
 

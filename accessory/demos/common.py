@@ -73,13 +73,14 @@ def load_chat_model(args: argparse.Namespace, with_visual: bool = False, mp_grou
     """``load_model`` for the faces that hold a conversation (the multi-turn demo, the server): the
     engine's prompt cache on (each turn prefills only what the last one did not hold; see
     generation/engine.py), unless ``ACCESSORY_PROMPT_CACHE=0``, with ``args.prompt_cache_slots``
-    conversations kept (1 when the face has no such flag) in ``args.prompt_cache_mb`` MiB (the
+    conversations kept (1 when the face has no such flag; 0 turns the cache off) in ``args.prompt_cache_mb`` MiB (the
     most recent one aside; no bound without the flag)."""
     from accessory.generation.engine import prompt_cache_enabled
 
     model = load_model(args, with_visual=with_visual, mp_group=mp_group)
-    model.engine.prompt_cache = prompt_cache_enabled(default=True)
-    model.engine.prompt_cache_slots = getattr(args, "prompt_cache_slots", 1)
+    slots = getattr(args, "prompt_cache_slots", 1)
+    model.engine.prompt_cache = prompt_cache_enabled(default=True) and slots != 0
+    model.engine.prompt_cache_slots = slots
     megabytes = getattr(args, "prompt_cache_mb", None)
     model.engine.prompt_cache_bytes = None if megabytes is None else int(megabytes * 2 ** 20)
     return model

@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_args(parser)
     parser.add_argument("--prompt_cache_slots", type=int, default=4,
                         help="conversations (browser sessions) whose keys and values are kept for their next "
-                             "turn (default 4)")
+                             "turn (default 4; 0 turns the prompt cache off)")
     parser.add_argument("--prompt_cache_mb", type=float, default=2048,
                         help="memory the kept conversations may hold together, in MiB, the most recent one "
                              "aside (default 2048)")
@@ -210,6 +210,9 @@ def check_chat_args(args: argparse.Namespace) -> None:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     check_chat_args(args)
+    for flag in ("prompt_cache_slots", "prompt_cache_mb"):
+        if getattr(args, flag) < 0:
+            sys.exit(f"error: --{flag} must be 0 or more, got {getattr(args, flag)}")
     args.pretrained_path = [str(p) for p in checkpoint_dirs(args.pretrained_path)]
     template_name = _chat_template_for(Path(args.pretrained_path[-1]), args.template)
     run_with_spawned_followers(args, args.n_gpus, load_chat_model,

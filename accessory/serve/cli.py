@@ -86,8 +86,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     last = Path(args.pretrained_path[-1])
     template_name = _chat_template_for(last, args.template)
     model = load_chat_model(args)
-    if args.prompt_cache_slots == 0:
-        model.engine.prompt_cache = False
     name = args.model_name or last.resolve().name
     try:
         service = OpenAIService(model, name, template_name, max_batch=args.max_batch)
