@@ -2,7 +2,7 @@
 against llama.cpp (which reuses a matching prompt prefix the same way) on the same random weights.
 
     python benchmarks/chat_turns.py [--shape XS|S] [--turns 8] [--message-tokens 48] [--new-tokens 16]
-                                    [--threads 2] [--repeats 3] [--no-llama-cpp]
+                                    [--threads 2] [--repeats 3] [--no-llama-cpp] [--image-words N]
 
 A chat face sends the whole conversation every turn: turn k's prompt is BOS, then for every earlier
 turn its user message and its answer, then the new user message. The messages and answers here are
@@ -16,6 +16,12 @@ Engines, each run through the whole conversation once per round, in interleaved 
   ours fresh  prompt_cache=False (MetaModel.generate / stream_generate unless asked for)
   llama.cpp   llama-cpp-python's Llama.generate on the F16 GGUF export, whose context keeps the
               previous prompt and decodes only the tokens after the longest shared prefix
+With --image-words N the conversation is about one picture: N vectors (random, of the token
+embeddings' scale) after BOS in every turn's prompt, where SPHINX's ``tagged`` layout puts an
+image (SPHINX-Tiny's five 224-pixel views insert 5 x 259 = 1,295). The text model takes them as
+any multimodal type's decoder does; the encoders' own time is image_encode.py's (and MetaModel
+keeps the last encodings). llama.cpp takes no part then.
+
 Prints, per engine, the median over rounds of: the median time to first token over turns 2..N,
 the last turn's time to first token, and the whole conversation's time; then the ratios.
 """
@@ -57,14 +63,15 @@ def prompts(script, bos: int):
 
 
 class Ours:
-    def __init__(self, model, prompt_cache: bool):
+    def __init__(self, model, prompt_cache: bool, image=None):
         self.engine = GenerationEngine(model.llma, model.tokenizer, eos_ids=[], prompt_cache=prompt_cache)
+        self.image = image  # (1, N, dim) or None
 
     def turn(self, ids, new_tokens: int):
         """(seconds to the first token, seconds for the turn)"""
         t0 = time.perf_counter()
         first = None
-        for _ in self.engine.run([ids], [new_tokens], SamplingParams()):
+        for _ in self.engine.run([ids], [new_tokens], SamplingParams(), image_embeds=self.image):
             if first is None:
                 first = time.perf_counter() - t0
         return first, time.perf_counter() - t0
@@ -111,23 +118,33 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-llama-cpp", action="store_true")
+    parser.add_argument("--image-words", type=int, default=0,
+                        help="a picture of this many vectors after BOS in every turn (no llama.cpp then)")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "accessory-bench"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     directory = build_checkpoint(args.shape, Path(args.workdir))
     script = conversation(args.turns, args.message_tokens)
     n_ctx = 1 + 2 * args.turns * args.message_tokens + args.new_tokens
-    model = MetaModel.from_pretrained(str(directory), max_seq_len=n_ctx, dtype=torch.bfloat16, device="cpu",
-                                      progress=False)
+    model = MetaModel.from_pretrained(str(directory), max_seq_len=n_ctx + args.image_words, dtype=torch.bfloat16,
+                                      device="cpu", progress=False)
     turn_prompts = prompts(script, model.tokenizer.bos_id)
-    engines = {"ours cache": Ours(model, True), "ours fresh": Ours(model, False)}
-    why_not = "--no-llama-cpp" if args.no_llama_cpp else llama_cpp_missing()
+    image = None
+    if args.image_words:
+        model.llma.image_layout = "tagged"  # the text decoder takes the vectors as SPHINX's does
+        scale = model.llma.tok_embeddings.weight.float().std()
+        image = (scale * torch.randn(1, args.image_words, model.llma.tok_embeddings.weight.shape[1],
+                                     generator=torch.Generator().manual_seed(8))).to(torch.bfloat16)
+    engines = {"ours cache": Ours(model, True, image), "ours fresh": Ours(model, False, image)}
+    why_not = ("--no-llama-cpp" if args.no_llama_cpp else "--image-words (it takes no pictures here)"
+               if args.image_words else llama_cpp_missing())
     if why_not:
         print(f"llama.cpp: skipped, {why_not}", flush=True)
     else:
         engines["llama.cpp f16"] = LlamaCppChat(export_ggufs(directory, ["f16"])["f16"], args.threads, n_ctx)
     print(f"{args.shape}: {args.turns} turns of {args.message_tokens}-token messages and answers, "
-          f"last prompt {len(turn_prompts[-1])} tokens, {args.new_tokens} new tokens a turn", flush=True)
+          f"last prompt {len(turn_prompts[-1])} tokens, {args.new_tokens} new tokens a turn"
+          + (f", a picture of {args.image_words} vectors after BOS" if args.image_words else ""), flush=True)
     for engine in engines.values():  # warm-up: kernels built, caches touched
         run_conversation(engine, turn_prompts[:2], 2)
     samples = {name: [] for name in engines}

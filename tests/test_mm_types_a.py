@@ -582,3 +582,32 @@ def test_encoder_config_fields_of_other_types_are_refused():
             llama_adapter.Transformer(llama_adapter.ModelArgs(**small, visual_config={"depth": 1}), with_visual=True)
         # without with_visual the encoder fields are not looked at
         llama_qformerv2.Transformer(llama_qformerv2.ModelArgs(**small, clip_config=CLIP_TINY))
+
+
+def test_adapter_image_runs_are_not_served_from_the_prompt_cache(adapter):
+    """The adapter's image changes every text position's keys (its prefix), so an image run
+    neither reuses a text run's cache nor leaves its own to text runs."""
+    from accessory.generation.sampling import SamplingParams
+
+    model = adapter.model
+    ids = model.tokenizer.encode(PROMPT, bos=True, eos=False)
+    vectors = model.llma.encode_images(images(3))
+
+    def run(image_embeds):
+        states = None
+        for states in model.engine.run([ids], [6], SamplingParams(), logprobs=True, image_embeds=image_embeds):
+            pass
+        return states[0]
+    fresh_image, fresh_text = run(vectors), run(None)
+    model.engine.prompt_cache = True
+    try:
+        run(None)
+        with_image = run(vectors)
+        assert with_image.cached_tokens == 0
+        assert with_image.new_tokens == fresh_image.new_tokens == adapter.greedy(ids, images(3)[0], 6)
+        assert run(vectors).cached_tokens == 0
+        text = run(None)
+        assert text.cached_tokens == len(ids) and text.new_tokens == fresh_text.new_tokens
+    finally:
+        model.engine.prompt_cache = False
+        model.engine.clear_prompt_cache()

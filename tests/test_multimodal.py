@@ -341,3 +341,103 @@ def test_the_same_picture_again_is_not_encoded_again(case, monkeypatch):
         model.generate([PROMPTS[0]], [images(seed)[0]], max_gen_len=1)
     model.generate([PROMPTS[0]], [picture], max_gen_len=1)
     assert len(calls) == 3 + meta.IMAGE_MEMO_SIZE + 1
+
+
+def _engine_run(engine, prompts, image_embeds, new_tokens=8):
+    states = None
+    for states in engine.run(prompts, [new_tokens] * len(prompts), SamplingParams(), logprobs=True,
+                             image_embeds=image_embeds):
+        pass
+    return states
+
+
+@pytest.fixture
+def chat_case(case):
+    """(model, an engine with the prompt cache, one without, N) on a model with room for turns."""
+    from accessory.generation.engine import GenerationEngine
+
+    layout, _, _, _, directory = case
+    model = MetaModel.from_pretrained(str(directory), with_visual=True, max_seq_len=128, dtype=torch.float32,
+                                      device="cpu", progress=False)
+    eos = [model.tokenizer.eos_id]
+    return (model, GenerationEngine(model.llma, model.tokenizer, eos, prompt_cache=True),
+            GenerationEngine(model.llma, model.tokenizer, eos, prompt_cache=False), model.get_image_words())
+
+
+def test_a_chat_about_one_picture_reuses_its_positions(chat_case):
+    """The next turn about the same picture (its vectors encoded again: equal bytes, new tensor)
+    copies the picture's positions and the history, and answers as a fresh prefill does."""
+    model, cached, fresh, n = chat_case
+    vectors = model.llma.encode_images(images(21))
+    first_ids = model.tokenizer.encode(PROMPTS[0], bos=True, eos=False)
+    first = _engine_run(cached, [first_ids], vectors)[0]
+    assert first.cached_tokens == 0 and len(first.new_tokens) == 8
+    ids = first_ids + first.new_tokens + model.tokenizer.encode(" " + PROMPTS[1], bos=False, eos=False)
+    got = _engine_run(cached, [ids], model.llma.encode_images(images(21)))[0]
+    want = _engine_run(fresh, [ids], vectors)[0]
+    assert got.cached_tokens == n + len(first_ids) + len(first.new_tokens) - 1  # the last answer token was not fed
+    assert got.new_tokens == want.new_tokens
+    assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+    # the same turn again (a regenerated answer): all of it reused, bit for bit the first time
+    again = _engine_run(cached, [ids], vectors)[0]
+    assert again.cached_tokens == n + len(ids)
+    assert again.new_tokens == got.new_tokens and again.logprobs == got.logprobs
+    # the same text about another picture: nothing reused, and its own answer
+    other = model.llma.encode_images(images(22))
+    got, want = _engine_run(cached, [ids], other)[0], _engine_run(fresh, [ids], other)[0]
+    assert got.cached_tokens == 0
+    assert got.new_tokens == want.new_tokens and got.logprobs == want.logprobs
+    # the picture's text without the picture: only what precedes the picture's place
+    text = _engine_run(cached, [ids], None)[0]
+    assert text.cached_tokens == (1 if model.llma.image_layout == "tagged" else 0)  # BOS, before the picture
+    assert text.new_tokens == _engine_run(fresh, [ids], None)[0].new_tokens
+
+
+def test_a_batch_mixes_reused_pictures_new_pictures_and_text(chat_case):
+    """One prefill: a row continuing a picture's conversation from its kept cache, a row whose
+    new picture goes in at position 0, a text row; each as the fresh batch gives it, and each
+    row's next turn reuses its own cache."""
+    model, cached, fresh, n = chat_case
+    one, two = model.llma.encode_images(images(23))[0], model.llma.encode_images(images(24))[0]
+    first_ids = model.tokenizer.encode(PROMPTS[0], bos=True, eos=False)
+    first = _engine_run(cached, [first_ids], [one])[0]
+    cont = first_ids + first.new_tokens + model.tokenizer.encode(" " + PROMPTS[1], bos=False, eos=False)
+    prompts = [cont, model.tokenizer.encode(PROMPTS[1], bos=True, eos=False),
+               model.tokenizer.encode("Hello there", bos=True, eos=False)]
+    cached.prompt_cache_slots = 3
+    got = _engine_run(cached, prompts, [one, two, None], new_tokens=6)
+    want = _engine_run(fresh, prompts, [one, two, None], new_tokens=6)
+    assert [row.cached_tokens for row in got] == [n + len(first_ids) + len(first.new_tokens) - 1, 0, 0]
+    for g, w in zip(got, want):
+        assert g.new_tokens == w.new_tokens
+        assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+    for row, prompt, picture in zip(got, prompts, [one, two, None]):
+        follow = prompt + row.new_tokens + model.tokenizer.encode(" Why?", bos=False, eos=False)
+        kept = n if picture is not None else 0
+        nxt = _engine_run(cached, [follow], None if picture is None else [picture])[0]
+        assert nxt.cached_tokens == kept + len(prompt) + len(row.new_tokens) - 1
+        assert nxt.new_tokens == _engine_run(fresh, [follow], None if picture is None else [picture])[0].new_tokens
+
+
+def test_a_picture_chat_through_stream_generate_with_the_cache(case):
+    """MetaModel with the cache on: the next turn's streamed answer is the fresh generate's."""
+    _, _, _, _, directory = case
+    model = MetaModel.from_pretrained(str(directory), with_visual=True, max_seq_len=128, dtype=torch.float32,
+                                      device="cpu", progress=False)
+    model.engine.prompt_cache = True
+    picture = images(25)[0]
+    first = model.generate([PROMPTS[0]], [picture], **GEN)[0]
+    follow = PROMPTS[0] + first + " " + PROMPTS[1]
+    prefills, forward = [], model.llma.forward_tokens
+
+    def counting(tokens, positions, *args, **kwargs):
+        if positions.shape[1] > 1:
+            prefills.append(positions[0].tolist())
+        return forward(tokens, positions, *args, **kwargs)
+    model.llma.forward_tokens = counting
+    got = list(model.stream_generate(follow, picture, **GEN))[-1]["text"]
+    whole = model.get_image_words() + len(model.tokenizer.encode(follow, bos=True, eos=False))
+    reused = model.get_image_words() + len(model.tokenizer.encode(PROMPTS[0], bos=True, eos=False))
+    assert prefills[0][0] >= reused and prefills[0][-1] == whole - 1  # only the new turn's positions
+    model.engine.prompt_cache = False
+    assert got == model.generate([follow], [picture], **GEN)[0]

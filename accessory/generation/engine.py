@@ -29,11 +29,20 @@ exactly. Otherwise reused keys were computed by other steps than a fresh prefill
 for an answer, a prefill of another length or batch), so a reused turn can differ from a fresh
 one by rounding, as llama.cpp's prompt reuse does: hence off for ``generate`` /
 ``stream_generate`` unless asked for. Nothing is reused when the model's weights (their memory,
-or an in-place write torch counts) or hooks changed since, or for image runs.
+or an in-place write torch counts) or hooks changed since.
 ``prompt_cache=True`` (or the attribute) turns it on, ``ACCESSORY_PROMPT_CACHE=1`` / ``0`` where
 the code does not say; ``clear_prompt_cache()`` frees the kept caches.
+
+Images (the ``tagged`` and ``prefix`` layouts) take part: a row's positions are held as its text
+ids with its image's vectors at their positions, each such position keyed by a digest of the
+vectors' bytes, so a multimodal chat's next turn about the same picture reuses the picture's
+positions and the history (the SPHINX encoders put hundreds to thousands of vectors there). An
+image is reused whole or not at all: a row whose image is not reused prefills from 0. The
+``adapter`` layout's image changes every text position's keys through the adapter prefix, which
+its cache keeps apart: its image runs are not cached.
 """
 
+import hashlib
 import itertools
 import os
 import threading
@@ -42,7 +51,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..model.layers.multimodal import image_offsets, insert_images
+from ..model.layers.multimodal import image_offsets, insert_images, insert_index
 from .cuda_graphs import GraphedDecoder, cuda_graphs_enabled, weights_state
 from .detokenize import IncrementalDetokenizer
 from .sampling import Sampler, SamplingParams
@@ -93,6 +102,15 @@ class _KeptCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in itertools.chain(self.cache.keys, self.cache.values))
+
+
+def _image_key(vectors: torch.Tensor) -> tuple:
+    """What stands for each of an image's positions among a row's held ids: a digest of all its
+    vectors' bytes (one tuple, repeated at each of its positions)."""
+    data = vectors.detach().to("cpu").contiguous()
+    digest = hashlib.sha1(f"{tuple(data.shape[-2:])} {data.dtype}".encode())
+    digest.update(data.reshape(-1).view(torch.uint8).numpy())
+    return ("image", digest.hexdigest())
 
 
 def _common_prefix(a: List[int], b: List[int]) -> int:
@@ -229,23 +247,31 @@ class GenerationEngine:
             yield rows
             return
 
-        offsets = image_offsets(image_embeds, len(rows), self.model.image_layout)  # image positions before each row's text
+        layout = self.model.image_layout
+        offsets = image_offsets(image_embeds, len(rows), layout)  # image positions before each row's text
         capacity = max(offsets[i] + rows[i].prompt_len + rows[i].max_new_tokens for i in active)
-        # text prompts: reuse kept caches' shared prefixes, and keep this run's rows' caches after it
-        keep = self.prompt_cache and image_embeds is None
+        # reuse kept caches' shared prefixes, and keep this run's rows' caches after it
+        keep = self.prompt_cache and (image_embeds is None or layout in ("tagged", "prefix"))
+        # per row, the ids its cache positions will hold, its image's positions included
+        held = {i: self._position_ids(prompts[i], image_embeds, i, offsets[i]) for i in active} if keep else {}
         single = len(active) == 1
         kept_for, starts = [None] * len(active), [0] * len(active)
         if keep:
             state = weights_state(self.model, count_writes=True)
             geometry = (self.model.n_layers, self.model.n_kv_heads, self.model.head_dim)
             for slot, i in enumerate(active):
-                kept_for[slot], starts[slot] = self._take_kept(prompts[i], state)
+                kept_for[slot], starts[slot] = self._take_kept(held[i], state)
                 if kept_for[slot] is not None and kept_for[slot].cache.geometry != geometry:
                     starts[slot] = 0
                 if not single:  # a batch prefills at least each row's last token (kept logits: one row only)
-                    starts[slot] = min(starts[slot], rows[i].prompt_len - 1)
+                    starts[slot] = min(starts[slot], len(held[i]) - 1)
+                if offsets[i] and starts[slot] < insert_index(layout) + offsets[i]:
+                    starts[slot] = 0  # (an image is reused whole or not at all)
             starts = self._agree_min(starts)
-        longest = max(rows[i].prompt_len - starts[slot] for slot, i in enumerate(active))
+        # text tokens each row's prefill starts from, and how many positions it writes
+        text_from = [starts[slot] - offsets[i] if starts[slot] else 0 for slot, i in enumerate(active)]
+        lengths = [offsets[i] + rows[i].prompt_len - starts[slot] for slot, i in enumerate(active)]
+        longest = max(lengths)
         # (a row that starts later writes its padding further on: room for it)
         capacity = max(capacity, max(starts) + longest)
         cache = self.model.new_kv_cache(len(active), capacity)
@@ -253,39 +279,44 @@ class GenerationEngine:
             if starts[slot] > 0 and not cache.copy_prefix_from(kept.cache, starts[slot], row=slot):
                 raise RuntimeError(f"a kept cache could not serve {starts[slot]} positions of row {slot}: "
                                    f"turn the prompt cache off (ACCESSORY_PROMPT_CACHE=0) and report this")
-        first_logits = kept_for[0].logits if single and starts[0] == rows[active[0]].prompt_len > 0 else None
+        first_logits = kept_for[0].logits if single and starts[0] > 0 and lengths[0] == 0 else None
         kept_for = kept = None  # (a superseded kept cache's memory goes before the prefill needs more)
-        cached = {}  # row -> leading tokens of its prompt + new tokens that `cache` holds
+        cached = {}  # row -> leading positions of its held ids + new tokens that `cache` holds
         for slot, i in enumerate(active):
             rows[i].cached_tokens = cached[i] = starts[slot]
         kept_rows = 0
         try:
-            tokens = torch.zeros((len(active), longest), dtype=torch.long, device=device)
+            tokens = torch.zeros((len(active), max(rows[i].prompt_len - text_from[slot]
+                                                   for slot, i in enumerate(active))),
+                                 dtype=torch.long, device=device)
             for slot, i in enumerate(active):
-                tokens[slot, : rows[i].prompt_len - starts[slot]] = torch.tensor(list(prompts[i][starts[slot]:]),
-                                                                                 dtype=torch.long)
+                tokens[slot, : rows[i].prompt_len - text_from[slot]] = torch.tensor(prompts[i][text_from[slot]:],
+                                                                                    dtype=torch.long)
+            positions = (torch.tensor(starts, device=device)[:, None]
+                         + torch.arange(longest, device=device)[None, :])
+            if len(set(starts)) == 1:  # (the cache's write plan then takes one slice for all rows)
+                positions = torch.arange(starts[0], starts[0] + longest, device=device).expand(len(active), longest)
+            last_index = torch.tensor([n - 1 for n in lengths], device=device)
+            # rows whose image goes into this prefill (all of them in the adapter layout)
+            inserted = [slot for slot, i in enumerate(active)
+                        if offsets[i] and starts[slot] == 0 or image_embeds is not None and layout == "adapter"]
             if first_logits is not None:  # the kept run's own prompt: its prefill's logits
                 logits = first_logits.clone()
-            elif image_embeds is None:
-                if len(set(starts)) == 1:
-                    positions = torch.arange(starts[0], starts[0] + longest, device=device).expand(len(active), longest)
-                else:
-                    positions = (torch.tensor(starts, device=device)[:, None]
-                                 + torch.arange(longest, device=device)[None, :])
-                last_index = torch.tensor([rows[i].prompt_len - 1 - starts[slot] for slot, i in enumerate(active)],
-                                          device=device)
+            elif not inserted:
                 logits = self.model.forward_tokens(tokens, positions, cache, output_index=last_index)
             else:
-                row_images = (image_embeds[active] if isinstance(image_embeds, torch.Tensor)
-                              else [image_embeds[i] for i in active])
-                inputs = insert_images(self.model.embed_tokens(tokens), [rows[i].prompt_len for i in active],
-                                       row_images, self.model.image_layout)
-                last_index = torch.tensor([n - 1 for n in inputs.lengths], device=device)
-                logits = self.model.forward_tokens(None, inputs.positions, cache, output_index=last_index,
+                row_images = [image_embeds[i] if slot in inserted else None
+                              for slot, i in enumerate(active)]
+                if layout == "adapter" and isinstance(image_embeds, torch.Tensor):
+                    row_images = image_embeds[active]
+                inputs = insert_images(self.model.embed_tokens(tokens),
+                                       [rows[i].prompt_len - text_from[slot] for slot, i in enumerate(active)],
+                                       row_images, layout)
+                logits = self.model.forward_tokens(None, positions, cache, output_index=last_index,
                                                    input_embeds=inputs.embeds, image_prefix=inputs.prefix)
             first_logits = {}
             for slot, i in enumerate(active):
-                cached[i] = rows[i].prompt_len
+                cached[i] = offsets[i] + rows[i].prompt_len
                 if keep:
                     first_logits[i] = logits[slot:slot + 1].clone()
 
@@ -309,7 +340,7 @@ class GenerationEngine:
                         state = weights_state(self.model, count_writes=True)
                         for slot, i in enumerate(active):
                             if rows[i].finished and kept_rows < self.prompt_cache_slots:
-                                self._keep_row(cache.row_prefix(slot, cached[i]), prompts[i], rows[i], cached[i],
+                                self._keep_row(cache.row_prefix(slot, cached[i]), held[i], rows[i], cached[i],
                                                first_logits.get(i), state)
                                 kept_rows += 1
                     cache.select_rows(torch.tensor(still, device=device))
@@ -323,7 +354,7 @@ class GenerationEngine:
                 else:  # (batch, 1, vocab): one token a row, so no index to gather by
                     logits = self.model.forward_tokens(step_tokens, step_positions, cache)[:, 0]
                 for i in active:
-                    cached[i] = rows[i].prompt_len + len(rows[i].new_tokens)
+                    cached[i] = offsets[i] + rows[i].prompt_len + len(rows[i].new_tokens)
         finally:  # also when the caller stops early or a step fails: the positions written before
             if keep:
                 state = weights_state(self.model, count_writes=True)
@@ -332,14 +363,23 @@ class GenerationEngine:
                         break
                     # the last row of a run keeps the cache itself; rows of a batch, copies
                     row_cache = cache if cache.batch_size == 1 else cache.row_prefix(slot, cached[i])
-                    self._keep_row(row_cache, prompts[i], rows[i], cached[i],
+                    self._keep_row(row_cache, held[i], rows[i], cached[i],
                                    first_logits.get(i) if isinstance(first_logits, dict) else None, state)
                     kept_rows += 1
 
-    def _keep_row(self, cache, prompt: List[int], row: RowState, cached: int, logits: Optional[torch.Tensor],
+    def _position_ids(self, prompt: List[int], image_embeds, row: int, n_image: int) -> list:
+        """The ids a row's cache positions hold before its new tokens: the prompt's, with its
+        image's (``n_image`` vectors) at their place in the layout as :func:`_image_key`."""
+        if not n_image:
+            return list(prompt)
+        at = insert_index(self.model.image_layout)
+        return prompt[:at] + [_image_key(image_embeds[row])] * n_image + prompt[at:]
+
+    def _keep_row(self, cache, prompt: list, row: RowState, cached: int, logits: Optional[torch.Tensor],
                   state: tuple):
-        """Keep ``cache`` (one row) as holding the first ``cached`` ids of ``prompt`` + its new
-        tokens, computed by weights in ``state``."""
+        """Keep ``cache`` (one row) as holding the first ``cached`` ids of ``prompt`` (the ids of
+        its prompt's positions, :meth:`_position_ids`) + its new tokens, computed by weights in
+        ``state``."""
         if cached <= 0:  # (a prefill that failed with nothing reused holds nothing)
             return
         held = (list(prompt) + row.new_tokens)[:cached]
