@@ -124,6 +124,8 @@ def test_a_run_stopped_early_keeps_what_it_wrote(model):
     answer = list(rows[0].new_tokens)
     run.close()
     assert len(answer) == 3
+    # the cache had room for 20 new tokens; the kept one holds what was written, no more
+    assert cached._kept[0].cache.max_len == len(first_ids) + 2
     ids = first_ids + answer + _encode(model, MORE)
     got, want = _run(cached, ids), _run(fresh, ids)
     assert got.cached_tokens == len(first_ids) + 2  # the third token was never fed back

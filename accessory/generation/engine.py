@@ -361,8 +361,11 @@ class GenerationEngine:
                 for slot, i in enumerate(active):
                     if kept_rows >= self.prompt_cache_slots:
                         break
-                    # the last row of a run keeps the cache itself; rows of a batch, copies
-                    row_cache = cache if cache.batch_size == 1 else cache.row_prefix(slot, cached[i])
+                    # the last row of a run keeps the cache itself, unless a quarter or more of it
+                    # was never written (room for a longer answer, up to the whole context: a 7B
+                    # llama-2 cache of 4096 positions takes 2 GiB); rows of a batch, copies
+                    whole = cache.batch_size == 1 and 4 * cached[i] >= 3 * cache.max_len
+                    row_cache = cache if whole else cache.row_prefix(slot, cached[i])
                     self._keep_row(row_cache, held[i], rows[i], cached[i],
                                    first_logits.get(i) if isinstance(first_logits, dict) else None, state)
                     kept_rows += 1
