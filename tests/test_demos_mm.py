@@ -180,6 +180,37 @@ def test_mm_demo_flags():
     assert single_turn_mm.build_parser().parse_args([]).image_transform == "resized_center_crop"
     args = multi_turn_mm.build_parser().parse_args([])
     assert (args.max_seq_len, args.n_gpus, args.template) == (2048, 1, "auto")
+    assert (args.prompt_cache_slots, args.prompt_cache_mb) == (4, 2048)
+    with pytest.raises(SystemExit, match="--prompt_cache_mb must be 0 or more"):
+        multi_turn_mm.main(["--pretrained_path", "a", "--prompt_cache_mb", "-1"])
+
+
+def test_multi_turn_mm_keeps_a_pictures_positions_for_the_next_turn(mm_dir, monkeypatch):
+    """The multi-turn mm demo loads with the prompt cache on: the second turn about the picture
+    prefills only its new positions, and answers as a fresh generate does."""
+    from accessory.demos.common_mm import load_multimodal_chat_model
+
+    monkeypatch.delenv("ACCESSORY_PROMPT_CACHE", raising=False)
+    args = multi_turn_mm.build_parser().parse_args(["--pretrained_path", str(mm_dir), "--dtype", "fp32", "--device",
+                                                    "cpu", "--max_seq_len", "256", "--prompt_cache_slots", "2"])
+    model = load_multimodal_chat_model(args)
+    assert model.engine.prompt_cache and model.engine.prompt_cache_slots == 2
+    image, qas = picture(5), [["What is this?", None]]
+    qas[0][1] = list(multi_turn_mm.stream_reply(model, image, qas, "default", **GEN))[-1]
+    qas.append(["Which colours?", None])
+    prefills, forward = [], model.llma.forward_tokens
+
+    def counting(tokens, positions, *rest, **kwargs):
+        if positions.shape[1] > 1:
+            prefills.append(int(positions[0, 0]))
+        return forward(tokens, positions, *rest, **kwargs)
+    monkeypatch.setattr(model.llma, "forward_tokens", counting)
+    answer = list(multi_turn_mm.stream_reply(model, image, qas, "default", **GEN))[-1]
+    assert prefills and prefills[0] > model.get_image_words()  # the picture and the first turn reused
+    prompt, stop = multi_turn.build_conversation_prompt(qas, "default")
+    model.engine.prompt_cache = False
+    assert answer == model.generate([prompt], pixels_of(image, "padded_resize"), additional_stop_symbols=[stop],
+                                    **GEN)[0].strip()
 
 
 def test_mm_demos_refuse_models_without_images(tiny_llama_dir, tiny_llama_model, monkeypatch):

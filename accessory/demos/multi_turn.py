@@ -175,18 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m accessory.demos.multi_turn", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_chat_args(parser)
-    parser.add_argument("--prompt_cache_slots", type=int, default=4,
-                        help="conversations (browser sessions) whose keys and values are kept for their next "
-                             "turn (default 4; 0 turns the prompt cache off)")
-    parser.add_argument("--prompt_cache_mb", type=float, default=2048,
-                        help="memory the kept conversations may hold together, in MiB, the most recent one "
-                             "aside (default 2048)")
     return parser
 
 
 def add_chat_args(parser: argparse.ArgumentParser) -> None:
     """The multi-turn demos' flags (this demo and multi_turn_mm): model flags plus --n_gpus,
-    --template and --master_port / --master_addr (where the --n_gpus processes meet)."""
+    --template, --master_port / --master_addr (where the --n_gpus processes meet) and the prompt
+    cache's --prompt_cache_slots / --prompt_cache_mb."""
     add_model_args(parser, max_seq_len=2048)
     parser.add_argument("--n_gpus", type=int, default=1,
                         help="model-parallel processes, one GPU each (on the CPU: N processes sharing it); "
@@ -198,21 +193,27 @@ def add_chat_args(parser: argparse.ArgumentParser) -> None:
                         help="port where the --n_gpus processes meet (default: a free one)")
     parser.add_argument("--master_addr", type=str, default="127.0.0.1",
                         help="address where the --n_gpus processes meet (default 127.0.0.1)")
+    parser.add_argument("--prompt_cache_slots", type=int, default=4,
+                        help="conversations (browser sessions) whose keys and values are kept for their next "
+                             "turn (default 4; 0 turns the prompt cache off)")
+    parser.add_argument("--prompt_cache_mb", type=float, default=2048,
+                        help="memory the kept conversations may hold together, in MiB, the most recent one "
+                             "aside (default 2048)")
 
 
 def check_chat_args(args: argparse.Namespace) -> None:
-    """Exit with the reason when --n_gpus or --template cannot be served."""
+    """Exit with the reason when --n_gpus, --template or a prompt cache flag cannot be served."""
     check_process_count(args.n_gpus, "--n_gpus")
     if args.template != "auto" and args.template not in conv_templates:
         sys.exit(f"error: unknown --template {args.template!r}; known: auto, {', '.join(conv_templates)}")
+    for flag in ("prompt_cache_slots", "prompt_cache_mb"):
+        if getattr(args, flag) < 0:
+            sys.exit(f"error: --{flag} must be 0 or more, got {getattr(args, flag)}")
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     check_chat_args(args)
-    for flag in ("prompt_cache_slots", "prompt_cache_mb"):
-        if getattr(args, flag) < 0:
-            sys.exit(f"error: --{flag} must be 0 or more, got {getattr(args, flag)}")
     args.pretrained_path = [str(p) for p in checkpoint_dirs(args.pretrained_path)]
     template_name = _chat_template_for(Path(args.pretrained_path[-1]), args.template)
     run_with_spawned_followers(args, args.n_gpus, load_chat_model,

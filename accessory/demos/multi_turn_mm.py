@@ -27,7 +27,7 @@ if not __package__:  # run as a file: make `import accessory` find this checkout
 from accessory.cli import _chat_template_for  # noqa: E402
 from accessory.demos.common import checkpoint_dirs, launch  # noqa: E402
 from accessory.demos.common_mm import (IMAGE_TRANSFORMS, check_transform, image_tensor,  # noqa: E402
-                                       load_multimodal_model, require_checkpoint)
+                                       load_multimodal_chat_model, require_checkpoint)
 from accessory.demos.multi_turn import (DEFAULT_TEMPERATURE, DEFAULT_TOP_P, TEMPLATE_CHOICES,  # noqa: E402
                                         add_chat_args, build_conversation_prompt, check_chat_args,
                                         messages_to_qas, show_user_input, undo)
@@ -122,7 +122,7 @@ def main(argv=None) -> None:
     require_checkpoint(args)
     args.pretrained_path = [str(p) for p in checkpoint_dirs(args.pretrained_path)]
     template_name = _chat_template_for(Path(args.pretrained_path[-1]), args.template)
-    run_with_spawned_followers(args, args.n_gpus, load_multimodal_model,
+    run_with_spawned_followers(args, args.n_gpus, load_multimodal_chat_model,
                                lambda model, args: launch(build_demo(model, template_name, args.max_seq_len), args))
 
 
