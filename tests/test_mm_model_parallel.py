@@ -98,6 +98,26 @@ def _visual_shapes(model) -> dict:
     return {k: list(v.shape) for k, v in model.llma.state_dict().items() if not k.startswith(TEXT_PREFIXES)}
 
 
+def _picture_chat(model, reference, image) -> dict:
+    """Two turns about one picture with the prompt cache on: where the second turn's prefill
+    starts, its answer, and the one-process answer without the cache."""
+    model.engine.prompt_cache = True
+    first = model.generate([PROMPTS[0]], image, max_gen_len=GEN_LEN)[0]
+    follow = PROMPTS[0] + first + " " + PROMPTS[1]
+    starts, forward = [], model.llma.forward_tokens
+
+    def counting(tokens, positions, *rest, **kwargs):
+        if positions.shape[1] > 1:
+            starts.append(int(positions[0, 0]))
+        return forward(tokens, positions, *rest, **kwargs)
+    model.llma.forward_tokens = counting
+    text = model.generate([follow], image, max_gen_len=GEN_LEN)[0]
+    model.llma.forward_tokens = forward
+    model.engine.prompt_cache = False
+    return {"start": starts[0], "text": text, "expected": reference.generate([follow], image, max_gen_len=GEN_LEN)[0],
+            "words": model.get_image_words(), "layout": model.llma.image_layout}
+
+
 def _worker(rank: int, port: int, cases: dict, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
@@ -124,10 +144,12 @@ def _worker(rank: int, port: int, cases: dict, out_dir: str) -> None:
                 "max_diff": max((a - b).abs().max().item() for a, b in zip(logits, expected)),
                 "close": all(torch.allclose(a, b, atol=1e-5, rtol=1e-5) for a, b in zip(logits, expected)),
                 "greedy": model.generate(PROMPTS, images, max_gen_len=GEN_LEN),
-                "encoded_batches": seen,
+                "encoded_batches": list(seen),
                 "visual": _visual_shapes(model),
                 "wq_rows": model.llma.layers[0].attention.wq.weight.shape[0],
             }
+            if key == "mp2":
+                got[key]["chat"] = _picture_chat(model, reference, images[:1])
         result[name] = got
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
@@ -153,6 +175,21 @@ def test_logits_and_greedy_text_match_one_process(ranks, case, shards):
         assert got[shards]["close"], f"rank {rank}: max |diff| {got[shards]['max_diff']}"
         assert got[shards]["greedy"] == got["reference_greedy"]
         assert any(got["reference_greedy"])  # the answers are not all empty
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_picture_chat_reuses_the_picture_on_every_rank(ranks, case):
+    """With the prompt cache on, the next turn about the same picture prefills from after the
+    picture and the first turn on both ranks (the adapter's picture is never cached), and
+    answers as one process without the cache."""
+    for rank in range(WORLD):
+        chat = ranks[rank][case]["mp2"]["chat"]
+        assert chat["text"] == chat["expected"]
+        if chat["layout"] == "adapter":
+            assert chat["start"] == 0
+        else:
+            assert chat["start"] > chat["words"] > 0
+    assert ranks[0][case]["mp2"]["chat"]["start"] == ranks[1][case]["mp2"]["chat"]["start"]
 
 
 @pytest.mark.parametrize("case", CASES)
