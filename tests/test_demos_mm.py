@@ -225,6 +225,7 @@ def test_mm_demos_refuse_models_without_images(tiny_llama_dir, tiny_llama_model,
     for demo in (single_turn_mm, multi_turn_mm):
         with pytest.raises(SystemExit, match="llama_type 'llama' takes no images.*text demos"):
             demo.main(["--pretrained_path", str(tiny_llama_dir)])
+    assert not tiny_llama_model.engine.prompt_cache  # refused before the chat demo set its engine up
 
 
 def test_mm_demo_runs_as_a_file_help():

@@ -75,9 +75,13 @@ def load_chat_model(args: argparse.Namespace, with_visual: bool = False, mp_grou
     generation/engine.py), unless ``ACCESSORY_PROMPT_CACHE=0``, with ``args.prompt_cache_slots``
     conversations kept (1 when the face has no such flag; 0 turns the cache off) in ``args.prompt_cache_mb`` MiB (the
     most recent one aside; no bound without the flag)."""
+    return configure_prompt_cache(load_model(args, with_visual=with_visual, mp_group=mp_group), args)
+
+
+def configure_prompt_cache(model, args: argparse.Namespace):
+    """Turn ``model``'s prompt cache on as :func:`load_chat_model` describes; returns ``model``."""
     from accessory.generation.engine import prompt_cache_enabled
 
-    model = load_model(args, with_visual=with_visual, mp_group=mp_group)
     slots = getattr(args, "prompt_cache_slots", 1)
     model.engine.prompt_cache = prompt_cache_enabled(default=True) and slots != 0
     model.engine.prompt_cache_slots = slots

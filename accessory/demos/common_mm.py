@@ -22,15 +22,15 @@ def load_multimodal_model(args: argparse.Namespace, mp_group=None, chat: bool = 
     """``load_model`` with ``with_visual=True`` (``load_chat_model``, the prompt cache on, with
     ``chat``); exits with the reason when the model takes no images. ``mp_group``: this process's
     model-parallel group (see demos/parallel.py), or None."""
-    from accessory.demos.common import load_chat_model, load_model
+    from accessory.demos.common import configure_prompt_cache, load_model
 
     require_checkpoint(args)
-    model = (load_chat_model if chat else load_model)(args, with_visual=True, mp_group=mp_group)
+    model = load_model(args, with_visual=True, mp_group=mp_group)
     if not model.takes_images:
         sys.exit(f"error: llama_type {model.llama_type!r} takes no images, so the multimodal demos cannot "
                  f"serve it; use a multimodal checkpoint (--pretrained_path), or the text demos "
                  f"(python -m accessory.demos.single_turn / multi_turn) for this one")
-    return model
+    return configure_prompt_cache(model, args) if chat else model
 
 
 def load_multimodal_chat_model(args: argparse.Namespace, mp_group=None):
