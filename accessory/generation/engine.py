@@ -72,7 +72,8 @@ class RowState:
     logprobs: List[float] = field(default_factory=list)
     # with top_logprobs=k, one list per token of new_tokens: the k best (token id, logprob) pairs
     top_logprobs: List[List[Tuple[int, float]]] = field(default_factory=list)
-    cached_tokens: int = 0  # leading prompt tokens whose keys and values came from the prompt cache
+    # leading prompt positions (an image's included) whose keys and values came from the prompt cache
+    cached_tokens: int = 0
 
 
 def prompt_cache_enabled(wanted: Optional[bool] = None, default: bool = False) -> bool:
@@ -153,10 +154,11 @@ class GenerationEngine:
         with self._kept_lock:
             self._kept = []
 
-    def _take_kept(self, prompt: Sequence[int], state: tuple) -> Tuple[Optional[_KeptCache], int]:
-        """The kept cache that serves most of ``prompt`` and how many leading tokens it serves:
-        all of them when ``prompt`` is its run's prompt and the logits were kept, else the shared
-        prefix less the last token (prefilled again for its logits). A kept cache is only ever
+    def _take_kept(self, prompt: Sequence, state: tuple) -> Tuple[Optional[_KeptCache], int]:
+        """The kept cache that serves most of ``prompt`` (a row's position ids, see
+        :meth:`_position_ids`) and how many leading positions it serves: all of them when
+        ``prompt`` is its run's prompt and the logits were kept, else the shared prefix less the
+        last position (prefilled again for its logits). A kept cache is only ever
         copied from, so it stays for other runs, unless all its ids begin ``prompt`` (the same
         conversation's last turn): this run's cache will hold them too, so it goes now, before
         the prefill needs memory. Caches kept before the weights or hooks changed (``state``,
