@@ -516,3 +516,150 @@ def test_a_cancelled_job_leaves_its_batch_and_the_others_go_on(tiny_llama_model)
     assert tokens_a < 100 and not seen_a[-1][0].finished
     assert tokens_a - len(seen_a) in (0, 1)  # a's row stopped at the step the worker saw the cancel
     assert first_row_tokens[-1] == tokens_a
+
+
+# ------------------------------------------------------------------ pictures (--with_visual)
+
+def _data_url(seed, size=(40, 30), fmt="PNG"):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    decoded = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")  # (a JPEG's pixels are not the array's)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode(), decoded
+
+
+def _asking(text, url):
+    return {"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}
+
+
+@pytest.fixture(scope="module")
+def mm_server(tmp_path_factory):
+    """A server over the test-only multimodal type (tests/multimodal_tiny.py), prompt cache on."""
+    import multimodal_tiny as mt
+    from accessory.model.LLM import unregister_llama_type
+    from accessory.model.meta import MetaModel
+
+    mt.register()
+    directory = mt.write_checkpoint(tmp_path_factory.mktemp("serve_mm"), "tagged")
+    model = MetaModel.from_pretrained(str(directory), with_visual=True, max_seq_len=256, dtype=torch.float32,
+                                      device="cpu", progress=False)
+    model.engine.prompt_cache = True
+    srv, thread = start_in_thread(OpenAIService(model, NAME, "default"), port=0)
+    yield srv, model
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=10)
+    unregister_llama_type(mt.NAME)
+
+
+def _fresh(model, prompt, picture, **kwargs):
+    """generate on the picture as the server prepares it, the prompt cache off."""
+    from accessory.data.transform import get_transform
+    model.engine.prompt_cache = False
+    try:
+        return _generate(model, prompt, images=get_transform("padded_resize", model.image_size)(picture)[None],
+                         **kwargs)
+    finally:
+        model.engine.prompt_cache = True
+
+
+def test_a_chat_about_a_picture(mm_server):
+    """A picture sent as OpenAI's vision API sends it (an image_url part, data URL): the answer is
+    generate's on that picture; the picture's positions count as prompt tokens; the next turn,
+    sending it again, reuses the picture and the first turn from the prompt cache."""
+    srv, model = mm_server
+    url, picture = _data_url(1)
+    first = [_asking("What is in the picture?", url)]
+    body = _post(srv, "/v1/chat/completions", {"messages": first, "max_tokens": 10, **GREEDY})
+    answer = body["choices"][0]["message"]["content"]
+    prompt, stop = _chat_prompt([["What is in the picture?", None]])
+    expected = _fresh(model, prompt, picture, max_gen_len=10, additional_stop_symbols=[stop], **GREEDY)
+    assert answer == expected["text"].lstrip()
+    words = model.get_image_words()
+    assert body["usage"]["prompt_tokens"] == _prompt_tokens(model, prompt) + words
+    second = first + [{"role": "assistant", "content": answer}, _asking("And its colours?", url)]
+    body = _post(srv, "/v1/chat/completions", {"messages": second, "max_tokens": 10, **GREEDY})
+    prompt, stop = _chat_prompt([["What is in the picture?", answer], ["And its colours?", None]])
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] >= words + _prompt_tokens(
+        model, _chat_prompt([["What is in the picture?", None]])[0])
+    expected = _fresh(model, prompt, picture, max_gen_len=10, additional_stop_symbols=[stop], **GREEDY)
+    assert body["choices"][0]["message"]["content"] == expected["text"].lstrip()
+    # another picture, the same words: its own answer, nothing reused past BOS
+    other_url, other = _data_url(2, fmt="JPEG")
+    body = _post(srv, "/v1/chat/completions", {"messages": [_asking("What is in the picture?", other_url)],
+                                               "max_tokens": 10, **GREEDY})
+    prompt, stop = _chat_prompt([["What is in the picture?", None]])
+    assert body["choices"][0]["message"]["content"] == _fresh(model, prompt, other, max_gen_len=10,
+                                                              additional_stop_symbols=[stop], **GREEDY)["text"].lstrip()
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] <= 1
+
+
+def test_pictures_the_server_cannot_take(mm_server, server):
+    srv, model = mm_server
+    url, _ = _data_url(3)
+    other, _ = _data_url(4)
+
+    def ask(target, messages):
+        return _request(target, "POST", "/v1/chat/completions", {"messages": messages, "max_tokens": 2})
+
+    message = _error(ask(srv, [_asking("Hi", "https://example.com/cat.png")]), 400, "messages", "invalid_value")
+    assert "data URL" in message
+    assert "base64" in _error(ask(srv, [_asking("Hi", "data:image/png;base64,@@@")]), 400, "messages")
+    assert "no picture" in _error(ask(srv, [_asking("Hi", "data:image/png;base64,aGVsbG8=")]), 400, "messages")
+    two = [_asking("Hi", url), {"role": "assistant", "content": "Hello"}, _asking("And this?", other)]
+    assert "one picture per conversation" in _error(ask(srv, two), 400, "messages")
+    assert "--with_visual" in _error(ask(server, [_asking("Hi", url)]), 400, "messages")  # a text-only model
+    room = model.args.max_seq_len - model.get_image_words()
+    status, body = _request(srv, "POST", "/v1/chat/completions",
+                            {"messages": [_asking("Hi", url)], "max_tokens": room})
+    assert status == 400 and "for the picture" in body["error"]["message"]
+
+
+def test_serve_flags_for_pictures():
+    from accessory.serve.cli import build_parser
+    args = build_parser().parse_args([])
+    assert (args.with_visual, args.image_transform) == (False, "padded_resize")
+    args = build_parser().parse_args(["--with_visual", "--image_transform", "resized_center_crop"])
+    assert (args.with_visual, args.image_transform) == (True, "resized_center_crop")
+
+
+def test_requests_with_different_pictures_share_a_batch(mm_server):
+    """Waiting requests with their own pictures (and one without) run as one batch, each row with
+    its own picture, and each answers as generate does alone."""
+    srv, model = mm_server
+    sizes = srv.service.scheduler.batch_sizes
+    before = len(sizes)
+    results = {}
+
+    def ask(key, messages, max_tokens=8):
+        results[key] = _post(srv, "/v1/chat/completions", {"messages": messages, "max_tokens": max_tokens, **GREEDY})
+
+    long_one = threading.Thread(target=ask, args=("long", [{"role": "user", "content": "Long"}], 200))
+    long_one.start()
+    while len(sizes) == before:  # the long answer is running
+        time.sleep(0.005)
+    pictures = {seed: _data_url(seed) for seed in (5, 6)}
+    asks = {5: [_asking("Describe it.", pictures[5][0])], 6: [_asking("Describe it.", pictures[6][0])],
+            "text": [{"role": "user", "content": "Describe it."}]}
+    threads = [threading.Thread(target=ask, args=(key, messages)) for key, messages in asks.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads + [long_one]:
+        thread.join(timeout=120)
+    assert sizes[before:] == [1, 3]
+    prompt, stop = _chat_prompt([["Describe it.", None]])
+    for seed in (5, 6):
+        expected = _fresh(model, prompt, pictures[seed][1], max_gen_len=8, additional_stop_symbols=[stop], **GREEDY)
+        assert results[seed]["choices"][0]["message"]["content"] == expected["text"].lstrip()
+    model.engine.prompt_cache = False
+    try:
+        expected = _generate(model, prompt, max_gen_len=8, additional_stop_symbols=[stop], **GREEDY)
+    finally:
+        model.engine.prompt_cache = True
+    assert results["text"]["choices"][0]["message"]["content"] == expected["text"].lstrip()
+    assert results[5]["choices"][0]["message"]["content"] != results[6]["choices"][0]["message"]["content"]

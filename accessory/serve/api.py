@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..data.conversation import conv_templates
+from ..demos.common_mm import IMAGE_TRANSFORMS
 from ..generation.sampling import SamplingParams
 from .batching import BatchScheduler, Job
 
@@ -109,16 +110,28 @@ def _reject_unsupported(body: Dict, names_and_neutral: Dict[str, object]) -> Non
                            code="unsupported_parameter")
 
 
-def _content_text(content, index: int) -> str:
-    """A message's text: a string, or an array of {"type": "text", "text"} parts (joined)."""
+def _content_text(content, index: int, images: Optional[List[str]] = None) -> str:
+    """A message's text: a string, or an array of {"type": "text", "text"} parts (joined). With
+    ``images`` (a list), {"type": "image_url", "image_url": {"url"}} parts are allowed and their
+    URLs appended to it; otherwise they are refused."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
         parts = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else _type_name(part)
-                raise ApiError(f"messages[{index}].content: only text parts are supported "
+            kind = part.get("type") if isinstance(part, dict) else _type_name(part)
+            if kind == "image_url" and images is not None:
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                if not isinstance(url, str):
+                    raise ApiError(f"messages[{index}].content: an image_url part needs {{\"image_url\": {{\"url\": "
+                                   f"\"data:image/png;base64,...\"}}}}", param=f"messages[{index}].content",
+                                   code="invalid_value")
+                images.append(url)
+                continue
+            if kind != "text" or not isinstance(part.get("text"), str):
+                what = "text and image_url parts are" if images is not None else "only text parts are"
+                raise ApiError(f"messages[{index}].content: {what} supported "
                                f"({{\"type\": \"text\", \"text\": ...}}), got {kind!r}",
                                param=f"messages[{index}].content", code="invalid_value")
             parts.append(part["text"])
@@ -127,11 +140,12 @@ def _content_text(content, index: int) -> str:
                    f"{_type_name(content)}", param=f"messages[{index}].content", code="invalid_type")
 
 
-def messages_to_conversation(messages, template_name: str):
+def messages_to_conversation(messages, template_name: str, images: Optional[List[str]] = None):
     """(prompt, stop symbol) for OpenAI chat ``messages`` under a conversation template.
 
     Leading "system" (or "developer") messages replace the template's system text; then "user" and
-    "assistant" messages must alternate, starting and ending with "user".
+    "assistant" messages must alternate, starting and ending with "user". ``images``: a list that
+    receives the URLs of the user messages' image_url parts (None: such parts are refused).
     """
     if not isinstance(messages, list) or not messages:
         raise ApiError("'messages' must be a non-empty array of {\"role\", \"content\"} objects",
@@ -143,7 +157,7 @@ def messages_to_conversation(messages, template_name: str):
             raise ApiError(f"messages[{index}] must be an object with a string 'role'", param=f"messages[{index}]",
                            code="invalid_type")
         role = message["role"]
-        text = _content_text(message.get("content"), index)
+        text = _content_text(message.get("content"), index, images if role == "user" else None)
         if role in ("system", "developer"):
             if turns:
                 raise ApiError(f"messages[{index}]: a {role} message must come before the user/assistant turns",
@@ -187,6 +201,8 @@ class Plan:
     top_logprobs: int
     lstrip: bool  # chat answers lose the space the template leaves before them
     model: str
+    image: Optional[object] = None  # (3, S, S) pixels of the conversation's picture, or None
+    image_positions: int = 0  # the positions that picture takes before each row's text
 
     @property
     def rows(self) -> List[int]:
@@ -211,14 +227,19 @@ class OpenAIService:
     (up to ``MAX_CHOICES``) always run together.
     """
 
-    def __init__(self, model, model_name: str, template_name: str, max_batch: int = MAX_CHOICES):
+    def __init__(self, model, model_name: str, template_name: str, max_batch: int = MAX_CHOICES,
+                 image_transform: str = "padded_resize"):
+        """``image_transform``: how a chat's picture is brought to the model's size
+        (``accessory.data.transform.get_transform``: padded_resize or resized_center_crop)."""
         if template_name not in conv_templates:
             raise ValueError(f"unknown conversation template {template_name!r}; known: {', '.join(conv_templates)}")
+        if image_transform not in IMAGE_TRANSFORMS:
+            raise ValueError(f"unknown image transform {image_transform!r}; known: {', '.join(IMAGE_TRANSFORMS)}")
         self.model = model
         self.model_name = model_name
         self.template_name = template_name
-        self.scheduler = BatchScheduler(lambda *args, **kwargs: self.model.engine.run(*args, **kwargs),
-                                        max_rows=max_batch)
+        self.image_transform = image_transform
+        self.scheduler = BatchScheduler(self._run, max_rows=max_batch)
         self.created = int(time.time())
 
     @property
@@ -232,6 +253,57 @@ class OpenAIService:
 
     def models(self) -> Dict:
         return {"object": "list", "data": [self.model_card()]}
+
+    def _run(self, *args, images=None, **kwargs):
+        """``engine.run`` for the scheduler's worker thread; ``images``: per row, (3, S, S) pixels
+        or None, encoded here (in the thread that owns the model; MetaModel keeps the last
+        encodings, so a chat's picture is encoded once)."""
+        if images is not None:
+            encoded = {}
+            for pixels in images:
+                if pixels is not None and id(pixels) not in encoded:
+                    encoded[id(pixels)] = self.model._encode_images(pixels[None], 1, "image")[0]
+            kwargs["image_embeds"] = [None if pixels is None else encoded[id(pixels)] for pixels in images]
+        return self.model.engine.run(*args, **kwargs)
+
+    def _picture(self, urls: List[str]):
+        """The (3, S, S) pixels of a conversation's picture, from its image_url parts' URLs (the
+        same picture may come again with each user message), or None without any."""
+        if not urls:
+            return None
+        if not self.model.takes_images:
+            raise ApiError(f"this server's model takes no images (llama_type {self.model.llama_type!r}); send "
+                           f"text only, or serve a multimodal checkpoint with `accessory serve --with_visual`",
+                           param="messages", code="invalid_value")
+        if len(set(urls)) > 1:
+            raise ApiError(f"the messages hold {len(set(urls))} different pictures; the model takes one picture "
+                           f"per conversation (send the same one again, or start a new conversation)",
+                           param="messages", code="invalid_value")
+        url = urls[0]
+        if not url.startswith("data:"):
+            raise ApiError("this server does not download pictures: send the picture inline as a data URL "
+                           "(\"data:image/png;base64,...\")", param="messages", code="invalid_value")
+        header, _, data = url.partition(",")
+        if not header.endswith(";base64") or not data:
+            raise ApiError("an image data URL must be base64: \"data:image/<type>;base64,<data>\"",
+                           param="messages", code="invalid_value")
+        import base64
+        import binascii
+        import io
+
+        from PIL import Image, UnidentifiedImageError
+
+        from ..data.transform import get_transform
+        try:
+            image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+            image.load()
+        except (binascii.Error, ValueError) as exc:
+            raise ApiError(f"the image data URL is not valid base64: {exc}", param="messages",
+                           code="invalid_value") from None
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+            raise ApiError(f"the image data URL holds no picture PIL can read ({exc})", param="messages",
+                           code="invalid_value") from None
+        return get_transform(self.image_transform, self.model.image_size)(image.convert("RGB"))
 
     # -------------------------------------------------------------- request -> plan
     def _encode(self, text: str) -> List[int]:
@@ -256,14 +328,17 @@ class OpenAIService:
         if kind == "chat":
             if "messages" not in body:
                 raise ApiError("'messages' is required", param="messages", code="missing_required_parameter")
-            prompt, end_signal = messages_to_conversation(body["messages"], self.template_name)
+            urls: List[str] = []
+            prompt, end_signal = messages_to_conversation(body["messages"], self.template_name, urls)
+            image = self._picture(urls)
             prompts = [self._encode(prompt)]
             template_stops = [end_signal]
         else:
             if "prompt" not in body:
                 raise ApiError("'prompt' is required", param="prompt", code="missing_required_parameter")
             prompts = [self._encode(p) if isinstance(p, str) else p for p in self._prompt_list(body["prompt"])]
-            template_stops = []
+            template_stops, image = [], None
+        image_positions = 0 if image is None else self.model.get_image_words()
 
         n = _integer(body, "n", 1, 1, MAX_CHOICES)
         if n * len(prompts) > MAX_CHOICES:
@@ -288,11 +363,12 @@ class OpenAIService:
 
         budgets = []
         for index, tokens in enumerate(prompts):
-            room = self.max_seq_len - len(tokens)
+            room = self.max_seq_len - len(tokens) - image_positions
             where = "the messages" if kind == "chat" else ("the prompt" if len(prompts) == 1 else f"prompt {index}")
             if room < 1 or (max_tokens is not None and max_tokens > room):
-                asked = f" However, you requested {len(tokens) + (max_tokens or 1)} tokens ({len(tokens)} in " \
-                        f"{where}, {max_tokens or 1} for the completion)."
+                picture = f" and {image_positions} for the picture" if image_positions else ""
+                asked = f" However, you requested {len(tokens) + image_positions + (max_tokens or 1)} tokens " \
+                        f"({len(tokens)} in {where}{picture}, {max_tokens or 1} for the completion)."
                 raise ApiError(f"This model's maximum context length is {self.max_seq_len} tokens.{asked} "
                                f"Shorten {where} or lower max_tokens (or start the server with a larger "
                                f"--max_seq_len).", param="messages" if kind == "chat" else "prompt",
@@ -314,7 +390,8 @@ class OpenAIService:
             raise ApiError("'top_p' must be greater than 0", param="top_p", code="invalid_value")
         return Plan(kind=kind, prompts=prompts, n=n, max_tokens=budgets, sampling=sampling,
                     stops=template_stops + _stop_strings(body), stream=stream, include_usage=include_usage,
-                    logprobs=logprobs, top_logprobs=top_logprobs, lstrip=kind == "chat", model=model)
+                    logprobs=logprobs, top_logprobs=top_logprobs, lstrip=kind == "chat", model=model,
+                    image=image, image_positions=image_positions)
 
     def _prompt_list(self, prompt) -> List:
         """/v1/completions' prompt: a string, an array of strings, token ids, or arrays of token ids."""
@@ -343,7 +420,8 @@ class OpenAIService:
     def _job(self, plan: Plan) -> Job:
         """The request's rows, queued for the model; iterate it for their states after each step."""
         return self.scheduler.submit(Job([plan.prompts[p] for p in plan.rows], [plan.max_tokens[p] for p in plan.rows],
-                                         plan.sampling, plan.stops, plan.logprobs, plan.top_logprobs))
+                                         plan.sampling, plan.stops, plan.logprobs, plan.top_logprobs,
+                                         images=None if plan.image is None else [plan.image] * len(plan.rows)))
 
     def _token_text(self, context: Sequence[int], token: int) -> str:
         """The text ``token`` adds after ``context`` (a few earlier tokens give it its leading space)."""
@@ -396,7 +474,7 @@ class OpenAIService:
                 "top_logprobs": top, "text_offset": offsets}
 
     def _usage(self, plan: Plan, rows) -> Dict:
-        prompt_tokens = sum(len(p) for p in plan.prompts)
+        prompt_tokens = sum(len(p) + plan.image_positions for p in plan.prompts)  # (a picture's positions count)
         completion_tokens = sum(len(row.new_tokens) for row in rows)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,

@@ -1,7 +1,7 @@
 """Requests that wait for the model together run as one engine batch.
 
 One worker thread owns the model. A request is a :class:`Job`: its prompts (one per choice), token
-budgets, sampling settings and stop strings. When the worker is free it takes the oldest waiting job
+budgets, sampling settings, stop strings and pictures (rows of one batch may each have their own). When the worker is free it takes the oldest waiting job
 and every other waiting job that can share a batch with it (same sampling settings, stop strings
 and logprob settings; a seeded sampling job always runs alone, since the engine seeds batch row r
 with seed + r), up to ``max_rows`` rows, and runs them through ``engine.run`` at once. After each
@@ -70,8 +70,10 @@ class Job:
     _ids = itertools.count()
 
     def __init__(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int], sampling: SamplingParams,
-                 stops: Sequence[str], logprobs: bool, top_logprobs: int):
+                 stops: Sequence[str], logprobs: bool, top_logprobs: int, images: Optional[Sequence] = None):
+        """``images``: per row, a picture (whatever ``run`` takes as ``images``) or None; None for all."""
         self.prompts = [list(p) for p in prompts]
+        self.images = None if images is None else list(images)
         self.max_new_tokens = list(max_new_tokens)
         self.sampling, self.stops = sampling, list(stops)
         self.logprobs, self.top_logprobs = logprobs, top_logprobs
@@ -151,8 +153,11 @@ class BatchScheduler:
         budgets = [n for job in batch for n in job.max_new_tokens]
         self.batch_sizes.append(len(prompts))
         open_jobs = {job.id for job in batch}
+        images = {}
+        if any(job.images is not None for job in batch):  # (rows of jobs without pictures: None)
+            images["images"] = [image for job in batch for image in (job.images or [None] * len(job.prompts))]
         steps = self.run(prompts, budgets, first.sampling, first.stops, logprobs=first.logprobs,
-                         top_logprobs=first.top_logprobs)
+                         top_logprobs=first.top_logprobs, **images)
         try:
             for states in steps:
                 for job, begin, end in spans:

@@ -16,7 +16,9 @@ endpoints:
   POST /v1/completions           the raw prompt continued
   both take stream, max_tokens, temperature, top_p, top_k, min_p, seed, stop, presence_penalty,
   frequency_penalty, repetition_penalty, n, logprobs (top_logprobs). Requests that wait for the model
-  together with equal sampling settings run as one batch (up to --max_batch rows).
+  together with equal sampling settings run as one batch (up to --max_batch rows). With --with_visual
+  (a multimodal checkpoint) a chat's user messages may carry one picture, as OpenAI's vision API
+  sends it: {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}.
 
 examples:
   accessory serve                                          # the embedded SmolLM2 demo model on :8000
@@ -28,6 +30,7 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..demos.common import add_model_args
+    from ..demos.common_mm import IMAGE_TRANSFORMS
 
     parser = argparse.ArgumentParser(
         prog="accessory serve", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -49,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
                         default=2048, help="memory the kept conversations may hold together, in MiB, the most "
                                            "recent one aside (default 2048; a 7B llama-2 in bf16 keeps 0.5 MiB "
                                            "a token)")
+    parser.add_argument("--with_visual", "--with-visual", dest="with_visual", action="store_true",
+                        help="load a multimodal checkpoint's visual branch: chat messages may then carry a "
+                             "picture as an image_url part holding a data URL (data:image/png;base64,...)")
+    parser.add_argument("--image_transform", "--image-transform", dest="image_transform",
+                        choices=IMAGE_TRANSFORMS, default=IMAGE_TRANSFORMS[0],
+                        help="how a picture is brought to the model's size (default padded_resize: the whole "
+                             "picture, padded to a square)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="do not log each request")
     return parser
@@ -85,10 +95,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.pretrained_path = [str(p) for p in checkpoint_dirs(args.pretrained_path)]
     last = Path(args.pretrained_path[-1])
     template_name = _chat_template_for(last, args.template)
-    model = load_chat_model(args)
+    model = load_chat_model(args, with_visual=args.with_visual)
+    if args.with_visual and not model.takes_images:
+        print(f"error: --with_visual, but llama_type {model.llama_type!r} takes no images; leave the flag out "
+              f"for this checkpoint", file=sys.stderr)
+        return 2
     name = args.model_name or last.resolve().name
     try:
-        service = OpenAIService(model, name, template_name, max_batch=args.max_batch)
+        service = OpenAIService(model, name, template_name, max_batch=args.max_batch,
+                                image_transform=args.image_transform)
         server = OpenAIServer(service, args.host, args.port, quiet=args.quiet)
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc}; pick another --port", file=sys.stderr)
