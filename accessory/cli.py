@@ -14,6 +14,7 @@ Examples::
     accessory convert --to gguf /path/to/accessory-checkpoint model.Q8_0.gguf --type q8_0
     accessory quantize /path/to/checkpoint /path/to/out-int4 --quant int4
     accessory chat /path/to/checkpoint --quant int8
+    accessory chat /path/to/sphinx-checkpoint --image cat.jpg
     accessory download --model_name alpaca --model_size 7B --down_config --output_path ./ckpts
 """
 
@@ -43,10 +44,29 @@ def _chat_template_for(model_dir: Path, requested: str) -> str:
 CHAT_EXIT_COMMANDS = ("/exit", "/quit", "/bye")
 
 
+def load_picture(model, path: str, transform: str):
+    """(3, S, S) pixels of the picture at ``path`` for ``model`` (``get_transform(transform, S)``);
+    raises ValueError with what is wrong (no such file, not a picture, a model without images)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .data.transform import get_transform
+    if not model.takes_images:
+        raise ValueError(f"llama_type {model.llama_type!r} takes no images; leave --image out for this checkpoint")
+    try:
+        with Image.open(path) as image:
+            picture = image.convert("RGB")
+    except FileNotFoundError:
+        raise ValueError(f"no picture at {path}") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{path} is not a picture PIL can read ({exc})") from None
+    return get_transform(transform, model.image_size)(picture)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     import torch
 
     from .data.conversation import conv_templates
+    from .errors import AccessoryError
     from .generation.engine import prompt_cache_enabled
     from .model.meta import MetaModel
 
@@ -57,9 +77,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
         model_dir = Path(args.path)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = MetaModel.from_pretrained(str(model_dir), max_seq_len=args.max_seq_len, dtype=args.dtype,
-                                      device=args.device, quant=args.quant)
-    # each turn's prompt is the last one plus its answer: prefill only the new part (generation/engine.py)
+    try:
+        model = MetaModel.from_pretrained(str(model_dir), max_seq_len=args.max_seq_len, dtype=args.dtype,
+                                          device=args.device, quant=args.quant, with_visual=args.image is not None)
+    except AccessoryError as exc:
+        print(f"error: cannot load {model_dir}: {exc}", file=sys.stderr)
+        return 1
+    picture = None
+    if args.image is not None:
+        try:
+            picture = load_picture(model, args.image, args.image_transform)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    # each turn's prompt is the last one plus its answer: prefill only the new part (generation/engine.py),
+    # the picture's positions included
     model.engine.prompt_cache = prompt_cache_enabled(default=True)
     template_name = _chat_template_for(model_dir, args.template)
     if template_name not in conv_templates:
@@ -73,7 +105,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         conversation.load_qas(history + [[question, None]])
         stop = conversation.response_end_signal
         printed = ""
-        for chunk in model.stream_generate(conversation.get_prompt(), max_gen_len=args.max_gen_len,
+        for chunk in model.stream_generate(conversation.get_prompt(), picture, max_gen_len=args.max_gen_len,
                                            temperature=args.temperature, top_p=args.top_p,
                                            additional_stop_symbols=[stop]):
             text = chunk["text"]
@@ -90,8 +122,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         answer(args.prompt)
         return 0
     if interactive:
-        print(f"Chatting with {model_dir} ({template_name} template). /exit, an empty line or Ctrl-D quits; "
-              f"/reset clears the history.", flush=True)
+        about = f" about {args.image}" if args.image is not None else ""
+        change = "; /image PATH talks about another picture" if args.image is not None else ""
+        print(f"Chatting with {model_dir} ({template_name} template){about}. /exit, an empty line or Ctrl-D "
+              f"quits; /reset clears the history{change}.", flush=True)
     while True:
         try:
             question = input(">>> " if interactive else "")
@@ -106,6 +140,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
             break
         if question == "/reset":
             history.clear()
+            continue
+        if question.startswith("/image"):
+            path = question[len("/image"):].strip()
+            if args.image is None or not path:
+                print("/image PATH needs a chat started with --image (which loads the visual branch)"
+                      if args.image is None else "usage: /image PATH", file=sys.stderr, flush=True)
+                continue
+            try:
+                picture = load_picture(model, path, args.image_transform)
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+                continue
+            history.clear()  # a new picture, a new conversation (as the multimodal demo does)
             continue
         reply = answer(question)
         history.append([question, reply])
@@ -155,7 +202,8 @@ def read_prompts(path: Path) -> List[dict]:
     """Prompts from a file, as ``{"prompt": str, ...}`` records in file order.
 
     ``.jsonl``: one JSON object per line with a "prompt" key (other keys, e.g. "id", are carried
-    into the output), or a bare JSON string. Anything else: one prompt per non-empty line.
+    into the output; "image", a picture's path relative to the file, is what the prompt is about),
+    or a bare JSON string. Anything else: one prompt per non-empty line.
     """
     records: List[dict] = []
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -174,6 +222,10 @@ def read_prompts(path: Path) -> List[dict]:
             item = {"prompt": item}
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
             raise ValueError(f'{path}:{number}: expected {{"prompt": "..."}} or a JSON string, found {line[:80]!r}')
+        if "image" in item:
+            if not isinstance(item["image"], str):
+                raise ValueError(f'{path}:{number}: "image" must be a picture\'s path, found {item["image"]!r}')
+            item["image"] = str(path.parent / item["image"])  # (relative to the prompt file)
         records.append(item)
     return records
 
@@ -221,16 +273,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    image_paths = [record.get("image", args.image) for record in records]  # (a .jsonl record's own "image" first)
     try:
         model = MetaModel.from_pretrained(str(model_dir), max_seq_len=args.max_seq_len, dtype=args.dtype,
-                                          device=args.device, quant=args.quant)
+                                          device=args.device, quant=args.quant,
+                                          with_visual=any(path is not None for path in image_paths))
     except AccessoryError as exc:
         print(f"error: cannot load {model_dir}: {exc}", file=sys.stderr)
         return 1
+    pictures = {}
+    try:
+        for path in image_paths:
+            if path is not None and path not in pictures:
+                pictures[path] = load_picture(model, path, args.image_transform)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     stop_symbols = rendered[0][1] if rendered else []  # one template, so the same for every prompt
     for start in range(0, len(records), args.batch_size):
         chunk = range(start, min(start + args.batch_size, len(records)))
-        outputs = model.generate([rendered[i][0] for i in chunk], max_gen_len=args.max_gen_len,
+        images = None
+        if any(image_paths[i] is not None for i in chunk):
+            if any(image_paths[i] is None for i in chunk):
+                print(f"error: prompts {chunk.start + 1}-{chunk.stop} mix prompts with and without a picture in "
+                      f"one batch; give every prompt an image, or use --batch-size 1", file=sys.stderr)
+                return 2
+            images = [pictures[image_paths[i]] for i in chunk]
+        outputs = model.generate([rendered[i][0] for i in chunk], images, max_gen_len=args.max_gen_len,
                                  temperature=args.temperature, top_p=args.top_p,
                                  additional_stop_symbols=stop_symbols, top_k=args.top_k, min_p=args.min_p,
                                  seed=args.seed, repetition_penalty=args.repetition_penalty,
@@ -260,8 +329,9 @@ def _add_generate_parser(sub) -> None:
                "  accessory generate /models/llama2-7b --file prompts.txt --batch-size 8 > answers.jsonl\n"
                "  accessory generate --file prompts.jsonl --template auto --temperature 0.7 --seed 1\n"
                "  accessory generate --prompt 'Name three fruits.' --template alpaca --logprobs\n"
+               "  accessory generate /models/sphinx --prompt 'Describe the picture.' --image cat.jpg\n"
                'prompt files: .txt = one prompt per line; .jsonl = {"prompt": "...", ...} per line '
-               "(other keys are copied to the output)")
+               '(other keys are copied to the output; "image": a picture\'s path, relative to the file)')
     generate.add_argument("path", nargs="?", help="checkpoint directory (default: the embedded SmolLM2 demo model)")
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt")
@@ -284,6 +354,8 @@ def _add_generate_parser(sub) -> None:
     generate.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
     generate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     generate.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    _add_image_flags(generate, "every prompt is about this picture (a .jsonl record's \"image\" path overrides "
+                               "it); loads a multimodal checkpoint's visual branch")
     quant_cli.add_quant_flag(generate)
     generate.set_defaults(func=cmd_generate)
 
@@ -361,6 +433,13 @@ def _add_serve_parser(sub) -> None:
     serve.set_defaults(func=cmd_serve)
 
 
+def _add_image_flags(parser: argparse.ArgumentParser, image_help: str) -> None:
+    parser.add_argument("--image", default=None, metavar="PATH", help=image_help)
+    parser.add_argument("--image-transform", default="padded_resize", choices=["padded_resize", "resized_center_crop"],
+                        help="how the picture is brought to the model's size (default padded_resize: the whole "
+                             "picture, padded to a square)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accessory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -370,9 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
         "chat", help="chat with a model in the terminal",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Chat with a model in the terminal, streaming its answers. /exit, an empty line or "
-                    "Ctrl-D quits; /reset clears the history.",
+                    "Ctrl-D quits; /reset clears the history; with --image, /image PATH changes the picture "
+                    "(and starts a new conversation).",
         epilog="examples:\n  accessory chat\n  accessory chat /models/llama2-7b-chat --template default\n"
-               "  accessory chat --prompt 'Name three fruits.'\n  echo 'Hi' | accessory chat")
+               "  accessory chat --prompt 'Name three fruits.'\n  echo 'Hi' | accessory chat\n"
+               "  accessory chat /models/sphinx --image cat.jpg")
     chat.add_argument("path", nargs="?", help="checkpoint directory (default: the embedded SmolLM2 demo model)")
     chat.add_argument("--prompt", help="ask one question, print the answer and exit")
     chat.add_argument("--template", default="auto",
@@ -385,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
     chat.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     chat.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    _add_image_flags(chat, "talk about this picture (loads a multimodal checkpoint's visual branch; /image PATH "
+                           "changes it)")
     quant_cli.add_quant_flag(chat)
     chat.set_defaults(func=cmd_chat)
 

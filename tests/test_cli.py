@@ -173,3 +173,88 @@ def test_demo_passes_flags_to_the_demo(capsys):
     assert "--n_gpus=0" in str(exc.value.code)
     assert cli.main(["demo", "nope"]) == 2
     assert "unknown demo" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ pictures (--image)
+
+@pytest.fixture(scope="module")
+def mm_ckpt(tmp_path_factory):
+    """A checkpoint of the test-only multimodal type (tests/multimodal_tiny.py), and two pictures."""
+    import numpy as np
+    from PIL import Image
+
+    import multimodal_tiny as mt
+    from accessory.model.LLM import unregister_llama_type
+
+    mt.register()
+    root = tmp_path_factory.mktemp("cli_mm")
+    directory = mt.write_checkpoint(root / "ck", "tagged")
+    pictures = []
+    for seed in (1, 2):
+        path = root / f"picture{seed}.png"
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(path)
+        pictures.append(path)
+    model = MetaModel.from_pretrained(str(directory), with_visual=True, dtype=torch.float32, device="cpu",
+                                      progress=False)
+    yield directory, pictures, model
+    unregister_llama_type(mt.NAME)
+
+
+def _on_picture(model, prompts, path, **kwargs):
+    from PIL import Image
+
+    from accessory.data.transform import get_transform
+    pixels = get_transform("padded_resize", model.image_size)(Image.open(path).convert("RGB"))
+    return model.generate(prompts, [pixels] * len(prompts), max_gen_len=MAX_GEN_LEN, temperature=0.0, **kwargs)
+
+
+def test_chat_about_a_picture_and_then_another(mm_ckpt, monkeypatch, capsys):
+    """Piped turns about --image, then /image PATH: a new picture and a new conversation."""
+    import io
+
+    directory, (first, second), model = mm_ckpt
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"What is this?\nAnd then?\n/image {second}\nWhat is this?\n"))
+    assert cli.main(["chat", str(directory), "--image", str(first), "--dtype", "fp32", "--device", "cpu",
+                     "--max-gen-len", str(MAX_GEN_LEN)]) == 0
+    answers = capsys.readouterr().out.splitlines()
+    assert len(answers) == 3
+    # (history, question, picture) of each turn: /image started a new conversation
+    turns = [([], "What is this?", first), ([["What is this?", answers[0]]], "And then?", first),
+             ([], "What is this?", second)]
+    for (history, question, path), answer in zip(turns, answers):
+        conversation = conv_templates["default"]()
+        conversation.load_qas(history + [[question, None]])
+        expected = _on_picture(model, [conversation.get_prompt()], path,
+                               additional_stop_symbols=[conversation.response_end_signal])[0]
+        assert answer == expected.strip()
+
+
+def test_generate_about_pictures(mm_ckpt, tmp_path, capsys):
+    directory, (first, second), model = mm_ckpt
+    common = ["--dtype", "fp32", "--device", "cpu", "--max-gen-len", str(MAX_GEN_LEN)]
+    assert cli.main(["generate", str(directory), "--prompt", "Describe it.", "--image", str(first), *common]) == 0
+    [line] = _json_lines(capsys.readouterr().out)
+    assert line["text"] == _on_picture(model, ["Describe it."], first)[0]
+    # a .jsonl file whose records name their own pictures, relative to the file, in one batch
+    records = [{"prompt": "Describe it.", "image": first.name}, {"prompt": "Describe it.", "image": second.name}]
+    prompt_file = first.parent / "prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert cli.main(["generate", str(directory), "--file", str(prompt_file), "--batch-size", "2", *common]) == 0
+    lines = _json_lines(capsys.readouterr().out)
+    assert [line["text"] for line in lines] == [_on_picture(model, ["Describe it."], path)[0] for path in (first, second)]
+    # refusals
+    assert cli.main(["generate", str(directory), "--prompt", "Hi", "--image", str(tmp_path / "none.png"), *common]) == 2
+    assert "no picture at" in capsys.readouterr().err
+    (tmp_path / "text.png").write_text("not a picture")
+    assert cli.main(["chat", str(directory), "--prompt", "Hi", "--image", str(tmp_path / "text.png"), *common]) == 2
+    assert "not a picture" in capsys.readouterr().err
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"prompt": "a", "image": str(first)}) + "\n" + json.dumps({"prompt": "b"}) + "\n")
+    assert cli.main(["generate", str(directory), "--file", str(mixed), "--batch-size", "2", *common]) == 2
+    assert "--batch-size 1" in capsys.readouterr().err
+
+
+def test_image_on_a_text_checkpoint_is_refused(tiny_ckpt, capsys):
+    assert cli.main(["chat", str(tiny_ckpt), "--prompt", "Hi", "--image", "x.png", "--dtype", "fp32",
+                     "--device", "cpu"]) == 1
+    assert "with_visual" in capsys.readouterr().err
