@@ -180,15 +180,12 @@ def test_logits_and_greedy_text_match_one_process(ranks, case, shards):
 @pytest.mark.parametrize("case", CASES)
 def test_a_picture_chat_reuses_the_picture_on_every_rank(ranks, case):
     """With the prompt cache on, the next turn about the same picture prefills from after the
-    picture and the first turn on both ranks (the adapter's picture is never cached), and
+    picture and the first turn on both ranks (the adapter's picture takes no positions), and
     answers as one process without the cache."""
     for rank in range(WORLD):
         chat = ranks[rank][case]["mp2"]["chat"]
         assert chat["text"] == chat["expected"]
-        if chat["layout"] == "adapter":
-            assert chat["start"] == 0
-        else:
-            assert chat["start"] > chat["words"] > 0
+        assert chat["start"] > chat["words"] > (-1 if chat["layout"] == "adapter" else 0)
     assert ranks[0][case]["mp2"]["chat"]["start"] == ranks[1][case]["mp2"]["chat"]["start"]
 
 

@@ -584,30 +584,41 @@ def test_encoder_config_fields_of_other_types_are_refused():
         llama_qformerv2.Transformer(llama_qformerv2.ModelArgs(**small, clip_config=CLIP_TINY))
 
 
-def test_adapter_image_runs_are_not_served_from_the_prompt_cache(adapter):
-    """The adapter's image changes every text position's keys (its prefix), so an image run
-    neither reuses a text run's cache nor leaves its own to text runs."""
+def test_adapter_image_runs_and_the_prompt_cache(adapter):
+    """The adapter's picture changes every position's keys (its prefix): an image run reuses
+    neither a text run's cache nor another picture's, and the same picture's next turn reuses its
+    own (all but the last token, prefilled again with the picture); each answers as a fresh run."""
     from accessory.generation.sampling import SamplingParams
 
     model = adapter.model
     ids = model.tokenizer.encode(PROMPT, bos=True, eos=False)
-    vectors = model.llma.encode_images(images(3))
+    vectors, other = model.llma.encode_images(images(3)), model.llma.encode_images(images(4))
 
-    def run(image_embeds):
+    def run(prompt, image_embeds, n=6):
         states = None
-        for states in model.engine.run([ids], [6], SamplingParams(), logprobs=True, image_embeds=image_embeds):
+        for states in model.engine.run([prompt], [n], SamplingParams(), logprobs=True, image_embeds=image_embeds):
             pass
         return states[0]
-    fresh_image, fresh_text = run(vectors), run(None)
-    model.engine.prompt_cache = True
+    fresh = {name: run(ids, embeds) for name, embeds in (("image", vectors), ("other", other), ("text", None))}
+    model.engine.prompt_cache, model.engine.prompt_cache_slots = True, 3
     try:
-        run(None)
-        with_image = run(vectors)
+        run(ids, None)
+        with_image = run(ids, vectors)
         assert with_image.cached_tokens == 0
-        assert with_image.new_tokens == fresh_image.new_tokens == adapter.greedy(ids, images(3)[0], 6)
-        assert run(vectors).cached_tokens == 0
-        text = run(None)
-        assert text.cached_tokens == len(ids) and text.new_tokens == fresh_text.new_tokens
-    finally:
+        assert with_image.new_tokens == fresh["image"].new_tokens == adapter.greedy(ids, images(3)[0], 6)
+        again = run(ids, vectors)  # a regenerated answer: all but the last prompt token reused
+        assert again.new_tokens == fresh["image"].new_tokens, (again.cached_tokens, again.new_tokens)
+        assert again.cached_tokens == len(ids) - 1
+        follow = ids + with_image.new_tokens + model.tokenizer.encode(" And then?", bos=False, eos=False)
+        turn = run(follow, vectors)
+        assert turn.cached_tokens == len(ids) + len(with_image.new_tokens) - 1
         model.engine.prompt_cache = False
+        assert turn.new_tokens == run(follow, vectors).new_tokens
+        model.engine.prompt_cache = True
+        another = run(ids, other)
+        assert another.cached_tokens == 0 and another.new_tokens == fresh["other"].new_tokens
+        text = run(ids, None)
+        assert text.cached_tokens == len(ids) and text.new_tokens == fresh["text"].new_tokens
+    finally:
+        model.engine.prompt_cache, model.engine.prompt_cache_slots = False, 1
         model.engine.clear_prompt_cache()

@@ -33,13 +33,15 @@ or an in-place write torch counts) or hooks changed since.
 ``prompt_cache=True`` (or the attribute) turns it on, ``ACCESSORY_PROMPT_CACHE=1`` / ``0`` where
 the code does not say; ``clear_prompt_cache()`` frees the kept caches.
 
-Images (the ``tagged`` and ``prefix`` layouts) take part: a row's positions are held as its text
+Images take part. In the ``tagged`` and ``prefix`` layouts a row's positions are held as its text
 ids with its image's vectors at their positions, each such position keyed by a digest of the
 vectors' bytes, so a multimodal chat's next turn about the same picture reuses the picture's
 positions and the history (the SPHINX encoders put hundreds to thousands of vectors there). An
 image is reused whole or not at all: a row whose image is not reused prefills from 0. The
-``adapter`` layout's image changes every text position's keys through the adapter prefix, which
-its cache keeps apart: its image runs are not cached.
+``adapter`` layout's image takes no positions but changes every position's keys through the
+adapter prefix: each id of such a row is held paired with the digest, so only a prompt about the
+same picture matches, and at least its last token is prefilled again, with the picture, since the
+cache keeps the prefix's own keys apart from the positions a kept cache gives.
 """
 
 import hashlib
@@ -253,9 +255,12 @@ class GenerationEngine:
         offsets = image_offsets(image_embeds, len(rows), layout)  # image positions before each row's text
         capacity = max(offsets[i] + rows[i].prompt_len + rows[i].max_new_tokens for i in active)
         # reuse kept caches' shared prefixes, and keep this run's rows' caches after it
-        keep = self.prompt_cache and (image_embeds is None or layout in ("tagged", "prefix"))
-        # per row, the ids its cache positions will hold, its image's positions included
-        held = {i: self._position_ids(prompts[i], image_embeds, i, offsets[i]) for i in active} if keep else {}
+        keep = self.prompt_cache
+        # per row, the ids its cache positions will hold (its image's positions included) and what
+        # its new tokens are paired with (the adapter layout's image digest, or None)
+        held, tags = {}, {}
+        for i in (active if keep else ()):
+            held[i], tags[i] = self._position_ids(prompts[i], image_embeds, i, offsets[i])
         single = len(active) == 1
         kept_for, starts = [None] * len(active), [0] * len(active)
         if keep:
@@ -265,7 +270,9 @@ class GenerationEngine:
                 kept_for[slot], starts[slot] = self._take_kept(held[i], state)
                 if kept_for[slot] is not None and kept_for[slot].cache.geometry != geometry:
                     starts[slot] = 0
-                if not single:  # a batch prefills at least each row's last token (kept logits: one row only)
+                if not single or tags[i] is not None:
+                    # a batch prefills at least each row's last token (kept logits: one row only), and so
+                    # does an adapter image row (the prefill gives the cache the picture's prefix keys)
                     starts[slot] = min(starts[slot], len(held[i]) - 1)
                 if offsets[i] and starts[slot] < insert_index(layout) + offsets[i]:
                     starts[slot] = 0  # (an image is reused whole or not at all)
@@ -342,8 +349,8 @@ class GenerationEngine:
                         state = weights_state(self.model, count_writes=True)
                         for slot, i in enumerate(active):
                             if rows[i].finished and kept_rows < self.prompt_cache_slots:
-                                self._keep_row(cache.row_prefix(slot, cached[i]), held[i], rows[i], cached[i],
-                                               first_logits.get(i), state)
+                                self._keep_row(cache.row_prefix(slot, cached[i]), held[i], tags[i], rows[i],
+                                               cached[i], first_logits.get(i), state)
                                 kept_rows += 1
                     cache.select_rows(torch.tensor(still, device=device))
                     active = [active[slot] for slot in still]
@@ -368,26 +375,32 @@ class GenerationEngine:
                     # llama-2 cache of 4096 positions takes 2 GiB); rows of a batch, copies
                     whole = cache.batch_size == 1 and 4 * cached[i] >= 3 * cache.max_len
                     row_cache = cache if whole else cache.row_prefix(slot, cached[i])
-                    self._keep_row(row_cache, held[i], rows[i], cached[i],
+                    self._keep_row(row_cache, held[i], tags[i], rows[i], cached[i],
                                    first_logits.get(i) if isinstance(first_logits, dict) else None, state)
                     kept_rows += 1
 
-    def _position_ids(self, prompt: List[int], image_embeds, row: int, n_image: int) -> list:
-        """The ids a row's cache positions hold before its new tokens: the prompt's, with its
-        image's (``n_image`` vectors) at their place in the layout as :func:`_image_key`."""
-        if not n_image:
-            return list(prompt)
+    def _position_ids(self, prompt: List[int], image_embeds, row: int, n_image: int) -> Tuple[list, Optional[tuple]]:
+        """(the ids a row's cache positions hold before its new tokens, what its new tokens are
+        paired with): the prompt's ids, with its image's (``n_image`` vectors) at their place in
+        the layout as :func:`_image_key`; in the ``adapter`` layout every id paired with that key
+        instead (the picture is in every position's keys), which new tokens get too."""
+        if image_embeds is None or image_embeds[row] is None:
+            return list(prompt), None
+        if self.model.image_layout == "adapter":
+            key = _image_key(image_embeds[row])
+            return [(key, token) for token in prompt], key
         at = insert_index(self.model.image_layout)
-        return prompt[:at] + [_image_key(image_embeds[row])] * n_image + prompt[at:]
+        return prompt[:at] + [_image_key(image_embeds[row])] * n_image + prompt[at:], None
 
-    def _keep_row(self, cache, prompt: list, row: RowState, cached: int, logits: Optional[torch.Tensor],
-                  state: tuple):
+    def _keep_row(self, cache, prompt: list, tag: Optional[tuple], row: RowState, cached: int,
+                  logits: Optional[torch.Tensor], state: tuple):
         """Keep ``cache`` (one row) as holding the first ``cached`` ids of ``prompt`` (the ids of
-        its prompt's positions, :meth:`_position_ids`) + its new tokens, computed by weights in
-        ``state``."""
+        its prompt's positions, :meth:`_position_ids`) + its new tokens (paired with ``tag`` when
+        not None), computed by weights in ``state``."""
         if cached <= 0:  # (a prefill that failed with nothing reused holds nothing)
             return
-        held = (list(prompt) + row.new_tokens)[:cached]
+        new = row.new_tokens if tag is None else [(tag, token) for token in row.new_tokens]
+        held = (list(prompt) + new)[:cached]
         self._keep(_KeptCache(cache, held, state, list(prompt), logits if cached >= len(prompt) else None))
 
     def _record_logprobs(self, rows: List[RowState], logits: torch.Tensor, tokens: List[int],
