@@ -365,10 +365,9 @@ def _add_generate_parser(sub) -> None:
 #: ``accessory demo NAME`` -> the module whose ``main(argv)`` serves it.
 DEMOS = {"single_turn": "accessory.demos.single_turn", "multi_turn": "accessory.demos.multi_turn",
          "single_turn_mm": "accessory.demos.single_turn_mm", "multi_turn_mm": "accessory.demos.multi_turn_mm"}
-DEMOS_LATER = ()
 
 DEMO_HELP = """\
-usage: accessory demo [single_turn|multi_turn] [demo flags...]
+usage: accessory demo [single_turn|multi_turn|single_turn_mm|multi_turn_mm] [demo flags...]
 
 Serve a gradio demo in the browser. With no name it starts the multi-turn chat demo; with no
 --pretrained_path it uses the embedded SmolLM2-135M-Instruct demo model (built on first use).
@@ -388,6 +387,7 @@ examples:
   accessory demo single_turn --pretrained_path /models/llama2-7b --dtype fp16
   accessory demo --port 8000 --host 0.0.0.0
   accessory demo multi_turn --pretrained_path /models/llama2-13b-chat --n_gpus 2
+  accessory demo multi_turn_mm --pretrained_path /models/sphinx-tiny
 """
 
 
@@ -401,9 +401,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     name = "multi_turn"
     if rest and not rest[0].startswith("-"):
         name = rest.pop(0)
-    if name in DEMOS_LATER:
-        print(f"the {name} demo (multimodal) is not available yet; use single_turn or multi_turn", file=sys.stderr)
-        return 2
     if name not in DEMOS:
         print(f"unknown demo {name!r}; one of: {', '.join(DEMOS)} (see `accessory demo --help`)", file=sys.stderr)
         return 2
