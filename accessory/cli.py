@@ -293,12 +293,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for start in range(0, len(records), args.batch_size):
         chunk = range(start, min(start + args.batch_size, len(records)))
         images = None
-        if any(image_paths[i] is not None for i in chunk):
-            if any(image_paths[i] is None for i in chunk):
-                print(f"error: prompts {chunk.start + 1}-{chunk.stop} mix prompts with and without a picture in "
-                      f"one batch; give every prompt an image, or use --batch-size 1", file=sys.stderr)
-                return 2
-            images = [pictures[image_paths[i]] for i in chunk]
+        if any(image_paths[i] is not None for i in chunk):  # (None for the prompts without one)
+            images = [None if image_paths[i] is None else pictures[image_paths[i]] for i in chunk]
         outputs = model.generate([rendered[i][0] for i in chunk], images, max_gen_len=args.max_gen_len,
                                  temperature=args.temperature, top_p=args.top_p,
                                  additional_stop_symbols=stop_symbols, top_k=args.top_k, min_p=args.min_p,

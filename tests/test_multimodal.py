@@ -441,3 +441,14 @@ def test_a_picture_chat_through_stream_generate_with_the_cache(case):
     assert prefills[0][0] >= reused and prefills[0][-1] == whole - 1  # only the new turn's positions
     model.engine.prompt_cache = False
     assert got == model.generate([follow], [picture], **GEN)[0]
+
+
+def test_generate_with_pictures_for_some_prompts(case):
+    """A list of images holding None: those prompts have no picture, in the same batch."""
+    _, _, model, _, _ = case
+    picture = images(26)[0]
+    got = model.generate(PROMPTS, [None, picture], **GEN)
+    assert got == [model.generate([PROMPTS[0]], **GEN)[0], model.generate([PROMPTS[1]], [picture], **GEN)[0]]
+    assert model.generate(PROMPTS, [None, None], **GEN) == model.generate(PROMPTS, **GEN)
+    with pytest.raises(ValueError, match="None for a prompt without a picture"):
+        model.generate(PROMPTS, [None], **GEN)

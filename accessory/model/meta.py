@@ -429,13 +429,14 @@ class MetaModel(nn.Module):
         ``(token id, logprob)`` pairs of each step.
 
         ``images`` (multimodal types): one per prompt, a (batch, 3, H, W) tensor or a list of
-        (3, H, W) tensors, preprocessed (``accessory.data.transform.get_transform``); cast to the
-        model's dtype and device here. The image's positions count against ``max_seq_len``."""
+        (3, H, W) tensors (None for a prompt without a picture), preprocessed
+        (``accessory.data.transform.get_transform``); cast to the model's dtype and device here.
+        The image's positions count against ``max_seq_len``."""
         if isinstance(prompts, str):
             raise ValueError("generate expects a LIST of prompts, got a str; use [prompt]")
-        image_embeds = None if images is None else self._encode_images(images, len(prompts), "images")
-        n_image = max(image_offsets(image_embeds, len(prompts), self.llma.image_layout), default=0)
-        fitted = [self._fit_prompt(self._encode(p), max_gen_len, n_image) for p in prompts]
+        image_embeds = self._encode_some_images(images, len(prompts))
+        n_images = image_offsets(image_embeds, len(prompts), self.llma.image_layout)
+        fitted = [self._fit_prompt(self._encode(p), max_gen_len, n) for p, n in zip(prompts, n_images)]
         states = None
         penalties = dict(repetition_penalty=repetition_penalty, penalty_last_n=penalty_last_n,
                          presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
@@ -495,6 +496,25 @@ class MetaModel(nn.Module):
     def get_image_words(self) -> int:
         """How many sequence positions one image takes (the type's ``image_words``; 0 without images)."""
         return getattr(self.llma, "image_words", 0) if self.takes_images else 0
+
+    def _encode_some_images(self, images, count: int):
+        """``generate``'s images: None, (count, N, dim) vectors, or per prompt (N, dim) vectors or
+        None when ``images`` is a list holding None for the prompts without a picture."""
+        if images is None:
+            return None
+        if not isinstance(images, (list, tuple)) or all(image is not None for image in images):
+            return self._encode_images(images, count, "images")
+        if len(images) != count:
+            raise ValueError(f"images: {len(images)} images for {count} prompts; give one per prompt "
+                             f"(None for a prompt without a picture)")
+        given = [i for i, image in enumerate(images) if image is not None]
+        if not given:
+            return None
+        encoded = self._encode_images([images[i] for i in given], len(given), "images")
+        out = [None] * count
+        for k, i in enumerate(given):
+            out[i] = encoded[k]
+        return out
 
     def _encode_images(self, images, count: int, name: str, single: bool = False) -> torch.Tensor:
         """(count, N, dim) vectors that ``images`` insert, after checking them and casting them to
