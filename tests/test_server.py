@@ -663,3 +663,17 @@ def test_requests_with_different_pictures_share_a_batch(mm_server):
         model.engine.prompt_cache = True
     assert results["text"]["choices"][0]["message"]["content"] == expected["text"].lstrip()
     assert results[5]["choices"][0]["message"]["content"] != results[6]["choices"][0]["message"]["content"]
+
+
+def test_a_picture_streamed_with_two_choices(mm_server):
+    """Streaming and n=2 take the picture too: both greedy choices stream the unstreamed answer."""
+    srv, model = mm_server
+    url, _ = _data_url(7)
+    request = {"messages": [_asking("What is in the picture?", url)], "max_tokens": 8, **GREEDY}
+    whole = _post(srv, "/v1/chat/completions", request)["choices"][0]["message"]["content"]
+    chunks = _stream(srv, "/v1/chat/completions", dict(request, n=2))
+    texts = ["", ""]
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            texts[choice["index"]] += choice["delta"].get("content", "")
+    assert texts == [whole, whole] and whole
