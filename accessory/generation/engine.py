@@ -107,13 +107,18 @@ class _KeptCache:
         return sum(t.numel() * t.element_size() for t in itertools.chain(self.cache.keys, self.cache.values))
 
 
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """A sha1 hex digest of ``tensor``'s shape, dtype and bytes (read from the CPU)."""
+    data = tensor.detach().to("cpu").contiguous()
+    digest = hashlib.sha1(f"{tuple(data.shape)} {data.dtype}".encode())
+    digest.update(data.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def _image_key(vectors: torch.Tensor) -> tuple:
     """What stands for each of an image's positions among a row's held ids: a digest of all its
-    vectors' bytes (one tuple, repeated at each of its positions)."""
-    data = vectors.detach().to("cpu").contiguous()
-    digest = hashlib.sha1(f"{tuple(data.shape[-2:])} {data.dtype}".encode())
-    digest.update(data.reshape(-1).view(torch.uint8).numpy())
-    return ("image", digest.hexdigest())
+    vectors (one tuple, repeated at each of its positions)."""
+    return ("image", tensor_digest(vectors.reshape(vectors.shape[-2:])))
 
 
 def _common_prefix(a: List[int], b: List[int]) -> int:
@@ -314,10 +319,7 @@ class GenerationEngine:
             elif not inserted:
                 logits = self.model.forward_tokens(tokens, positions, cache, output_index=last_index)
             else:
-                row_images = [image_embeds[i] if slot in inserted else None
-                              for slot, i in enumerate(active)]
-                if layout == "adapter" and isinstance(image_embeds, torch.Tensor):
-                    row_images = image_embeds[active]
+                row_images = [image_embeds[i] if slot in inserted else None for slot, i in enumerate(active)]
                 inputs = insert_images(self.model.embed_tokens(tokens),
                                        [rows[i].prompt_len - text_from[slot] for slot, i in enumerate(active)],
                                        row_images, layout)

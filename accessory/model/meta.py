@@ -14,7 +14,6 @@ missing weights are an error unless ``strict=False``; BOS follows the tokenizer'
 
 import collections
 import dataclasses
-import hashlib
 import json
 import logging
 import threading
@@ -29,7 +28,7 @@ from torch import nn
 from ..checkpoint.discover import find_shards, read_llama_type
 from ..checkpoint.load import load_pretrained
 from ..errors import CheckpointError, ConfigError, TokenizerError
-from ..generation.engine import GenerationEngine, weights_state
+from ..generation.engine import GenerationEngine, tensor_digest, weights_state
 from ..kernels.linear import use_native_linear
 from ..generation.sampling import SamplingParams
 from ..quant import Quantizer, eligible_linears, make_shells, resolve_scheme
@@ -530,9 +529,7 @@ class MetaModel(nn.Module):
         # ranks would have to agree on every hit). A hit returns the very vectors computed before.
         key = None
         if self.mp_group is None:
-            pixels = batch.detach().to("cpu", copy=False).contiguous()
-            key = (hashlib.sha1(pixels.view(torch.uint8).numpy().tobytes()).hexdigest(), tuple(pixels.shape),
-                   pixels.dtype, weights_state(self.llma, count_writes=True))
+            key = (tensor_digest(batch), weights_state(self.llma, count_writes=True))
             with self._image_memo_lock:
                 if key in self._image_memo:
                     self._image_memo.move_to_end(key)
