@@ -49,7 +49,7 @@ def load_picture(model, path: str, transform: str):
     raises ValueError with what is wrong (no such file, not a picture, a model without images)."""
     from PIL import Image, UnidentifiedImageError
 
-    from .data.transform import get_transform
+    from .demos.common_mm import image_tensor
     if not model.takes_images:
         raise ValueError(f"llama_type {model.llama_type!r} takes no images; leave --image out for this checkpoint")
     try:
@@ -59,7 +59,7 @@ def load_picture(model, path: str, transform: str):
         raise ValueError(f"no picture at {path}") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"{path} is not a picture PIL can read ({exc})") from None
-    return get_transform(transform, model.image_size)(picture)
+    return image_tensor(model, picture, transform)[0]
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -427,8 +427,10 @@ def _add_serve_parser(sub) -> None:
 
 
 def _add_image_flags(parser: argparse.ArgumentParser, image_help: str) -> None:
+    from .demos.common_mm import IMAGE_TRANSFORMS
+
     parser.add_argument("--image", default=None, metavar="PATH", help=image_help)
-    parser.add_argument("--image-transform", default="padded_resize", choices=["padded_resize", "resized_center_crop"],
+    parser.add_argument("--image-transform", default=IMAGE_TRANSFORMS[0], choices=IMAGE_TRANSFORMS,
                         help="how the picture is brought to the model's size (default padded_resize: the whole "
                              "picture, padded to a square)")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..data.conversation import conv_templates
-from ..demos.common_mm import IMAGE_TRANSFORMS
+from ..demos.common_mm import IMAGE_TRANSFORMS, image_tensor
 from ..generation.sampling import SamplingParams
 from .batching import BatchScheduler, Job
 
@@ -293,7 +293,6 @@ class OpenAIService:
 
         from PIL import Image, UnidentifiedImageError
 
-        from ..data.transform import get_transform
         try:
             image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
             image.load()
@@ -303,7 +302,7 @@ class OpenAIService:
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise ApiError(f"the image data URL holds no picture PIL can read ({exc})", param="messages",
                            code="invalid_value") from None
-        return get_transform(self.image_transform, self.model.image_size)(image.convert("RGB"))
+        return image_tensor(self.model, image, self.image_transform)[0]
 
     # -------------------------------------------------------------- request -> plan
     def _encode(self, text: str) -> List[int]:
