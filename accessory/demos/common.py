@@ -78,6 +78,14 @@ def load_chat_model(args: argparse.Namespace, with_visual: bool = False, mp_grou
     return configure_prompt_cache(load_model(args, with_visual=with_visual, mp_group=mp_group), args)
 
 
+def prompt_cache_flag_error(args: argparse.Namespace) -> Optional[str]:
+    """What is wrong with ``--prompt_cache_slots`` / ``--prompt_cache_mb`` (negative), or None."""
+    for flag in ("prompt_cache_slots", "prompt_cache_mb"):
+        if getattr(args, flag) < 0:
+            return f"--{flag} must be 0 or more, got {getattr(args, flag)}"
+    return None
+
+
 def configure_prompt_cache(model, args: argparse.Namespace):
     """Turn ``model``'s prompt cache on as :func:`load_chat_model` describes; returns ``model``."""
     from accessory.generation.engine import prompt_cache_enabled

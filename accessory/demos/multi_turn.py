@@ -31,7 +31,8 @@ if not __package__:  # run as a file: make `import accessory` find this checkout
 
 from accessory.cli import _chat_template_for  # noqa: E402
 from accessory.data.conversation import conv_templates  # noqa: E402
-from accessory.demos.common import add_model_args, checkpoint_dirs, launch, load_chat_model  # noqa: E402
+from accessory.demos.common import (add_model_args, checkpoint_dirs, launch, load_chat_model,  # noqa: E402
+                                    prompt_cache_flag_error)
 from accessory.demos.parallel import check_process_count, run_with_spawned_followers  # noqa: E402
 
 DEFAULT_TEMPERATURE = 0.1
@@ -206,9 +207,9 @@ def check_chat_args(args: argparse.Namespace) -> None:
     check_process_count(args.n_gpus, "--n_gpus")
     if args.template != "auto" and args.template not in conv_templates:
         sys.exit(f"error: unknown --template {args.template!r}; known: auto, {', '.join(conv_templates)}")
-    for flag in ("prompt_cache_slots", "prompt_cache_mb"):
-        if getattr(args, flag) < 0:
-            sys.exit(f"error: --{flag} must be 0 or more, got {getattr(args, flag)}")
+    problem = prompt_cache_flag_error(args)
+    if problem:
+        sys.exit(f"error: {problem}")
 
 
 def main(argv=None) -> None:

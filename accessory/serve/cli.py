@@ -72,11 +72,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.max_batch < 1:
         print(f"error: --max_batch must be at least 1, got {args.max_batch}", file=sys.stderr)
         return 2
-    if args.prompt_cache_slots < 0:
-        print(f"error: --prompt_cache_slots must be 0 or more, got {args.prompt_cache_slots}", file=sys.stderr)
-        return 2
-    if args.prompt_cache_mb < 0:
-        print(f"error: --prompt_cache_mb must be 0 or more, got {args.prompt_cache_mb}", file=sys.stderr)
+    from ..demos.common import prompt_cache_flag_error
+
+    problem = prompt_cache_flag_error(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.template != "auto" and args.template not in conv_templates:
         print(f"error: unknown --template {args.template!r}; known: auto, {', '.join(conv_templates)}",
