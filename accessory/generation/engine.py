@@ -97,9 +97,9 @@ class _KeptCache:
     ``tokens`` (``prompt`` and the tokens fed back), computed by weights in ``weights``' state;
     ``logits``: its prefill's (None if the prefill did not finish)."""
     cache: object
-    tokens: List[int]
+    tokens: list  # token ids; an image's positions as _image_key tuples (the adapter's: (key, id) pairs)
     weights: tuple
-    prompt: List[int]
+    prompt: list
     logits: Optional[torch.Tensor]
 
     @property
