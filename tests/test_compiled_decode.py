@@ -104,3 +104,22 @@ def test_a_failed_compilation_is_said_once_and_the_modules_take_over(monkeypatch
     assert "no triton here" in caplog.text
     monkeypatch.setenv("ACCESSORY_COMPILE", "0")
     torch.testing.assert_close(logits, decode(model, reference, step, positions), rtol=0, atol=0)
+
+
+def test_models_of_different_head_layouts_compile_in_one_process(monkeypatch):
+    """A second shape recompiles the same step function; the head counts must stay plain numbers
+    there (torch made them symbolic on the recompile, and SDPA's ``enable_gqa`` refused a SymBool)."""
+    monkeypatch.setattr(compiled_decode, "_compiled", {})
+    torch._dynamo.reset()
+    for overrides in ({"n_kv_heads": 4}, {}, {"n_heads": 2, "n_kv_heads": 1, "dim": 64}):
+        model = tiny(torch.float32, **overrides)
+        cache, step, positions = prefilled(model)
+        reference = copy.deepcopy(cache)
+        with torch.inference_mode():
+            assert compiled_decode.compiled_decode_layers(
+                model, model.embed_tokens(step), positions, copy.deepcopy(cache), PLAIN_BLOCK_TYPES) is not None
+        compiled = decode(model, cache, step, positions)
+        assert not compiled_decode._failed, overrides
+        monkeypatch.setenv("ACCESSORY_COMPILE", "0")
+        torch.testing.assert_close(compiled, decode(model, reference, step, positions), rtol=1e-5, atol=1e-5)
+        monkeypatch.delenv("ACCESSORY_COMPILE")

@@ -24,6 +24,7 @@ failed once (said in a warning; the process then keeps to the modules).
 
 import logging
 import os
+import types
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -51,6 +52,7 @@ def compile_enabled() -> bool:
 def _layer_step(n_q: int, n_kv: int, head_dim: int, eps: float) -> Callable:
     """One block's decode step for these head counts: ``(h, weights..., cache, where) -> h``."""
     split = (n_q + n_kv) * head_dim
+    gqa = n_q != n_kv
 
     def step(h, wqkv, wo, w13, w2, attention_norm, ffn_norm, keys, values, rows, cols, cos, sin, mask):
         x = F.rms_norm(h, (h.shape[-1],), eps=eps) * attention_norm
@@ -64,12 +66,17 @@ def _layer_step(n_q: int, n_kv: int, head_dim: int, eps: float) -> Callable:
         keys[rows, :, cols] = k[:, 0].to(keys.dtype)
         values[rows, :, cols] = v[:, 0].to(values.dtype)
         out = F.scaled_dot_product_attention(q.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=mask,
-                                             enable_gqa=n_q != n_kv)
+                                             enable_gqa=gqa)
         h = h + F.linear(out.to(h.dtype).transpose(1, 2).flatten(2), wo)
         x = F.rms_norm(h, (h.shape[-1],), eps=eps) * ffn_norm
         gate, up = F.linear(x, w13).chunk(2, dim=-1)
         return h + F.linear(F.silu(gate) * up, w2)
-    return step
+
+    # torch keeps one cache of compilations per code object: a second head layout compiled from the
+    # same code would be taken for a change of those numbers and traced with them symbolic (slower
+    # kernels, and SDPA refuses a symbolic ``enable_gqa``). Each layout gets its own code object.
+    code = step.__code__.replace(co_name=f"decode_step_{n_q}q_{n_kv}kv_{head_dim}")
+    return types.FunctionType(code, step.__globals__, code.co_name, step.__defaults__, step.__closure__)
 
 
 def _compiled_step(n_q: int, n_kv: int, head_dim: int, eps: float) -> Callable:
