@@ -14,9 +14,10 @@ needs_kernel = pytest.mark.skipif(not native_linear_available(),
 
 
 @needs_kernel
-# 5 rows: weight rows in pairs; 6-8: outer products over a chunk of 8 rows; from 9: over chunks of
-# 16 rows (the last one partial at 40; more than 16 rows take the kernel only on CPUs without native
-# bf16)
+# AVX2 kernel: 5 rows: weight rows in pairs; 6-8: outer products over a chunk of 8 rows; from 9:
+# over chunks of 16 rows (the last one partial at 40). AVX512-BF16 kernel: 1 row the AVX2 row form,
+# 2 rows its own row form, from 3 tiles of 4 x 4. More than 16 rows take the kernel on CPUs without
+# native bf16 (up to 256) and with AVX512-BF16 but no AMX (up to 64); torch's product elsewhere.
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 6, 7, 8, 9, 12, 13, 16, 40, 256])
 @pytest.mark.parametrize("out_features,in_features", [(64, 64), (37, 100), (130, 33), (512, 768)])
 def test_native_linear_matches_float_reference(rows, out_features, in_features):
@@ -84,8 +85,8 @@ def test_native_linear_keeps_leading_dims_and_adds_the_bias_before_rounding(batc
 def test_other_inputs_fall_back_to_torch_exactly(monkeypatch):
     from accessory.kernels import linear as kernel_linear
     w = torch.randn(24, 32)
-    x = torch.randn(MAX_ROWS + 1, 32).bfloat16()
     monkeypatch.setattr(kernel_linear, "cpu_has_native_bf16", lambda: True)
+    x = torch.randn(max(kernel_linear.max_kernel_rows(), MAX_ROWS) + 1, 32).bfloat16()
     assert torch.equal(linear(x, w.bfloat16()), F.linear(x, w.bfloat16()))  # too many rows, native bf16
     x32 = torch.randn(2, 32)
     assert torch.equal(linear(x32, w), F.linear(x32, w))  # float32
@@ -154,3 +155,105 @@ def test_the_decode_step_structs_match_their_ctypes_mirrors():
     if library is None:
         pytest.skip("native kernels cannot be built on this machine")
     assert native_layout(library) == layout_of_mirrors()
+
+
+def _bf16_libraries():
+    """Each bf16 product library this CPU runs: the AVX2 one, and the AVX512-BF16 one where the CPU
+    has it (kernels.bf16_kernel_name picks it there)."""
+    from accessory.kernels import cpu_supports_avx512_bf16
+    names = ["gemv_bf16"]
+    if cpu_supports_avx512_bf16():
+        names.append("gemv_bf16_avx512")
+    return names
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", ["gemv_bf16", "gemv_bf16_avx512"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 9, 16, 17, 40])
+@pytest.mark.parametrize("out_features,in_features", [(37, 100), (130, 33), (21, 31), (64, 768)])
+def test_each_bf16_library_against_float64(name, rows, out_features, in_features):
+    """Both entry points of each library (bf16 activations -> bf16 or float32 sums; float32
+    activations -> float32 sums), rows of every tile form and inputs with tails past the last whole
+    vector, against the float64 product. bf16 activations multiply exactly, so the only errors are
+    float32 accumulation (and one rounding to bf16). Float32 activations: the AVX512 library rounds
+    them to bf16 from two rows on, as torch's bf16 product does; one row keeps them in float32."""
+    import ctypes
+
+    from accessory.kernels import load_library
+    if name not in _bf16_libraries():
+        pytest.skip("this CPU has no AVX512-BF16")
+    library = load_library(name)
+    assert library is not None
+    entry, entry_f32, scratch_of = (library.accessory_gemv_bf16, library.accessory_gemv_bf16_f32,
+                                    library.accessory_gemv_bf16_scratch_floats)
+    entry.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
+    entry_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    scratch_of.argtypes, scratch_of.restype = [ctypes.c_int64] * 2, ctypes.c_int64
+    gen = torch.Generator().manual_seed(rows * 1000 + out_features + in_features)
+    x32 = torch.randn(rows, in_features, generator=gen)
+    x = x32.bfloat16()
+    w = torch.randn(out_features, in_features, generator=gen).bfloat16()
+    scratch = torch.empty(scratch_of(rows, in_features) + 16)
+
+    def check(got, activations, rounded_once):
+        exact = activations.double() @ w.double().T
+        bound = activations.double().abs() @ w.double().abs().T * in_features * 2 ** -23
+        if rounded_once:
+            bound = bound + exact.abs() * 2 ** -8
+        assert ((got.double() - exact).abs() <= bound + 1e-30).all(), (got.double() - exact).abs().max()
+
+    y = torch.empty(rows, out_features, dtype=torch.bfloat16)
+    entry(w.data_ptr(), x.data_ptr(), scratch.data_ptr(), y.data_ptr(), None, rows, out_features, in_features)
+    check(y, x, rounded_once=True)
+    y32 = torch.empty(rows, out_features)
+    entry(w.data_ptr(), x.data_ptr(), scratch.data_ptr(), None, y32.data_ptr(), rows, out_features, in_features)
+    check(y32, x, rounded_once=False)
+    entry_f32(w.data_ptr(), x32.data_ptr(), scratch.data_ptr(), y32.data_ptr(), rows, out_features, in_features)
+    rounds_activations = name == "gemv_bf16_avx512" and rows > 1
+    check(y32, x if rounds_activations else x32, rounded_once=False)
+
+
+def test_bf16_kernel_choice_follows_the_cpu_and_the_environment(monkeypatch):
+    from accessory import kernels
+    monkeypatch.delenv("ACCESSORY_BF16_KERNEL", raising=False)
+    monkeypatch.setattr(kernels, "cpu_supports_avx512_bf16", lambda: True)
+    assert kernels.bf16_kernel_name() == "gemv_bf16_avx512"
+    monkeypatch.setenv("ACCESSORY_BF16_KERNEL", "avx2")
+    assert kernels.bf16_kernel_name() == "gemv_bf16"
+    monkeypatch.setenv("ACCESSORY_BF16_KERNEL", "avx512")
+    assert kernels.bf16_kernel_name() == "gemv_bf16_avx512"
+    monkeypatch.setattr(kernels, "cpu_supports_avx512_bf16", lambda: False)
+    monkeypatch.setenv("ACCESSORY_BF16_KERNEL", "auto")
+    assert kernels.bf16_kernel_name() == "gemv_bf16"
+    monkeypatch.setenv("ACCESSORY_BF16_KERNEL", "amx")
+    with pytest.raises(ValueError, match="ACCESSORY_BF16_KERNEL='amx': use auto, avx2 or avx512"):
+        kernels.bf16_kernel_name()
+
+
+def test_a_library_that_cannot_be_built_falls_back_to_the_avx2_one(monkeypatch):
+    from accessory import kernels
+    monkeypatch.setattr(kernels, "bf16_kernel_name", lambda: "gemv_bf16_avx512")
+    monkeypatch.setattr(kernels, "_libraries", {"gemv_bf16_avx512": None})
+    name, library = kernels.bf16_library()
+    assert name == "gemv_bf16" and library is kernels.load_library("gemv_bf16")
+    if native_linear_available():
+        assert library is not None
+
+
+def test_how_many_rows_the_kernel_takes_follows_the_cpu(monkeypatch):
+    """AVX2 only: up to 256 rows (torch's bf16 product is slow there); AVX512-BF16 without AMX: up to
+    64 (the dot-product kernel beats oneDNN that far); AMX, or the AVX2 kernel on a CPU with native
+    bf16: 16."""
+    from accessory.kernels import linear as kernel_linear
+    monkeypatch.setattr(kernel_linear, "_kernel", lambda: object())
+    for native, name, flags, expected in [
+            (False, "gemv_bf16", {"avx2"}, kernel_linear.MAX_ROWS_WITHOUT_NATIVE_BF16),
+            (True, "gemv_bf16_avx512", {"avx512_bf16"}, kernel_linear.MAX_ROWS_AVX512_BF16),
+            (True, "gemv_bf16_avx512", {"avx512_bf16", "amx_bf16"}, MAX_ROWS),
+            (True, "gemv_bf16", {"avx512_bf16"}, MAX_ROWS)]:
+        monkeypatch.setattr(kernel_linear, "cpu_has_native_bf16", lambda: native)
+        monkeypatch.setattr(kernel_linear, "_kernel_name", name)
+        monkeypatch.setattr(kernel_linear, "cpu_flags", lambda: frozenset(flags))
+        assert kernel_linear.max_kernel_rows() == expected, (native, name, flags)
+    monkeypatch.setattr(kernel_linear, "_kernel", lambda: None)
+    assert kernel_linear.max_kernel_rows() == 0

@@ -7,6 +7,7 @@ Every kernel has a plain-torch fallback: when there is no compiler, the CPU lack
 """
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -16,12 +17,16 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 log = logging.getLogger(__name__)
 
 _SOURCE_DIR = Path(__file__).resolve().parent
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# sources that need more than AVX2 (loaded only where cpu_flags() has them) and the sources they
+# include besides the headers (in the build hash, so a change there rebuilds them)
+_EXTRA_FLAGS = {"gemv_bf16_avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]}
+_INCLUDED_SOURCES = {"gemv_bf16_avx512": ["gemv_bf16.c"]}
 _lock = threading.Lock()
 _libraries = {}
 
@@ -31,14 +36,38 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> Optional[frozenset]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), or None where they cannot be read."""
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split())
+    except (OSError, IndexError):
+        return None
+
+
 def cpu_supports_avx2() -> bool:
     """AVX2 + FMA, read from /proc/cpuinfo on Linux (torch's capability check as a fallback)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
-        return "avx2" in flags and "fma" in flags and "f16c" in flags
-    except (OSError, IndexError):
+    flags = cpu_flags()
+    if flags is None:
         import torch
         return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    return {"avx2", "fma", "f16c"} <= flags
+
+
+def cpu_supports_avx512_bf16() -> bool:
+    """AVX-512 with its bf16 dot products (Zen 4 and later, Cooper Lake, Sapphire Rapids and later)."""
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= (cpu_flags() or frozenset())
+
+
+def bf16_kernel_name() -> str:
+    """The source of the bf16 products for this CPU: ``gemv_bf16_avx512`` where it has AVX512-BF16,
+    else ``gemv_bf16`` (AVX2); ``ACCESSORY_BF16_KERNEL=avx2`` keeps the AVX2 one anywhere."""
+    choice = os.environ.get("ACCESSORY_BF16_KERNEL", "auto").strip().lower()
+    if choice not in ("auto", "avx2", "avx512"):
+        raise ValueError(f"ACCESSORY_BF16_KERNEL={choice!r}: use auto, avx2 or avx512")
+    if choice == "avx2" or (choice == "auto" and not cpu_supports_avx512_bf16()):
+        return "gemv_bf16"
+    return "gemv_bf16_avx512"
 
 
 def native_kernels_enabled() -> bool:
@@ -61,6 +90,16 @@ def load_library(name: str) -> Optional[ctypes.CDLL]:
         return library
 
 
+def bf16_library() -> Tuple[str, Optional[ctypes.CDLL]]:
+    """``(name, library)`` of the bf16 products for this CPU (:func:`bf16_kernel_name`), the AVX2
+    one where the other cannot be built (a compiler without AVX512-BF16); library None when none can."""
+    name = bf16_kernel_name()
+    library = load_library(name)
+    if library is None and name != "gemv_bf16":
+        name, library = "gemv_bf16", load_library("gemv_bf16")
+    return name, library
+
+
 def _build_and_load(name: str) -> ctypes.CDLL:
     # libgomp must be the one torch already loaded, so both share one OpenMP thread pool
     __import__("torch")  # loads torch's libgomp first
@@ -69,14 +108,16 @@ def _build_and_load(name: str) -> ctypes.CDLL:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc/gcc) on PATH")
+    flags = _FLAGS + _EXTRA_FLAGS.get(name, [])
     headers = b"".join(h.read_bytes() for h in sorted(_SOURCE_DIR.glob("*.h")))  # included by every source
-    digest = hashlib.sha256(source.read_bytes() + headers + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    included = b"".join((_SOURCE_DIR / other).read_bytes() for other in _INCLUDED_SOURCES.get(name, []))
+    digest = hashlib.sha256(source.read_bytes() + headers + included + " ".join(flags).encode()).hexdigest()[:16]
     target = cache_dir() / f"{name}-{digest}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *_FLAGS, "-o", str(built), str(source)],
+            result = subprocess.run([compiler, *flags, "-o", str(built), str(source)],
                                     capture_output=True, text=True, timeout=120)
             if result.returncode != 0:
                 raise OSError(f"compiling {source.name} failed: {result.stderr.strip()[:500]}")

@@ -9,7 +9,7 @@ import logging
 from types import SimpleNamespace
 from typing import Optional
 
-from . import load_library
+from . import bf16_library, load_library
 from .quant import _kernels as quant_kernels
 
 _P, _I64, _INT, _F, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_double
@@ -72,7 +72,7 @@ def decode_kernels() -> Optional[SimpleNamespace]:
     be built here."""
     global _functions, _loaded
     if not _loaded:
-        ops, bf16, quant = load_library("decode_ops"), load_library("gemv_bf16"), quant_kernels()
+        ops, bf16, quant = load_library("decode_ops"), bf16_library()[1], quant_kernels()
         if ops is not None:
             native, mirrors = native_layout(ops), layout_of_mirrors()
             if native != mirrors:

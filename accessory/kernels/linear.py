@@ -15,13 +15,12 @@ bf16 matrix product there runs about 4x slower than float32 (measured 0.32 s vs 
 
 import ctypes
 import functools
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from . import load_library, scratch_floats
+from . import bf16_library, cpu_flags, scratch_floats
 
 MAX_ROWS = 16
 # Without native bf16 arithmetic the kernel's batched form also beats widening the weight for
@@ -30,16 +29,22 @@ MAX_ROWS = 16
 # at 512 rows). Its per-thread scratch then holds up to 256 x in_features floats (11 MB for a 7B
 # model's down projection).
 MAX_ROWS_WITHOUT_NATIVE_BF16 = 256
+# With AVX512-BF16 (gemv_bf16_avx512.c) and no AMX, the kernel beats torch's bf16 product (oneDNN)
+# up to this many rows (measured on the 2-core Zen 4 machine of benchmarks/README.md, XS and S
+# shapes: 1.3-1.7x at 32 rows, 1.0-1.3x at 64, 0.9-1.05x at 128). Where the CPU has AMX, torch's
+# product takes over from MAX_ROWS rows, as before (AMX tiles were not measured here).
+MAX_ROWS_AVX512_BF16 = 64
 
 _function = None
 _scratch_function = None
+_kernel_name = None
 _loaded = False
 
 
 def _kernel():
-    global _function, _scratch_function, _loaded
+    global _function, _scratch_function, _kernel_name, _loaded
     if not _loaded:
-        library = load_library("gemv_bf16")
+        _kernel_name, library = bf16_library()
         if library is not None:
             _function = library.accessory_gemv_bf16
             _function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
@@ -62,16 +67,25 @@ def native_linear_available() -> bool:
     return _kernel() is not None
 
 
+def max_kernel_rows() -> int:
+    """The most token rows :func:`linear` gives the native kernel (0 when there is none): beyond,
+    torch's product, or on CPUs without native bf16 the weight widened to float32 for torch."""
+    if _kernel() is None:
+        return 0
+    if not cpu_has_native_bf16():
+        return MAX_ROWS_WITHOUT_NATIVE_BF16
+    if _kernel_name == "gemv_bf16_avx512" and "amx_bf16" not in (cpu_flags() or ()):
+        return MAX_ROWS_AVX512_BF16
+    return MAX_ROWS
+
+
 
 @functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), read from /proc/cpuinfo;
     True where that cannot be told, so torch's own product is kept."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return True
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    flags = cpu_flags()
+    return flags is None or "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 WIDEN_BLOCK_FLOATS = 1 << 20  # float32 elements of weight widened at a time (4 MB)
@@ -104,8 +118,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
             and weight.device.type == "cpu" and weight.is_contiguous() and not x.requires_grad
             and not weight.requires_grad):
         rows = x.numel() // x.shape[-1] if x.dim() else 0
-        native_bf16 = cpu_has_native_bf16()
-        kernel = _kernel() if 0 < rows <= (MAX_ROWS if native_bf16 else MAX_ROWS_WITHOUT_NATIVE_BF16) else None
+        kernel = _kernel() if 0 < rows <= max_kernel_rows() else None
         if kernel is not None:
             x2 = x.reshape(rows, x.shape[-1]).contiguous()
             out_features, in_features = weight.shape
@@ -120,7 +133,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
                        in_features)
                 y = y.add_(bias).bfloat16()
             return y.view(*x.shape[:-1], out_features)
-        if rows > MAX_ROWS and not native_bf16:
+        if rows > MAX_ROWS and not cpu_has_native_bf16():
             return widened_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 

@@ -1,0 +1,222 @@
+/* Products with bf16 weights on CPUs with AVX512-BF16 (Zen 4 and later, Cooper Lake, Sapphire
+ * Rapids and later): the same entry points as gemv_bf16.c, which kernels/linear.py and the native
+ * decode step load in its place on such CPUs.
+ *
+ * y[m, o] = sum_i x[m, i] * W[o, i] for m < M, W row-major (O, I) in bfloat16. VDPBF16PS multiplies
+ * 16 pairs of bf16 numbers and adds each pair's two products to a float32 lane: 32 multiply-adds an
+ * instruction, with no widening of the weights (gemv_bf16.c spends an integer operation on that for
+ * every two FMAs). The lanes run along the inputs: a tile of R weight rows x A activation rows keeps
+ * R x A accumulators of 16 lanes each, loads R + A vectors of 32 inputs each step, and sums each
+ * accumulator's lanes at the end (sixteen accumulators at once, in one tree of shuffles).
+ *
+ * From two activation rows on, the activations are multiplied as bf16: bf16 inputs as they come,
+ * float32 inputs (the native decode step's buffers) rounded to nearest even first, as torch's bf16
+ * products round them. Each product is exact in float32; the sums are float32 (denormal products
+ * count as zero: VDPBF16PS flushes them).
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "common.h"
+
+/* gemv_bf16.c's kernels under other names: one activation row takes their row form, which reads W
+ * faster here than this file's one-row form on short rows (1.1-1.35x at 768 and 2048 inputs; the
+ * reverse at 5632), and keeps that row's activations in float32. */
+#define accessory_gemv_bf16 avx2_gemv_bf16
+#define accessory_gemv_bf16_f32 avx2_gemv_bf16_f32
+#define accessory_gemv_bf16_scratch_floats avx2_gemv_bf16_scratch_floats
+#include "gemv_bf16.c"
+#undef accessory_gemv_bf16
+#undef accessory_gemv_bf16_f32
+#undef accessory_gemv_bf16_scratch_floats
+#undef PREFETCH_BYTES
+#undef PREFETCH
+
+/* Weight rows per tile (R) and activation rows per tile (A): 16 accumulators, 4 + 1 vectors in
+ * flight, 21 of the 32 vector registers. */
+#define TILE_W 4
+#define TILE_X 4
+/* Rows of W per OpenMP task: each task's groups of TILE_W rows meet every activation row while
+ * they are in L1 (4 rows of up to 4096 inputs) or L2. */
+#define BLOCK_ROWS 16
+
+/* The two-row form prefetches its weight row this far ahead, a line per 64 bytes. */
+#define PREFETCH_BYTES 1024
+/* From three rows, each group of TILE_W weight rows prefetches the rows of the group this many
+ * groups on into L2 while it is multiplied. Measured on the 2-core Zen 4 machine of
+ * benchmarks/README.md, XS and S shapes at 16 rows, weights not in cache: 1.6-2.2x faster than
+ * without (the first tile of each group waited on memory), one, two and four groups ahead alike
+ * within the noise. */
+#ifndef PREFETCH_GROUPS
+#define PREFETCH_GROUPS 2
+#endif
+
+/* Lane k of the result is the sum of v[k]'s 16 lanes. */
+static inline __m512 sum_lanes16(const __m512 v[16]) {
+    __m512 s[8], u[4], w[2];
+    for (int k = 0; k < 8; ++k) /* per 128-bit chunk: [a0+a2, b0+b2, a1+a3, b1+b3] */
+        s[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+    for (int k = 0; k < 4; ++k) /* per chunk: one partial sum each of four vectors, in order */
+        u[k] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * k], s[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(s[2 * k], s[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int k = 0; k < 2; ++k) /* chunks: [u0 c0+c1, u0 c2+c3, u1 c0+c1, u1 c2+c3] */
+        w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+static inline __m512bh load_bh(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512((const void *)p); }
+
+static inline __m512bh load_bh_tail(const uint16_t *p, __mmask32 mask) {
+    return (__m512bh)_mm512_maskz_loadu_epi16(mask, (const void *)p);
+}
+
+/* `r_count` weight rows (w, stride I) against `a_count` activation rows (x, stride I), both
+ * compile-time constants at every call; out[r * TILE_X + a] receives their products. */
+static inline __attribute__((always_inline)) void tile(const uint16_t *w, const uint16_t *x, int64_t I,
+                                                       const int r_count, const int a_count, const uint16_t *next,
+                                                       int next_rows, float *out) {
+    __m512 acc[TILE_W][TILE_X];
+    for (int r = 0; r < r_count; ++r)
+        for (int a = 0; a < a_count; ++a) acc[r][a] = _mm512_setzero_ps();
+    const int64_t I32 = I & ~(int64_t)31;
+    for (int64_t i = 0; i < I32; i += 32) {
+        __m512bh wv[TILE_W];
+        for (int k = 0; k < next_rows; ++k) _mm_prefetch((const char *)(next + k * I + i), _MM_HINT_T1);
+        for (int r = 0; r < r_count; ++r) wv[r] = load_bh(w + r * I + i);
+        for (int a = 0; a < a_count; ++a) {
+            const __m512bh xv = load_bh(x + a * I + i);
+            for (int r = 0; r < r_count; ++r) acc[r][a] = _mm512_dpbf16_ps(acc[r][a], wv[r], xv);
+        }
+    }
+    if (I32 < I) {
+        const __mmask32 mask = (__mmask32)((1ull << (I - I32)) - 1);
+        __m512bh wv[TILE_W];
+        for (int r = 0; r < r_count; ++r) wv[r] = load_bh_tail(w + r * I + I32, mask);
+        for (int a = 0; a < a_count; ++a) {
+            const __m512bh xv = load_bh_tail(x + a * I + I32, mask);
+            for (int r = 0; r < r_count; ++r) acc[r][a] = _mm512_dpbf16_ps(acc[r][a], wv[r], xv);
+        }
+    }
+    __m512 v[16];
+    for (int k = 0; k < 16; ++k) v[k] = _mm512_setzero_ps();
+    for (int r = 0; r < r_count; ++r)
+        for (int a = 0; a < a_count; ++a) v[r * TILE_X + a] = acc[r][a];
+    _mm512_storeu_ps(out, sum_lanes16(v));
+}
+
+/* Two activation rows (a decode step of two streams, bound by reading W): one weight row at a time,
+ * four accumulators per activation row across the inputs, so each thread reads one sequential
+ * stream (measured 1.1-1.5x faster here than gemv_bf16.c and than four weight rows at a time). */
+static inline __attribute__((always_inline)) void row_tile(const uint16_t *w, const uint16_t *x, int64_t I,
+                                                           const int a_count, float *out) {
+    __m512 acc[2][4];
+    for (int a = 0; a < a_count; ++a)
+        for (int k = 0; k < 4; ++k) acc[a][k] = _mm512_setzero_ps();
+    const int64_t I128 = I & ~(int64_t)127;
+    int64_t i = 0;
+    for (; i < I128; i += 128) {
+        _mm_prefetch((const char *)(w + i) + PREFETCH_BYTES, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + i) + PREFETCH_BYTES + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + i) + PREFETCH_BYTES + 128, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + i) + PREFETCH_BYTES + 192, _MM_HINT_T0);
+        __m512bh wv[4];
+        for (int k = 0; k < 4; ++k) wv[k] = load_bh(w + i + 32 * k);
+        for (int a = 0; a < a_count; ++a)
+            for (int k = 0; k < 4; ++k) acc[a][k] = _mm512_dpbf16_ps(acc[a][k], wv[k], load_bh(x + a * I + i + 32 * k));
+    }
+    for (; i < I; i += 32) {
+        const __mmask32 mask = I - i >= 32 ? (__mmask32)~0u : (__mmask32)((1ull << (I - i)) - 1);
+        const __m512bh wv = load_bh_tail(w + i, mask);
+        for (int a = 0; a < a_count; ++a)
+            acc[a][0] = _mm512_dpbf16_ps(acc[a][0], wv, load_bh_tail(x + a * I + i, mask));
+    }
+    for (int a = 0; a < a_count; ++a)
+        out[a] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[a][0], acc[a][1]),
+                                                    _mm512_add_ps(acc[a][2], acc[a][3])));
+}
+
+#define TILE_ROWS_X(r, n) \
+    switch (n) { case 1: tile(w, x, I, r, 1, next, next_rows, out); break; case 2: tile(w, x, I, r, 2, next, next_rows, out); break; \
+                 case 3: tile(w, x, I, r, 3, next, next_rows, out); break; default: tile(w, x, I, r, 4, next, next_rows, out); break; }
+
+/* Weight rows o_begin..o_end-1 against all M activation rows (bf16, stride I). */
+static void rows_block(const uint16_t *W, const uint16_t *xb, uint16_t *y, float *y_f32, int64_t M, int64_t O,
+                       int64_t I, int64_t o_begin, int64_t o_end) {
+    float out[16];
+    if (M == 2) {
+        for (int64_t o = o_begin; o < o_end; ++o) {
+            row_tile(W + o * I, xb, I, 2, out);
+            for (int64_t a = 0; a < M; ++a) {
+                if (y) y[a * O + o] = float_to_bf16(out[a]);
+                else y_f32[a * O + o] = out[a];
+            }
+        }
+        return;
+    }
+    for (int64_t o = o_begin; o < o_end;) {
+        const int r_count = o_end - o >= TILE_W ? TILE_W : 1;
+        const uint16_t *w = W + o * I;
+        const int64_t tiles = (M + TILE_X - 1) / TILE_X;
+        for (int64_t m0 = 0, t = 0; m0 < M; m0 += TILE_X, ++t) {
+            const int64_t a_count = M - m0 < TILE_X ? M - m0 : TILE_X;
+            const uint16_t *x = xb + m0 * I;
+            /* While this group meets the activations, the group PREFETCH_GROUPS further on comes
+             * into L2, its rows shared out over the tiles: the first tile alone would leave the
+             * next group's start waiting on memory. */
+            const int64_t first = t * TILE_W / tiles, last = (t + 1) * TILE_W / tiles;
+            const int64_t ahead = o + PREFETCH_GROUPS * TILE_W + first;
+            const uint16_t *next = ahead < O ? W + ahead * I : NULL;
+            const int next_rows = (int)((O - ahead < last - first ? O - ahead : last - first));
+            if (r_count == TILE_W) { TILE_ROWS_X(TILE_W, a_count) } else { TILE_ROWS_X(1, a_count) }
+            for (int r = 0; r < r_count; ++r)
+                for (int64_t a = 0; a < a_count; ++a) {
+                    const float s = out[r * TILE_X + a];
+                    if (y) y[(m0 + a) * O + o + r] = float_to_bf16(s);
+                    else y_f32[(m0 + a) * O + o + r] = s;
+                }
+        }
+        o += r_count;
+    }
+}
+
+static void gemv(const uint16_t *W, const uint16_t *xb, uint16_t *y, float *y_f32, int64_t M, int64_t O, int64_t I) {
+    const int64_t n_blocks = (O + BLOCK_ROWS - 1) / BLOCK_ROWS;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        const int64_t o_end = (b + 1) * BLOCK_ROWS < O ? (b + 1) * BLOCK_ROWS : O;
+        rows_block(W, xb, y, y_f32, M, O, I, b * BLOCK_ROWS, o_end);
+    }
+}
+
+/* Float32 scratch the entry points need for M activation rows of I features (from two rows, the
+ * float32 inputs rounded to bf16 live there: M * I halves, in floats). */
+int64_t accessory_gemv_bf16_scratch_floats(int64_t M, int64_t I) {
+    return M == 1 ? avx2_gemv_bf16_scratch_floats(M, I) : (M * I + 1) / 2 + 16;
+}
+
+/* y (M, O) bf16 (or y_f32 float32 when y is NULL) = x (M, I) bf16 @ W(O, I)^T. */
+void accessory_gemv_bf16(const uint16_t *W, const uint16_t *x, float *scratch, uint16_t *y, float *y_f32,
+                         int64_t M, int64_t O, int64_t I) {
+    if (M == 1) avx2_gemv_bf16(W, x, scratch, y, y_f32, M, O, I);
+    else gemv(W, x, y, y_f32, M, O, I);
+}
+
+/* y_f32 (M, O) = x_f32 (M, I) @ W(O, I)^T, the activations rounded to bf16 first. */
+void accessory_gemv_bf16_f32(const uint16_t *W, const float *x_f32, float *scratch, float *y_f32,
+                             int64_t M, int64_t O, int64_t I) {
+    if (M == 1) {
+        avx2_gemv_bf16_f32(W, x_f32, scratch, y_f32, M, O, I);
+        return;
+    }
+    uint16_t *xb = (uint16_t *)scratch;
+    const int64_t n = M * I, n32 = n & ~(int64_t)31;
+    for (int64_t k = 0; k < n32; k += 32) {
+        const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x_f32 + k + 16), _mm512_loadu_ps(x_f32 + k));
+        _mm512_storeu_si512((void *)(xb + k), (__m512i)pair);
+    }
+    for (int64_t k = n32; k < n; ++k) xb[k] = float_to_bf16(x_f32[k]);
+    gemv(W, xb, NULL, y_f32, M, O, I);
+}
