@@ -54,3 +54,31 @@ double roofline_fma(int64_t iters, float a, float b, int *threads) {
     *threads = used;
     return total;
 }
+
+/* The same with AVX512-BF16's dot products (32 bf16 multiply-adds each, into 16 float32 lanes):
+ * the peak of accessory/kernels/gemv_bf16_avx512.c. Built for that instruction set whatever the
+ * file's flags; call it only where the CPU has it. The caller counts iters * 12 * 32 * 2 FLOPs
+ * per thread. */
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) double roofline_dpbf16(int64_t iters, int *threads) {
+    double total = 0;
+    int used = 1;
+#pragma omp parallel reduction(+ : total)
+    {
+#pragma omp single
+        {
+#ifdef _OPENMP
+            used = omp_get_num_threads();
+#endif
+        }
+        const __m512bh one = (__m512bh)_mm512_set1_epi16(0x3f80), tiny = (__m512bh)_mm512_set1_epi16(0x3a83);
+        __m512 acc[12];
+        for (int k = 0; k < 12; ++k) acc[k] = _mm512_set1_ps(0.001f * (float)(k + 1));
+        for (int64_t i = 0; i < iters; ++i)
+            for (int k = 0; k < 12; ++k) acc[k] = _mm512_dpbf16_ps(acc[k], one, tiny);
+        __m512 sum = acc[0];
+        for (int k = 1; k < 12; ++k) sum = _mm512_add_ps(sum, acc[k]);
+        total += _mm512_reduce_add_ps(sum);
+    }
+    *threads = used;
+    return total;
+}

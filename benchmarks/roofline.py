@@ -6,8 +6,11 @@ The peers here are the machine itself, measured in the same run by benchmarks/ro
 with the system C compiler, as accessory/kernels are):
   read   two threads reading the same weight matrices as plain 256-bit loads (the same 1 KB
          software prefetch as the bf16 decode kernel), matrix by matrix in a decode step's order
-  fma    12 independent 8-lane float32 FMAs per thread in registers: the FMA units' peak
-Ours are the bf16 products a decode step runs (accessory/kernels/gemv_bf16.c), on random bf16
+  fma    12 independent multiply-adds per thread in registers, of the instruction the kernel in use
+         multiplies with: 8-lane float32 FMAs (gemv_bf16.c, AVX2), or 16-lane AVX512-BF16 dot
+         products of 32 bf16 pairs (gemv_bf16_avx512.c, on CPUs that have them)
+Ours are the bf16 products a decode step runs (accessory/kernels.bf16_library: the kernel this CPU
+gets; ACCESSORY_BF16_KERNEL=avx2 measures the AVX2 one anywhere), on random bf16
 weights of the step's matrices (every layer's qkv, wo, w13 and w2, then the output head): one
 stream (M=1, bound by reading the weights) and 16 streams (M=16, bound by the multiply-adds).
 
@@ -34,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from decode import SHAPES, VOCAB  # noqa: E402
 
-from accessory.kernels import load_library  # noqa: E402
+from accessory.kernels import bf16_library  # noqa: E402
 from accessory.model.LLM.llama import ffn_hidden_dim  # noqa: E402
 
 
@@ -49,6 +52,8 @@ def machine_library(workdir: Path) -> ctypes.CDLL:
     library.roofline_read.restype = ctypes.c_double
     library.roofline_fma.argtypes = [ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.POINTER(ctypes.c_int)]
     library.roofline_fma.restype = ctypes.c_double
+    library.roofline_dpbf16.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_int)]
+    library.roofline_dpbf16.restype = ctypes.c_double
     return library
 
 
@@ -69,7 +74,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    gemv = load_library("gemv_bf16")
+    kernel, gemv = bf16_library()
     if gemv is None:
         sys.exit("the native kernels are not available here (no C compiler, or no AVX2/FMA)")
     product = gemv.accessory_gemv_bf16_f32
@@ -80,12 +85,19 @@ def main() -> None:
     threads = ctypes.c_int(0)
     fma_iters = 20_000_000
 
+    dot_products = kernel == "gemv_bf16_avx512"
+
     def fma_rate() -> float:
         t = time.perf_counter()
+        if dot_products:  # the peak of the instruction that kernel multiplies with
+            machine.roofline_dpbf16(fma_iters // 4, ctypes.byref(threads))
+            return threads.value * (fma_iters // 4) * 12 * 32 * 2 / (time.perf_counter() - t) / 1e9
         machine.roofline_fma(fma_iters, 0.999, 0.001, ctypes.byref(threads))
         return threads.value * fma_iters * 12 * 8 * 2 / (time.perf_counter() - t) / 1e9
 
-    print(f"{args.threads} threads, medians of {args.repeats} interleaved rounds", flush=True)
+    peak = "AVX512-BF16 dot products" if dot_products else "AVX2 float32 FMAs"
+    print(f"{args.threads} threads, medians of {args.repeats} interleaved rounds; kernel {kernel}.c, "
+          f"peak (fma column) of its {peak}", flush=True)
     rows = []
     for shape in args.shapes:
         weights = [torch.randn(o, i).to(torch.bfloat16) for o, i in step_matrices(shape)]
