@@ -2,10 +2,13 @@
 
 Decoding multiplies one (or a few) token vectors by every weight matrix, so its speed is the speed
 of reading the weights. torch's bf16 matrix-vector product on CPU reads them well below the memory
-bandwidth; the native kernel (gemv_bf16.c) streams each row once. Used when the input is on the
-CPU, both tensors are bf16 and contiguous, and at most ``MAX_ROWS`` token vectors come in (up to
-``MAX_ROWS_WITHOUT_NATIVE_BF16`` on CPUs without native bf16 arithmetic, where the kernel's
-batched form is the faster way to multiply prompt-sized inputs too).
+bandwidth; the native kernels stream each row once: gemv_bf16.c (AVX2, the weights widened to
+float32) everywhere, gemv_bf16_avx512.c (AVX512-BF16 dot products) where the CPU has them (see
+``kernels.bf16_library``). Used when the input is on the CPU, both tensors are bf16 and
+contiguous, and at most :func:`max_kernel_rows` token vectors come in: ``MAX_ROWS`` on CPUs with
+AMX, ``MAX_ROWS_AVX512_BF16`` with the AVX512-BF16 kernel and no AMX, and
+``MAX_ROWS_WITHOUT_NATIVE_BF16`` on CPUs without native bf16 arithmetic, where the AVX2 kernel's
+batched form is the faster way to multiply prompt-sized inputs too.
 
 Longer inputs (long prompts) on CPUs without native bf16 arithmetic (no AVX512-BF16 or AMX)
 widen the weight to float32 a block of rows at a time and use torch's float32 product: torch's
