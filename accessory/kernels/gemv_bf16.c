@@ -21,7 +21,9 @@
  * 5-12% faster at two threads than the hardware prefetchers alone (1 KB measured best of
  * 1, 2 and 4 KB for one activation row). */
 #define PREFETCH_BYTES 1024
+#ifndef PREFETCH /* (gemv_bf16_avx512.c, which includes this file, turns it off) */
 #define PREFETCH(address) _mm_prefetch((const char *)(address) + PREFETCH_BYTES, _MM_HINT_T0)
+#endif
 
 /* Blocks of 16 activations reordered as [0-3, 8-11, 4-7, 12-15]: the order in which unpacking
  * 16 bf16 weights against zeros (per 128-bit lane) yields them as two float32 vectors. Elements

@@ -21,8 +21,12 @@
 #include "common.h"
 
 /* gemv_bf16.c's kernels under other names: one activation row takes their row form, which reads W
- * faster here than this file's one-row form on short rows (1.1-1.35x at 768 and 2048 inputs; the
- * reverse at 5632), and keeps that row's activations in float32. */
+ * as fast as this file's one-row form or faster on short rows (768 and 2048 inputs), and keeps
+ * that row's activations in float32. Without its software prefetch: on the Zen 4 machine of
+ * benchmarks/README.md the hardware prefetchers alone read 4-10% faster (a plain read of the
+ * weights too: 41-49 GB/s against 32-40 with a line fetched 1 KB ahead), where on the Zen 3 one
+ * (no AVX512-BF16) the prefetch won 5-12%. */
+#define PREFETCH(address) ((void)(address))
 #define accessory_gemv_bf16 avx2_gemv_bf16
 #define accessory_gemv_bf16_f32 avx2_gemv_bf16_f32
 #define accessory_gemv_bf16_scratch_floats avx2_gemv_bf16_scratch_floats
@@ -41,8 +45,6 @@
  * they are in L1 (4 rows of up to 4096 inputs) or L2. */
 #define BLOCK_ROWS 16
 
-/* The two-row form prefetches its weight row this far ahead, a line per 64 bytes. */
-#define PREFETCH_BYTES 1024
 /* From three rows, each group of TILE_W weight rows prefetches the rows of the group this many
  * groups on into L2 while it is multiplied. Measured on the 2-core Zen 4 machine of
  * benchmarks/README.md, XS and S shapes at 16 rows, weights not in cache: 1.6-2.2x faster than
@@ -109,7 +111,8 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *w, const 
 
 /* Two activation rows (a decode step of two streams, bound by reading W): one weight row at a time,
  * four accumulators per activation row across the inputs, so each thread reads one sequential
- * stream (measured 1.1-1.5x faster here than gemv_bf16.c and than four weight rows at a time). */
+ * stream (measured 1.1-1.5x faster here than gemv_bf16.c and than four weight rows at a time), left
+ * to the hardware prefetchers (a software prefetch 1 KB ahead was slower). */
 static inline __attribute__((always_inline)) void row_tile(const uint16_t *w, const uint16_t *x, int64_t I,
                                                            const int a_count, float *out) {
     __m512 acc[2][4];
@@ -118,10 +121,6 @@ static inline __attribute__((always_inline)) void row_tile(const uint16_t *w, co
     const int64_t I128 = I & ~(int64_t)127;
     int64_t i = 0;
     for (; i < I128; i += 128) {
-        _mm_prefetch((const char *)(w + i) + PREFETCH_BYTES, _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + i) + PREFETCH_BYTES + 64, _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + i) + PREFETCH_BYTES + 128, _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + i) + PREFETCH_BYTES + 192, _MM_HINT_T0);
         __m512bh wv[4];
         for (int k = 0; k < 4; ++k) wv[k] = load_bh(w + i + 32 * k);
         for (int a = 0; a < a_count; ++a)
