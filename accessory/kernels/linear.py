@@ -95,18 +95,19 @@ WIDEN_BLOCK_FLOATS = 1 << 20  # float32 elements of weight widened at a time (4 
 
 
 def linear_in_float32_blocks(x: torch.Tensor, out_features: int, weight_rows: Callable[[int, int], torch.Tensor],
-                             bias=None) -> torch.Tensor:
-    """``x @ W.T + bias`` computed in float32 a block of W's rows at a time, where
-    ``weight_rows(start, stop)`` gives rows start..stop-1 of W in float32 (a few MB each, so a block
-    stays in cache while it is used); the result in ``x``'s dtype."""
+                             bias=None, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x @ W.T + bias`` computed a block of W's rows at a time, where ``weight_rows(start, stop)``
+    gives rows start..stop-1 of W in float32 (a few MB each, so a block stays in cache while it is
+    used); the products in ``compute_dtype`` (float32, or bf16 on CPUs whose torch product is
+    faster in bf16: the block is rounded to it), the result in ``x``'s dtype."""
     in_features = x.shape[-1]
-    x32 = x.reshape(-1, in_features).float()
-    out = torch.empty((x32.shape[0], out_features), dtype=x.dtype, device=x.device)
+    xc = x.reshape(-1, in_features).to(compute_dtype)
+    out = torch.empty((xc.shape[0], out_features), dtype=x.dtype, device=x.device)
     block = max(64, WIDEN_BLOCK_FLOATS // in_features)
     for start in range(0, out_features, block):
         stop = min(start + block, out_features)
-        out[:, start:stop] = F.linear(x32, weight_rows(start, stop),
-                                      None if bias is None else bias[start:stop].float())
+        out[:, start:stop] = F.linear(xc, weight_rows(start, stop).to(compute_dtype),
+                                      None if bias is None else bias[start:stop].to(compute_dtype))
     return out.view(*x.shape[:-1], out_features)
 
 
