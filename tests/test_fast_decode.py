@@ -8,12 +8,14 @@ against a plain re-statement of the math for both rotary pairings and grouped KV
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from accessory.kernels.decode import decode_kernels
-from accessory.model.LLM.llama import ModelArgs, Transformer
+from accessory.model.LLM.llama import PLAIN_BLOCK_TYPES, ModelArgs, Transformer
+from accessory.model.layers import fast_decode
 from accessory.model.layers.fast_decode import uses_fast_decode
 from accessory.quant import resolve_scheme
 from accessory.quant.linear import QuantLinear
@@ -65,16 +67,32 @@ def uses_fast_path(model) -> bool:
     return uses_fast_decode(model)
 
 
-# 3 rows: one weight row at a time; 7 and 14: the batched (outer-product) form of the bf16 kernel,
-# over a chunk of 8 rows and of 16
-@pytest.mark.parametrize("prompt_lens", [(7, 4, 7), (7, 4, 7, 1, 5, 6, 2), (7, 4, 7, 1, 5, 6, 2, 7, 3, 7, 4, 6, 5, 1)])
+def count_native_steps(monkeypatch) -> list:
+    """A list that grows by one for every native decode step run from now on."""
+    kernels = fast_decode.decode_kernels()
+    counting = SimpleNamespace(**vars(kernels))
+    calls = []
+    counting.decode_step = lambda step: calls.append(1) or kernels.decode_step(step)
+    monkeypatch.setattr(fast_decode, "decode_kernels", lambda: counting)
+    return calls
+
+
+# AVX2 kernel: 3 rows one weight row at a time; 7 and 14 the batched (outer-product) form over a
+# chunk of 8 rows and of 16; 40 over chunks of 16, the last partial. AVX512-BF16 kernel: tiles of
+# 4 x 4 from 3 rows (40 rows: 10 tiles). 40 rows run natively where max_step_rows allows them.
+@pytest.mark.parametrize("prompt_lens", [(7, 4, 7), (7, 4, 7, 1, 5, 6, 2), (7, 4, 7, 1, 5, 6, 2, 7, 3, 7, 4, 6, 5, 1),
+                                         (7, 4, 7, 1, 5, 6, 2, 7, 3, 7, 4, 6, 5, 1) * 2 + (3, 5, 7, 2, 6, 4, 1, 6, 2, 5, 7, 3)])
 def test_bf16_step_is_as_close_to_float32_as_the_torch_path(monkeypatch, prompt_lens):
     model = tiny()
     reference = decode_logits(copy.deepcopy(model).float(), prompt_lens, fast=False, monkeypatch=monkeypatch)
     torch_bf16 = decode_logits(model, prompt_lens, fast=False, monkeypatch=monkeypatch)
     assert not uses_fast_path(model)
+    steps = count_native_steps(monkeypatch)
     native = decode_logits(model, prompt_lens, fast=True, monkeypatch=monkeypatch)
     assert uses_fast_path(model)
+    natively = len(prompt_lens) <= fast_decode.max_step_rows(fast_decode._plans(model, PLAIN_BLOCK_TYPES),
+                                                             fast_decode._ends(model))
+    assert len(steps) == (5 if natively else 0)
     native_error = (native - reference).abs().max().item()
     torch_error = (torch_bf16 - reference).abs().max().item()
     assert native_error <= max(torch_error, 1e-3) * 1.5, (native_error, torch_error)
@@ -243,7 +261,10 @@ def test_the_cache_is_bf16_where_the_native_step_reads_it(monkeypatch):
     monkeypatch.setenv("ACCESSORY_FAST_DECODE", "1")
     model = tiny()
     assert model.new_kv_cache(2, 8).keys[0].dtype is torch.bfloat16
-    assert model.new_kv_cache(17, 8).keys[0].dtype is torch.float32  # more rows than the native step takes
+    assert model.new_kv_cache(fast_decode.MAX_ROWS + 1, 8).keys[0].dtype is torch.float32  # more rows than
+    # the native step takes; from 17 rows it depends on the kernels (bf16: the CPU's, see max_step_rows)
+    takes_17 = fast_decode.max_step_rows(fast_decode._plans(model, PLAIN_BLOCK_TYPES), fast_decode._ends(model)) >= 17
+    assert model.new_kv_cache(17, 8).keys[0].dtype is (torch.bfloat16 if takes_17 else torch.float32)
     assert tiny(torch.float32).new_kv_cache(2, 8).keys[0].dtype is torch.float32
     assert tiny(torch.float16).new_kv_cache(2, 8).keys[0].dtype is torch.float32
     handle = model.layers[0].register_forward_hook(lambda *args: None)
@@ -461,3 +482,23 @@ def test_two_threads_decode_one_model_at_once(monkeypatch):
     assert uses_fast_path(model)
     for which in (0, 1):
         assert torch.equal(got[which], alone[which])
+
+
+def test_how_many_rows_a_native_step_takes(monkeypatch):
+    """16 rows always; beyond, up to MAX_ROWS as far as every product's kind allows: bf16 as far as
+    kernels.linear gives its kernel rows (64 with AVX512-BF16, 256 on AVX2-only CPUs, 16 with AMX),
+    int8 / int4 64 and nf4 16 (kernels.quant.MAX_ROWS)."""
+    def plan(*kinds):
+        return SimpleNamespace(**{name: SimpleNamespace(kind=kind) for name, kind in zip(("qkv", "wo", "w13", "w2"), kinds)})
+    bf16 = [plan("bf16", "bf16", "bf16", "bf16")] * 2
+    head = lambda kind: SimpleNamespace(head=SimpleNamespace(kind=kind))  # noqa: E731
+    for kernel_rows, expected in [(64, 64), (256, fast_decode.MAX_ROWS), (16, 16), (0, 16)]:
+        monkeypatch.setattr(fast_decode, "max_kernel_rows", lambda: kernel_rows)
+        assert fast_decode.max_step_rows(bf16, head("bf16")) == expected, kernel_rows
+    monkeypatch.setattr(fast_decode, "max_kernel_rows", lambda: 64)
+    assert fast_decode.max_step_rows([plan("int8", "int8", "int8", "int8")], head("int8")) == 64
+    assert fast_decode.max_step_rows([plan("nf4", "nf4", "nf4", "nf4")], head("int8")) == 16
+    assert fast_decode.max_step_rows([plan("int4", "int4", "int4", "int4")], head("bf16")) == 64
+    monkeypatch.setattr(fast_decode, "max_kernel_rows", lambda: 32)
+    assert fast_decode.max_step_rows([plan("int4", "int4", "int4", "int4")], head("bf16")) == 32
+    assert fast_decode.max_step_rows([plan("int4", "int4", "int4", "int4")]) == 64  # (no ends: the layers only)

@@ -19,7 +19,8 @@ The residual stream stays in float32 through the step (the torch path rounds it 
 dtype after every layer), so the two paths agree to bf16 rounding, not bit for bit.
 
 Both return None, and the caller runs its torch modules, whenever anything is not what these
-kernels handle: not the CPU, more than ``MAX_ROWS`` rows, weights that are not bf16 or packed
+kernels handle: not the CPU, more rows than ``max_step_rows`` allows (16 to ``MAX_ROWS``, by the
+products' kinds and the CPU), weights that are not bf16 or packed
 int8/int4/nf4, q/k/v or w1/w3 not fused, biases or LoRA, a forward hook on any module (the
 model-parallel all-reduce is one), a cache that is not bf16 or float32, gradients wanted, a token
 or position out of range (the torch path raises the error), or ``ACCESSORY_FAST_DECODE=0``."""
@@ -38,15 +39,37 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ...kernels.decode import PRODUCT_KINDS, DecodeStep, StepLayer, StepProduct, decode_kernels
-from ...kernels.linear import NativeLinear, scratch_floats_needed as bf16_scratch_floats_needed
-from ...kernels.quant import scratch_floats_needed
+from ...kernels.linear import NativeLinear, max_kernel_rows, scratch_floats_needed as bf16_scratch_floats_needed
+from ...kernels.quant import MAX_ROWS as QUANT_MAX_ROWS, scratch_floats_needed
 from ...quant.linear import FusedQuantLinear, QuantLinear
 from .decoder import hooked, plain_block
 from .linear import FusedLinear
 from .norm import RMSNorm
 
-MAX_ROWS = 16
+#: The most rows a native step takes; each kind of product may allow fewer (:func:`max_step_rows`).
+MAX_ROWS = 64
+#: Rows every kind takes (the step's limit before it took more than 16).
+MIN_ROWS_LIMIT = 16
 _DENSE = (nn.Linear, NativeLinear)
+
+
+def _kind_rows(kind: str) -> int:
+    """The most rows a step's product of this kind runs natively at least as fast as the torch path
+    would: bf16 as far as ``kernels.linear`` gives its kernel rows (the torch path multiplies such
+    rows with the same kernel, with 40 torch operations a layer around it), the quantized schemes
+    as far as ``kernels.quant.MAX_ROWS`` (the module path's limit too)."""
+    if kind == "bf16":
+        return max_kernel_rows()
+    return QUANT_MAX_ROWS.get(kind, 0)
+
+
+def max_step_rows(plans: List[SimpleNamespace], ends: Optional[SimpleNamespace] = None) -> int:
+    """The most rows a native step of these layer plans (and ends) takes: ``MAX_ROWS``, or fewer
+    where a product's kind allows fewer, never below ``MIN_ROWS_LIMIT``."""
+    kinds = {p.kind for plan in plans for p in (plan.qkv, plan.wo, plan.w13, plan.w2)}
+    if ends is not None:
+        kinds.add(ends.head.kind)
+    return max(MIN_ROWS_LIMIT, min([MAX_ROWS] + [_kind_rows(kind) for kind in kinds]))
 
 
 def fast_decode_enabled() -> bool:
@@ -253,7 +276,9 @@ def native_step_fits(model, block_types, rows: int) -> bool:
     if not 0 < rows <= MAX_ROWS or not fast_decode_enabled():
         return False
     # (the plans need every weight on the CPU, so a GPU model is told no before any kernel is built)
-    return _plans(model, block_types) is not None and decode_kernels() is not None
+    plans = _plans(model, block_types)
+    return plans is not None and decode_kernels() is not None and \
+        rows <= max_step_rows(plans, _ends(model) if rows > MIN_ROWS_LIMIT else None)
 
 
 def _buffers(cache: Dict[int, SimpleNamespace], rows: int, plans: List[SimpleNamespace], table,
@@ -375,7 +400,7 @@ def _step(model, rows: int, positions: torch.Tensor, kv_cache, block_types,
     if kernels is None:
         return None
     plans = _plans(model, block_types)
-    if plans is None:
+    if plans is None or (rows > MIN_ROWS_LIMIT and rows > max_step_rows(plans, ends)):
         return None
     state = _state(model)
     if state.table is None or state.table[0] is not plans:
