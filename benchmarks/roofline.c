@@ -26,6 +26,15 @@ double roofline_read(const uint8_t *p, int64_t n) {
     return total;
 }
 
+/* The number of threads of the enclosing parallel region (1 without OpenMP). */
+static int team_size(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
 /* `iters` rounds of 12 independent 8-lane FMAs per thread, in registers. The accumulators start
  * apart, so the compiler cannot merge them; their sum is returned so none is dropped. Returns the
  * sum; the caller counts iters * 12 * 8 * 2 FLOPs per thread. */
@@ -35,11 +44,7 @@ double roofline_fma(int64_t iters, float a, float b, int *threads) {
 #pragma omp parallel reduction(+ : total)
     {
 #pragma omp single
-        {
-#ifdef _OPENMP
-            used = omp_get_num_threads();
-#endif
-        }
+        used = team_size();
         const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
         __m256 acc[12];
         for (int k = 0; k < 12; ++k) acc[k] = _mm256_set1_ps(0.001f * (float)(k + 1));
@@ -65,11 +70,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) double roofline_dpbf16(in
 #pragma omp parallel reduction(+ : total)
     {
 #pragma omp single
-        {
-#ifdef _OPENMP
-            used = omp_get_num_threads();
-#endif
-        }
+        used = team_size();
         const __m512bh one = (__m512bh)_mm512_set1_epi16(0x3f80), tiny = (__m512bh)_mm512_set1_epi16(0x3a83);
         __m512 acc[12];
         for (int k = 0; k < 12; ++k) acc[k] = _mm512_set1_ps(0.001f * (float)(k + 1));
