@@ -20,9 +20,9 @@
 
 #include "common.h"
 
-/* gemv_bf16.c's kernels under other names: one activation row takes their row form, which reads W
- * as fast as this file's one-row form or faster on short rows (768 and 2048 inputs), and keeps
- * that row's activations in float32. Without its software prefetch: on the Zen 4 machine of
+/* gemv_bf16.c's kernels under other names (its store_sums serves this file too): one activation
+ * row takes their row form, which reads W as fast as this file's one-row form or faster on short
+ * rows (768 and 2048 inputs), and keeps that row's activations in float32. Without its software prefetch: on the Zen 4 machine of
  * benchmarks/README.md the hardware prefetchers alone read 4-10% faster (a plain read of the
  * weights too: 41-49 GB/s against 32-40 with a line fetched 1 KB ahead), where on the Zen 3 one
  * (no AVX512-BF16) the prefetch won 5-12%. */
@@ -148,10 +148,7 @@ static void rows_block(const uint16_t *W, const uint16_t *xb, uint16_t *y, float
     if (M == 2) {
         for (int64_t o = o_begin; o < o_end; ++o) {
             row_tile(W + o * I, xb, I, 2, out);
-            for (int64_t a = 0; a < M; ++a) {
-                if (y) y[a * O + o] = float_to_bf16(out[a]);
-                else y_f32[a * O + o] = out[a];
-            }
+            store_sums(y, y_f32, O, o, 0, 2, out);
         }
         return;
     }
@@ -170,12 +167,7 @@ static void rows_block(const uint16_t *W, const uint16_t *xb, uint16_t *y, float
             const uint16_t *next = ahead < O ? W + ahead * I : NULL;
             const int next_rows = (int)((O - ahead < last - first ? O - ahead : last - first));
             if (r_count == TILE_W) { TILE_ROWS_X(TILE_W, a_count) } else { TILE_ROWS_X(1, a_count) }
-            for (int r = 0; r < r_count; ++r)
-                for (int64_t a = 0; a < a_count; ++a) {
-                    const float s = out[r * TILE_X + a];
-                    if (y) y[(m0 + a) * O + o + r] = float_to_bf16(s);
-                    else y_f32[(m0 + a) * O + o + r] = s;
-                }
+            for (int r = 0; r < r_count; ++r) store_sums(y, y_f32, O, o + r, m0, a_count, out + r * TILE_X);
         }
         o += r_count;
     }
