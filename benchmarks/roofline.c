@@ -7,15 +7,16 @@
 #endif
 
 /* Sum of n bytes (a multiple of 64) read as 256-bit loads by every OpenMP thread over its static
- * share, each line prefetched 1 KB ahead (as the bf16 decode kernel prefetches its weights). */
-double roofline_read(const uint8_t *p, int64_t n) {
+ * share, each line prefetched 1 KB ahead when `prefetch` is set (as gemv_bf16.c's one-row form
+ * prefetches its weights; gemv_bf16_avx512.c's leaves them to the hardware prefetchers). */
+double roofline_read(const uint8_t *p, int64_t n, int prefetch) {
     double total = 0;
 #pragma omp parallel reduction(+ : total)
     {
         __m256i acc = _mm256_setzero_si256();
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < n; i += 64) {
-            _mm_prefetch((const char *)p + i + 1024, _MM_HINT_T0);
+            if (prefetch) _mm_prefetch((const char *)p + i + 1024, _MM_HINT_T0);
             acc = _mm256_add_epi32(acc, _mm256_loadu_si256((const __m256i *)(p + i)));
             acc = _mm256_add_epi32(acc, _mm256_loadu_si256((const __m256i *)(p + i + 32)));
         }

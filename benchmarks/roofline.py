@@ -4,8 +4,9 @@
 
 The peers here are the machine itself, measured in the same run by benchmarks/roofline.c (compiled
 with the system C compiler, as accessory/kernels are):
-  read   two threads reading the same weight matrices as plain 256-bit loads (the same 1 KB
-         software prefetch as the bf16 decode kernel), matrix by matrix in a decode step's order
+  read   two threads reading the same weight matrices as plain 256-bit loads (with the same 1 KB
+         software prefetch as the kernel's one-row form, or none as the AVX512-BF16 library's),
+         matrix by matrix in a decode step's order
   fma    12 independent multiply-adds per thread in registers, of the instruction the kernel in use
          multiplies with: 8-lane float32 FMAs (gemv_bf16.c, AVX2), or 16-lane AVX512-BF16 dot
          products of 32 bf16 pairs (gemv_bf16_avx512.c, on CPUs that have them)
@@ -48,7 +49,7 @@ def machine_library(workdir: Path) -> ctypes.CDLL:
     subprocess.run(["cc", "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-o", str(target),
                     str(source)], check=True)
     library = ctypes.CDLL(str(target))
-    library.roofline_read.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    library.roofline_read.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     library.roofline_read.restype = ctypes.c_double
     library.roofline_fma.argtypes = [ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.POINTER(ctypes.c_int)]
     library.roofline_fma.restype = ctypes.c_double
@@ -116,7 +117,7 @@ def main() -> None:
         def read() -> float:
             t = time.perf_counter()
             for w in weights:
-                machine.roofline_read(w.data_ptr(), w.numel() * 2)
+                machine.roofline_read(w.data_ptr(), w.numel() * 2, int(not dot_products))
             return time.perf_counter() - t
 
         ours(1), ours(16), read(), fma_rate()  # warm-up
