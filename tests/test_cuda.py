@@ -69,6 +69,32 @@ def test_decode_steps_replay_cuda_graphs_with_the_same_text(ckpt, monkeypatch):
         eager.generate(PROMPTS, max_gen_len=20, additional_stop_symbols=[stop])
 
 
+def test_steps_start_before_their_tokens_reach_the_host_with_the_cpus_tokens(ckpt, monkeypatch):
+    """Each graphed step replays before the host has read the tokens it is fed: rows that end on
+    EOS, a stop string or their own limits in one batch still get the CPU's tokens."""
+    from accessory.generation.cuda_graphs import GraphedDecoder
+    from accessory.generation.engine import GenerationEngine
+    from accessory.generation.sampling import SamplingParams
+    monkeypatch.delenv("ACCESSORY_CUDA_GRAPHS", raising=False)
+    read_backs = []
+    read_back = GraphedDecoder.read_back
+    monkeypatch.setattr(GraphedDecoder, "read_back", lambda self, tokens: read_backs.append(1) or read_back(self, tokens))
+    gpu, cpu = _load(ckpt, "cuda"), _load(ckpt, "cpu")
+    prompts = [cpu.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS + ["A third row"]]
+
+    def run(model, limits, eos_ids=(), stops=()):
+        engine = GenerationEngine(model.llma, model.tokenizer, eos_ids=eos_ids)
+        for states in engine.run(prompts, limits, SamplingParams(), stops):
+            pass
+        return [(s.new_tokens, s.finish_reason, s.visible) for s in states]
+    reference = run(cpu, [12, 12, 12])
+    eos = reference[1][0][5]
+    stop = reference[0][2][len(cpu.tokenizer.decode(reference[0][0][:6])):][:2]
+    got = run(gpu, [12, 12, 4], [eos], [stop])
+    assert got == run(cpu, [12, 12, 4], [eos], [stop])
+    assert [reason for _, reason, _ in got] == ["stop", "eos", "length"] and len(read_backs) >= 4
+
+
 @pytest.mark.parametrize("quant", ["int8", "int4", "nf4"])
 def test_quantized_decode_steps_replay_cuda_graphs_with_the_same_text(ckpt, quant, monkeypatch):
     monkeypatch.setenv("ACCESSORY_CUDA_GRAPHS", "1")

@@ -12,6 +12,8 @@ import torch
 
 from accessory.generation import engine as engine_module
 from accessory.generation.cuda_graphs import GraphedDecoder
+from accessory.generation.engine import GenerationEngine
+from accessory.generation.sampling import SamplingParams
 from accessory.model.layers import attention
 from accessory.model.meta import MetaModel
 
@@ -51,6 +53,15 @@ class EmulatedDecoder(GraphedDecoder):
 
     def _synchronize(self):
         pass
+
+    read_backs = 0  # steps replayed before the host read the tokens they are fed
+
+    def read_back(self, tokens):
+        self.read_backs += 1
+        return lambda: tokens.tolist()
+
+    def positions_tensor(self, values, device):
+        return torch.tensor(values, device=device)[:, None]
 
 
 class UncapturableDecoder(EmulatedDecoder):
@@ -95,6 +106,57 @@ def test_graphed_steps_give_the_same_text_and_a_graph_per_batch_size(ckpt, emula
         plain.generate(PROMPTS, max_gen_len=12, additional_stop_symbols=[stop])
     # one new graph for the lone row; the two rows' is reused when the new cache got the old one's memory
     assert decoder.captures in (2, 3) and len(decoder.graphs) <= GraphedDecoder.MAX_GRAPHS
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(),
+                                      SamplingParams(temperature=0.8, top_k=40, seed=3, repetition_penalty=1.3,
+                                                     presence_penalty=0.5)])
+def test_steps_started_before_the_tokens_are_read_back_change_no_row(ckpt, emulated, sampling):
+    """Each step replays as soon as its tokens are picked, before the host reads them: rows that
+    end on EOS, a stop string or their own limits, in one batch, get the tokens, log-probabilities
+    (to rounding) and kept caches of steps run one after another."""
+    emulated()
+    model, plain = load(ckpt), load(ckpt)
+    prompts = [model.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS + ["A third row"]]
+
+    def engine(of, eos_ids):
+        eng = GenerationEngine(of.llma, of.tokenizer, eos_ids=eos_ids, cuda_graphs=of is model, prompt_cache=True)
+        eng.prompt_cache_slots = 3
+        return eng
+
+    def run(eng, limits, stops=()):
+        for states in eng.run(prompts, limits, sampling, stops, logprobs=True):
+            pass
+        return [(s.new_tokens, s.finish_reason, s.visible, s.logprobs) for s in states]
+
+    reference = run(engine(plain, []), [12, 12, 12])
+    eos = reference[1][0][5]  # the second row's sixth token ends it (and any row picking it)
+    # the first row stops on its text from its seventh token on
+    stop = reference[0][2][len(model.tokenizer.decode(reference[0][0][:6])):][:2]
+    limits = [12, 12, 4]  # the third row runs out first
+    graphed_engine = engine(model, [eos])
+    got = run(graphed_engine, limits, [stop])
+    plain_engine = engine(plain, [eos])
+    want = run(plain_engine, limits, [stop])
+    # (the step after a row ends computes it once more: the other rows' numbers come from a wider
+    # product, which may round differently)
+    assert [row[:3] for row in got] == [row[:3] for row in want]
+    for (*_, got_logprobs), (*_, want_logprobs) in zip(got, want):
+        assert got_logprobs == pytest.approx(want_logprobs, rel=1e-5, abs=1e-5)
+    assert [reason for _, reason, _, _ in got] == ["stop", "eos", "length"]
+    decoder = graphed_engine._graphed
+    assert isinstance(decoder, EmulatedDecoder) and decoder.read_backs >= 4
+    assert plain_engine._graphed is None
+    # what the rows' kept caches hold serves a next run exactly as the plain engine's do
+    assert len(graphed_engine._kept) == 3
+    assert sorted(k.tokens for k in graphed_engine._kept) == sorted(k.tokens for k in plain_engine._kept)
+    follow = [prompts[0] + got[0][0] + prompts[2][1:]]  # the stopped row's conversation goes on
+
+    def next_turn(eng):
+        (row,) = list(eng.run(follow, [6], sampling))[-1]
+        return row.new_tokens, row.cached_tokens
+    turn = next_turn(graphed_engine)
+    assert turn == next_turn(plain_engine) and turn[1] > len(prompts[0]) + 3
 
 
 def test_a_step_that_cannot_be_captured_runs_directly_and_says_so(ckpt, emulated, caplog):

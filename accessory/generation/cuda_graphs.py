@@ -116,6 +116,26 @@ class GraphedDecoder:
         captured.graph.replay()
         return captured.logits.clone()
 
+    # reading tokens back and handing positions over without waiting for the GPU's queue (the
+    # engine replays the next step meanwhile); tests/test_cuda_graphs.py stands in for them on the CPU
+
+    def read_back(self, tokens: torch.Tensor) -> Callable[[], list]:
+        """Start copying ``tokens`` (on the GPU) to the host; the function returned waits for that
+        copy alone, not for work queued after it, and gives the values as a list."""
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def wait() -> list:
+            copied.synchronize()
+            return host.tolist()
+        return wait
+
+    def positions_tensor(self, values: list, device: torch.device) -> torch.Tensor:
+        """``values`` as a (rows, 1) tensor on ``device``, copied from pinned memory without waiting."""
+        return torch.tensor(values, dtype=torch.long)[:, None].pin_memory().to(device, non_blocking=True)
+
     def _capture(self, cache, tokens, positions) -> _Captured:
         index = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
         # warm-up, outside the graph (lazy set-up, compilation): writes this step's keys/values,
