@@ -203,29 +203,37 @@ def test_each_bf16_library_against_float64(name, rows, out_features, in_features
     check(y32, x if rounds_activations else x32, rounded_once=False)
 
 
-def test_bf16_kernel_choice_follows_the_cpu_and_the_environment(monkeypatch):
-    from accessory import kernels
-    monkeypatch.delenv("ACCESSORY_BF16_KERNEL", raising=False)
-    monkeypatch.setattr(kernels, "cpu_supports_avx512_bf16", lambda: True)
-    assert kernels.bf16_kernel_name() == "gemv_bf16_avx512"
-    monkeypatch.setenv("ACCESSORY_BF16_KERNEL", "avx2")
-    assert kernels.bf16_kernel_name() == "gemv_bf16"
-    monkeypatch.setenv("ACCESSORY_BF16_KERNEL", "avx512")
-    assert kernels.bf16_kernel_name() == "gemv_bf16_avx512"
-    monkeypatch.setattr(kernels, "cpu_supports_avx512_bf16", lambda: False)
-    monkeypatch.setenv("ACCESSORY_BF16_KERNEL", "auto")
-    assert kernels.bf16_kernel_name() == "gemv_bf16"
-    monkeypatch.setenv("ACCESSORY_BF16_KERNEL", "amx")
-    with pytest.raises(ValueError, match="ACCESSORY_BF16_KERNEL='amx': use auto, avx2 or avx512"):
-        kernels.bf16_kernel_name()
+KERNEL_CHOICES = [("bf16_kernel_name", "bf16_library", "ACCESSORY_BF16_KERNEL", "cpu_supports_avx512_bf16", "gemv_bf16"),
+                  ("quant_kernel_name", "quant_library", "ACCESSORY_QUANT_KERNEL", "cpu_supports_avx512_vnni",
+                   "gemv_quant")]
 
 
-def test_a_library_that_cannot_be_built_falls_back_to_the_avx2_one(monkeypatch):
+@pytest.mark.parametrize("name_of,_,variable,supports,base", KERNEL_CHOICES, ids=["bf16", "quant"])
+def test_kernel_choice_follows_the_cpu_and_the_environment(monkeypatch, name_of, _, variable, supports, base):
     from accessory import kernels
-    monkeypatch.setattr(kernels, "bf16_kernel_name", lambda: "gemv_bf16_avx512")
-    monkeypatch.setattr(kernels, "_libraries", {"gemv_bf16_avx512": None})
-    name, library = kernels.bf16_library()
-    assert name == "gemv_bf16" and library is kernels.load_library("gemv_bf16")
+    kernel_name = getattr(kernels, name_of)
+    monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(kernels, supports, lambda: True)
+    assert kernel_name() == base + "_avx512"
+    monkeypatch.setenv(variable, "avx2")
+    assert kernel_name() == base
+    monkeypatch.setenv(variable, "avx512")
+    assert kernel_name() == base + "_avx512"
+    monkeypatch.setattr(kernels, supports, lambda: False)
+    monkeypatch.setenv(variable, "auto")
+    assert kernel_name() == base
+    monkeypatch.setenv(variable, "amx")
+    with pytest.raises(ValueError, match=f"{variable}='amx': use auto, avx2 or avx512"):
+        kernel_name()
+
+
+@pytest.mark.parametrize("name_of,library_of,_,__,base", KERNEL_CHOICES, ids=["bf16", "quant"])
+def test_a_library_that_cannot_be_built_falls_back_to_the_avx2_one(monkeypatch, name_of, library_of, _, __, base):
+    from accessory import kernels
+    monkeypatch.setattr(kernels, name_of, lambda: base + "_avx512")
+    monkeypatch.setattr(kernels, "_libraries", {base + "_avx512": None})
+    name, library = getattr(kernels, library_of)()
+    assert name == base and library is kernels.load_library(base)
     if native_linear_available():
         assert library is not None
 

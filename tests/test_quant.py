@@ -92,11 +92,25 @@ needs_kernels = pytest.mark.skipif(not kq.native_quant_available(), reason="nati
                                    "(no C compiler or no AVX2/FMA/F16C on this CPU)")
 
 
+@pytest.fixture(params=["avx2", "avx512"])
+def quant_kernel(request, monkeypatch):
+    """Each library of the quantized products in turn: gemv_quant.c (AVX2) and, where the CPU has
+    AVX512-VNNI, gemv_quant_avx512.c."""
+    from accessory import kernels
+    if request.param == "avx512" and not kernels.cpu_supports_avx512_vnni():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    monkeypatch.setenv("ACCESSORY_QUANT_KERNEL", request.param)
+    monkeypatch.setattr(kq, "_loaded", False)
+    monkeypatch.setattr(kq, "_functions", None)
+    assert kernels.quant_library()[0] == ("gemv_quant_avx512" if request.param == "avx512" else "gemv_quant")
+    return request.param
+
+
 @needs_kernels
 @pytest.mark.parametrize("scheme", SCHEMES, ids=_ids)
 @pytest.mark.parametrize("rows", [1, 3, 5, 16, "most"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_native_kernel_computes_the_formats_product(scheme, rows, dtype):
+def test_native_kernel_computes_the_formats_product(scheme, rows, dtype, quant_kernel):
     rows = kq.MAX_ROWS[scheme.name] if rows == "most" else rows
     gen = torch.Generator().manual_seed(rows)
     out_features, in_features = 37, 256 if scheme.name != "int8" else 200  # odd rows; int8: a tail
@@ -122,14 +136,19 @@ def _blockwise_int8(x: torch.Tensor):
 
 
 @needs_kernels
-@pytest.mark.parametrize("scheme", [QuantScheme("int8"), QuantScheme("int4"), QuantScheme("int4", 128)], ids=_ids)
+@pytest.mark.parametrize("scheme,in_features", [
+    (QuantScheme("int8"), 200), (QuantScheme("int8"), 232), (QuantScheme("int4"), 384), (QuantScheme("int4"), 224),
+    (QuantScheme("int4"), 1312), (QuantScheme("int4", 64), 320), (QuantScheme("int4", 128), 384)],
+    ids=lambda v: v if isinstance(v, int) else _ids(v))
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 61, 64])
-def test_integer_kernels_compute_their_stated_arithmetic(scheme, rows):
+def test_integer_kernels_compute_their_stated_arithmetic(scheme, in_features, rows, quant_kernel):
     """int8 / int4 against a float64 re-statement of what they compute: the weight codes times
     the activations' block codes, scaled per block (int4: plus each group's offset times the
-    exact sum of its activations; int8: the inputs past the last block of 32 in float)."""
+    exact sum of its activations; int8: the inputs past the last block of 32 in float). Inputs of
+    even and odd numbers of blocks (the AVX-512 library takes two or four at a time) and past 16
+    groups (it sums the offsets' term sixteen groups at a time)."""
     gen = torch.Generator().manual_seed(rows)
-    out_features, in_features = 37, 200 if scheme.name == "int8" else 384
+    out_features = 37
     w = torch.randn(out_features, in_features, generator=gen) * 0.05
     packed = quantize(w, scheme)
     x = torch.randn(rows, in_features, generator=gen)

@@ -25,8 +25,9 @@ _SOURCE_DIR = Path(__file__).resolve().parent
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 # sources that need more than AVX2 (loaded only where cpu_flags() has them) and the sources they
 # include besides the headers (in the build hash, so a change there rebuilds them)
-_EXTRA_FLAGS = {"gemv_bf16_avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]}
-_INCLUDED_SOURCES = {"gemv_bf16_avx512": ["gemv_bf16.c"]}
+_EXTRA_FLAGS = {"gemv_bf16_avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"],
+                "gemv_quant_avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
+_INCLUDED_SOURCES = {"gemv_bf16_avx512": ["gemv_bf16.c"], "gemv_quant_avx512": ["gemv_quant.c"]}
 _lock = threading.Lock()
 _libraries = {}
 
@@ -59,15 +60,32 @@ def cpu_supports_avx512_bf16() -> bool:
     return {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= (cpu_flags() or frozenset())
 
 
+def cpu_supports_avx512_vnni() -> bool:
+    """AVX-512 with its int8 dot products (VNNI: Cascade Lake, Ice Lake, Zen 4 and later)."""
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= (cpu_flags() or frozenset())
+
+
+def _kernel_choice(variable: str, base: str, supported: bool) -> str:
+    """``base`` (the AVX2 source) or ``base + "_avx512"`` as ``variable`` says (auto: the AVX-512
+    one where ``supported``); any other value is refused, naming the choices."""
+    choice = os.environ.get(variable, "auto").strip().lower()
+    if choice not in ("auto", "avx2", "avx512"):
+        raise ValueError(f"{variable}={choice!r}: use auto, avx2 or avx512")
+    if choice == "avx2" or (choice == "auto" and not supported):
+        return base
+    return base + "_avx512"
+
+
 def bf16_kernel_name() -> str:
     """The source of the bf16 products for this CPU: ``gemv_bf16_avx512`` where it has AVX512-BF16,
     else ``gemv_bf16`` (AVX2); ``ACCESSORY_BF16_KERNEL=avx2`` keeps the AVX2 one anywhere."""
-    choice = os.environ.get("ACCESSORY_BF16_KERNEL", "auto").strip().lower()
-    if choice not in ("auto", "avx2", "avx512"):
-        raise ValueError(f"ACCESSORY_BF16_KERNEL={choice!r}: use auto, avx2 or avx512")
-    if choice == "avx2" or (choice == "auto" and not cpu_supports_avx512_bf16()):
-        return "gemv_bf16"
-    return "gemv_bf16_avx512"
+    return _kernel_choice("ACCESSORY_BF16_KERNEL", "gemv_bf16", cpu_supports_avx512_bf16())
+
+
+def quant_kernel_name() -> str:
+    """The source of the int8 / int4 products for this CPU: ``gemv_quant_avx512`` where it has
+    AVX512-VNNI, else ``gemv_quant`` (AVX2); ``ACCESSORY_QUANT_KERNEL=avx2`` keeps the AVX2 one."""
+    return _kernel_choice("ACCESSORY_QUANT_KERNEL", "gemv_quant", cpu_supports_avx512_vnni())
 
 
 def native_kernels_enabled() -> bool:
@@ -90,14 +108,23 @@ def load_library(name: str) -> Optional[ctypes.CDLL]:
         return library
 
 
+def _library_or_avx2(name: str, base: str) -> Tuple[str, Optional[ctypes.CDLL]]:
+    library = load_library(name)
+    if library is None and name != base:
+        name, library = base, load_library(base)
+    return name, library
+
+
 def bf16_library() -> Tuple[str, Optional[ctypes.CDLL]]:
     """``(name, library)`` of the bf16 products for this CPU (:func:`bf16_kernel_name`), the AVX2
     one where the other cannot be built (a compiler without AVX512-BF16); library None when none can."""
-    name = bf16_kernel_name()
-    library = load_library(name)
-    if library is None and name != "gemv_bf16":
-        name, library = "gemv_bf16", load_library("gemv_bf16")
-    return name, library
+    return _library_or_avx2(bf16_kernel_name(), "gemv_bf16")
+
+
+def quant_library() -> Tuple[str, Optional[ctypes.CDLL]]:
+    """``(name, library)`` of the int8 / int4 / nf4 products for this CPU (:func:`quant_kernel_name`),
+    the AVX2 one where the other cannot be built; library None when none can."""
+    return _library_or_avx2(quant_kernel_name(), "gemv_quant")
 
 
 def _build_and_load(name: str) -> ctypes.CDLL:

@@ -36,4 +36,21 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even, NaN ke
     return (uint16_t)(u >> 16);
 }
 
+#ifdef __AVX512F__
+/* Lane k of the result is the sum of v[k]'s 16 lanes. */
+static inline __m512 sum_lanes16(const __m512 v[16]) {
+    __m512 s[8], u[4], w[2];
+    for (int k = 0; k < 8; ++k) /* per 128-bit chunk: [a0+a2, b0+b2, a1+a3, b1+b3] */
+        s[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+    for (int k = 0; k < 4; ++k) /* per chunk: one partial sum each of four vectors, in order */
+        u[k] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * k], s[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(s[2 * k], s[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int k = 0; k < 2; ++k) /* chunks: [u0 c0+c1, u0 c2+c3, u1 c0+c1, u1 c2+c3] */
+        w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+#endif
+
 #endif

@@ -1,4 +1,5 @@
-"""ctypes bindings of gemv_quant.c: products of a few activation rows with packed weights.
+"""ctypes bindings of gemv_quant.c (gemv_quant_avx512.c on CPUs with AVX512-VNNI,
+``kernels.quant_library``): products of a few activation rows with packed weights.
 
 ``quant_gemv(x, tensors, scheme)`` returns ``x @ W.T`` for the quantized ``W`` without ever
 expanding it in memory, or None when the native kernel does not apply (not on the CPU, more than
@@ -10,7 +11,7 @@ from typing import Dict, Optional
 
 import torch
 
-from . import load_library, scratch_floats
+from . import quant_library, scratch_floats
 
 #: The most activation rows a call takes natively, per scheme; more rows (a longer prompt) expand
 #: the matrix for torch's float32 product instead (quant/linear.py). int8 and int4 multiply the
@@ -30,7 +31,7 @@ _loaded = False
 def _kernels():
     global _functions, _loaded
     if not _loaded:
-        library = load_library("gemv_quant")
+        library = quant_library()[1]
         if library is not None:
             int8 = library.accessory_gemv_int8
             int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 3
@@ -55,10 +56,11 @@ def native_quant_available() -> bool:
 def scratch_floats_needed(scheme_name: str, rows: int, in_features: int, group_size: int = 0) -> int:
     """Float32 scratch ``accessory_gemv_int8`` / ``accessory_gemv_q4`` need for ``rows`` activation
     rows: the float32 activations, one int8 step per block of 32, the int8 codes (a quarter float
-    each, plus one for a remainder) and, for 4-bit, one float per group."""
+    each, plus one for a remainder; gemv_quant_avx512.c pads each row's to a multiple of 128) and,
+    for 4-bit, one float per group."""
     n = rows * in_features
     groups = 0 if scheme_name == "int8" else rows * (in_features // group_size)
-    return n + groups + n // 32 + n // 4 + 1
+    return n + groups + n // 32 + n // 4 + 24 * rows + 1
 
 
 def quant_gemv(x: torch.Tensor, tensors: Dict[str, torch.Tensor], scheme, out_features: int,
