@@ -7,25 +7,27 @@
  * changes is the instruction: VPDPBUSD multiplies 64 unsigned bytes by 64 signed ones and adds
  * each group of four products to a 32-bit lane, exact, where AVX2 needs four instructions per 32
  * bytes (VPMADDUBSW, whose 16-bit sums can saturate, then VPMADDWD) and gemv_quant.c two more to
- * move int8 weights' signs onto the activations. One 512-bit vector holds two blocks.
+ * move int8 weights' signs onto the activations.
  *
- *   int8: the activations are stored as unsigned codes xq + 128, and each weight vector's
- *         sum * 128 (one more VPDPBUSD, shared by every activation row) is taken off the lanes.
- *   int4: the codes are unsigned already. A 16-byte block holds code j in byte j's low nibble and
- *         code j + 16 in its high one, so the 64 codes of two blocks come out of 32 bytes as
- *         [block k 0-15, block k+1 0-15, block k 16-31, block k+1 16-31]; the activations are
- *         stored in that order.
+ *   int8: two blocks a vector. The activations are stored as unsigned codes xq + 128, and each
+ *         weight vector's sum * 128 (one more VPDPBUSD, shared by every activation row) is taken
+ *         off the lanes.
+ *   int4: four blocks a 64-byte load. The codes are unsigned already: a 16-byte block holds code j
+ *         in byte j's low nibble and code j + 16 in its high one, so the load's low nibbles are
+ *         codes 0-15 of each block and its high nibbles codes 16-31; the activations are stored in
+ *         that order, and two VPDPBUSD leave each block's sum in four lanes. Its fp16 scales are
+ *         widened in the loop, four a time (widening them beforehand, one scalar at a time, cost
+ *         more than the products at one row).
  *
  * Tiles of TILE_W weight rows x TILE_X activation rows keep TILE_W * TILE_X accumulators of 16
  * lanes, whose lanes are summed at the end by one shuffle tree (common.h's sum_lanes16); int4's
- * offsets' term goes into the same accumulators, sixteen groups a vector.
+ * offsets' term goes into the same accumulators, sixteen groups a vector. One activation row
+ * takes gemv_quant.c's row form (AVX2_ROWS below).
  *
- * Measured on the 2-core Zen 4 of benchmarks/README.md, one S-shaped layer's four products (2048
- * and 5632 inputs), in one process against gemv_quant.c, medians of 7: int8 1.06-1.26x at one
- * activation row, 1.4-1.5x at 2, 1.8x at 4, 2.2x at 16, 2.2-2.4x at 64; int4 (groups of 32) 1.24x
- * at 1, 1.27x at 2, 1.42x at 4, 1.66x at 16, 1.82x at 64. A first int4 form, two blocks a vector
- * with the scales widened to one float per block beforehand, ran 0.67x at one row: the scalar
- * widening cost more than the products; the scales are now widened in the loop, four a time.
+ * Measured on the 2-core Zen 4 of benchmarks/README.md, whole decode runs of the S shape in one
+ * process against gemv_quant.c (benchmarks/README.md has the runs): 2 streams int8 1.08x, int4
+ * 1.46x; 3-4 streams 1.3-1.5x; 16 streams 1.7-2.0x. One layer's products alone, weights in
+ * cache: 2.2-2.4x (int8) and 1.7-1.8x (int4) at 16 and 64 rows.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -46,11 +48,16 @@
 #define TILE_W 4
 #define TILE_X 4
 
-/* From three activation rows, each group of TILE_W weight rows fetches the group this many groups
- * on into L2 while it is multiplied (as gemv_bf16_avx512.c does). */
+/* Each group of TILE_W weight rows fetches the group this many groups on into L2 while it is
+ * multiplied (as gemv_bf16_avx512.c does from three rows; here from two). */
 #ifndef PREFETCH_GROUPS
 #define PREFETCH_GROUPS 2
 #endif
+/* One activation row (a single stream's decode step, bound by reading the weights) takes
+ * gemv_quant.c's row form: in whole decode runs of the S shape it was 1.27x faster than these tiles
+ * for int4 (35.3 against 27.8 tok/s) and level for int8; from two rows the tiles are faster (int4
+ * 1.46x, int8 1.08x at two streams; 1.3-1.5x at three and four). */
+#define AVX2_ROWS 1
 
 /* Lanes from two consecutive floats d[0], d[1] (blocks k and k+1) by `pattern` (indices 0 and 1). */
 static inline __m512 vnni_pair_lanes(const float *d, __m512i pattern) {
@@ -287,9 +294,14 @@ static void vnni_quad_layout(const int8_t *xq, int8_t *out, int64_t n_blocks) {
 
 /* ------------------------------------------------------------------------------------------ entry points */
 
-/* y (M, O) = x (M, I) @ W^T with int8 W. scratch: as gemv_quant.c's (kernels/quant.py). */
+/* y (M, O) = x (M, I) @ W^T with int8 W (one row: gemv_quant.c's). scratch: as gemv_quant.c's
+ * (kernels/quant.py). */
 void accessory_gemv_int8(const int8_t *W, const float *scale, const void *x, void *y, int dtype,
                          float *scratch, int64_t M, int64_t O, int64_t I) {
+    if (M <= AVX2_ROWS) {
+        avx2_gemv_int8(W, scale, x, y, dtype, scratch, M, O, I);
+        return;
+    }
     const int64_t n_blocks = I / 32;
     float *x_f32 = scratch, *dx = scratch + M * I;
     uint8_t *xu = (uint8_t *)(dx + M * n_blocks);
@@ -303,12 +315,12 @@ void accessory_gemv_int8(const int8_t *W, const float *scale, const void *x, voi
     }
 }
 
-/* y (M, O) = x (M, I) @ W^T with 4-bit W (nf4: gemv_quant.c's). scratch: as gemv_quant.c's plus
+/* y (M, O) = x (M, I) @ W^T with 4-bit W (nf4, and one row: gemv_quant.c's). scratch: as gemv_quant.c's plus
  * 24 floats per row (each row's codes padded to a multiple of 128; kernels/quant.py). */
 void accessory_gemv_q4(const uint8_t *P, const uint16_t *scale, const uint16_t *offset, int nf4,
                        const void *x, void *y, int dtype, float *scratch,
                        int64_t M, int64_t O, int64_t I, int64_t G) {
-    if (nf4) {
+    if (nf4 || M <= AVX2_ROWS) {
         avx2_gemv_q4(P, scale, offset, nf4, x, y, dtype, scratch, M, O, I, G);
         return;
     }
