@@ -316,20 +316,39 @@ static void int8_rows(const int8_t *W, const float *scale, const int8_t *xq, con
 
 #define ROWS_PER_TASK 16 /* small enough to balance two threads, big enough to amortise a task */
 
-/* y (M, O) = x (M, I) @ W^T with int8 W. scratch: M * I + M * (I / 32) + M * I / 4 + 1 floats. */
-void accessory_gemv_int8(const int8_t *W, const float *scale, const void *x, void *y, int dtype,
-                         float *scratch, int64_t M, int64_t O, int64_t I) {
+/* CALL(o_begin, o_end) for the weight rows in tasks of ROWS_PER_TASK, spread over OpenMP threads. */
+#define FOR_ROW_TASKS(O, CALL)                                                                  \
+    do {                                                                                        \
+        const int64_t n_tasks_ = ((O) + ROWS_PER_TASK - 1) / ROWS_PER_TASK;                     \
+        _Pragma("omp parallel for schedule(static)")                                            \
+        for (int64_t t_ = 0; t_ < n_tasks_; ++t_)                                               \
+            CALL(t_ * ROWS_PER_TASK, (t_ + 1) * ROWS_PER_TASK < (O) ? (t_ + 1) * ROWS_PER_TASK : (O)); \
+    } while (0)
+
+/* The int8 products' activations, staged in scratch: x in float32 (M * I floats), each block of 32's
+ * step (M * (I / 32) floats), then its codes (M * I bytes; with `biased`, as unsigned codes + 128,
+ * for gemv_quant_avx512.c). Returns the codes. */
+static int8_t *stage_int8_activations(const void *x, int dtype, float *scratch, int64_t M, int64_t I, int biased) {
     const int64_t n_blocks = I / 32;
     float *x_f32 = scratch, *dx = scratch + M * I;
     int8_t *xq = (int8_t *)(dx + M * n_blocks);
     load_activations(x, dtype, x_f32, M * I);
-    for (int64_t m = 0; m < M; ++m) quantize_activations(x_f32 + m * I, xq + m * I, dx + m * n_blocks, n_blocks);
-    const int64_t n_tasks = (O + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < n_tasks; ++t) {
-        const int64_t end = (t + 1) * ROWS_PER_TASK < O ? (t + 1) * ROWS_PER_TASK : O;
-        int8_rows(W, scale, xq, dx, x_f32, y, dtype, M, O, I, t * ROWS_PER_TASK, end);
+    for (int64_t m = 0; m < M; ++m) {
+        quantize_activations(x_f32 + m * I, xq + m * I, dx + m * n_blocks, n_blocks);
+        if (biased)
+            for (int64_t k = 0; k < n_blocks * 32; ++k) xq[m * I + k] = (int8_t)((uint8_t)xq[m * I + k] ^ 0x80u);
     }
+    return xq;
+}
+
+/* y (M, O) = x (M, I) @ W^T with int8 W. scratch: M * I + M * (I / 32) + M * I / 4 + 1 floats. */
+void accessory_gemv_int8(const int8_t *W, const float *scale, const void *x, void *y, int dtype,
+                         float *scratch, int64_t M, int64_t O, int64_t I) {
+    const int8_t *xq = stage_int8_activations(x, dtype, scratch, M, I, 0);
+    const float *x_f32 = scratch, *dx = scratch + M * I;
+#define INT8_ROWS(begin, end) int8_rows(W, scale, xq, dx, x_f32, y, dtype, M, O, I, begin, end)
+    FOR_ROW_TASKS(O, INT8_ROWS);
+#undef INT8_ROWS
 }
 
 /* y (M, O) = x (M, I) @ W^T with 4-bit W: nf4 levels (nf4 = 1, offset unused) or int4 codes.
@@ -351,13 +370,10 @@ void accessory_gemv_q4(const uint8_t *P, const uint16_t *scale, const uint16_t *
             }
         quantize_activations(x_f32, xq, dx, M * (I / 32));
     }
-    const int64_t n_tasks = (O + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < n_tasks; ++t) {
-        const int64_t end = (t + 1) * ROWS_PER_TASK < O ? (t + 1) * ROWS_PER_TASK : O;
-        if (!nf4) int4_rows(P, scale, offset, xq, dx, xsum, y, dtype, M, O, I, G, t * ROWS_PER_TASK, end);
-        else nf4_rows(P, scale, x_f32, y, dtype, M, O, I, G, t * ROWS_PER_TASK, end);
-    }
+#define Q4_ROWS(begin, end) (!nf4 ? int4_rows(P, scale, offset, xq, dx, xsum, y, dtype, M, O, I, G, begin, end) \
+                                 : nf4_rows(P, scale, x_f32, y, dtype, M, O, I, G, begin, end))
+    FOR_ROW_TASKS(O, Q4_ROWS);
+#undef Q4_ROWS
 }
 
 /* out (O, I) float32 = the weight the packed rows stand for (kind 0: int8, 1: int4, 2: nf4), with

@@ -72,7 +72,15 @@ static inline __m512 vnni_single_lanes(const float *d, __m512i pattern) {
 /* Lane patterns: which of two blocks each 32-bit lane's four bytes belong to. */
 static inline __m512i vnni_int8_pattern(void) { return _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0); }
 
-static inline void vnni_store_tile(const float sums[16], const int r_count, const int a_count, float *out) {
+/* out[r * TILE_X + a] = the sum of acc[r][a]'s lanes, for the tile's r_count x a_count accumulators. */
+static inline __attribute__((always_inline)) void vnni_store_sums(__m512 acc[TILE_W][TILE_X], const int r_count,
+                                                                  const int a_count, float *out) {
+    __m512 v[16];
+    for (int q = 0; q < 16; ++q) v[q] = _mm512_setzero_ps();
+    for (int r = 0; r < r_count; ++r)
+        for (int a = 0; a < a_count; ++a) v[r * TILE_X + a] = acc[r][a];
+    float sums[16];
+    _mm512_storeu_ps(sums, sum_lanes16(v));
     for (int r = 0; r < r_count; ++r)
         for (int a = 0; a < a_count; ++a) out[r * TILE_X + a] = sums[r * TILE_X + a];
 }
@@ -119,13 +127,7 @@ static inline __attribute__((always_inline)) void vnni_int8_tile(const int8_t *w
                 acc[r][a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(base[r], xv, wv[r])), d, acc[r][a]);
         }
     }
-    __m512 v[16];
-    for (int q = 0; q < 16; ++q) v[q] = _mm512_setzero_ps();
-    for (int r = 0; r < r_count; ++r)
-        for (int a = 0; a < a_count; ++a) v[r * TILE_X + a] = acc[r][a];
-    float sums[16];
-    _mm512_storeu_ps(sums, sum_lanes16(v));
-    vnni_store_tile(sums, r_count, a_count, out);
+    vnni_store_sums(acc, r_count, a_count, out);
 }
 
 #define TILE_CASES(TILE, r) \
@@ -163,16 +165,6 @@ static void int8_rows_vnni(const int8_t *W, const float *scale, const uint8_t *x
         }
         o += r_count;
     }
-}
-
-/* Each block of 32 activations as int8 codes (gemv_quant.c's rounding) stored as unsigned codes + 128. */
-static void quantize_activations_unsigned(const float *x, uint8_t *xu, float *dx, int64_t n_blocks) {
-    quantize_activations(x, (int8_t *)xu, dx, n_blocks);
-    const __m512i bias = _mm512_set1_epi8((char)0x80);
-    for (int64_t k = 0; k + 2 <= n_blocks; k += 2)
-        _mm512_storeu_si512((void *)(xu + k * 32), _mm512_xor_si512(_mm512_loadu_si512((const void *)(xu + k * 32)), bias));
-    if (n_blocks & 1)
-        for (int j = 0; j < 32; ++j) xu[(n_blocks - 1) * 32 + j] ^= 0x80;
 }
 
 /* ------------------------------------------------------------------------------------------ int4 */
@@ -243,13 +235,7 @@ static inline __attribute__((always_inline)) void vnni_int4_tile(const uint8_t *
             for (int r = 0; r < r_count; ++r) acc[r][a] = _mm512_fmadd_ps(zr[r], sums, acc[r][a]);
         }
     }
-    __m512 v[16];
-    for (int q = 0; q < 16; ++q) v[q] = _mm512_setzero_ps();
-    for (int r = 0; r < r_count; ++r)
-        for (int a = 0; a < a_count; ++a) v[r * TILE_X + a] = acc[r][a];
-    float sums[16];
-    _mm512_storeu_ps(sums, sum_lanes16(v));
-    vnni_store_tile(sums, r_count, a_count, out);
+    vnni_store_sums(acc, r_count, a_count, out);
 }
 
 static void int4_rows_vnni(const uint8_t *P, const uint16_t *scale, const uint16_t *offset, const int8_t *xq,
@@ -302,17 +288,11 @@ void accessory_gemv_int8(const int8_t *W, const float *scale, const void *x, voi
         avx2_gemv_int8(W, scale, x, y, dtype, scratch, M, O, I);
         return;
     }
-    const int64_t n_blocks = I / 32;
-    float *x_f32 = scratch, *dx = scratch + M * I;
-    uint8_t *xu = (uint8_t *)(dx + M * n_blocks);
-    load_activations(x, dtype, x_f32, M * I);
-    for (int64_t m = 0; m < M; ++m) quantize_activations_unsigned(x_f32 + m * I, xu + m * I, dx + m * n_blocks, n_blocks);
-    const int64_t n_tasks = (O + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < n_tasks; ++t) {
-        const int64_t end = (t + 1) * ROWS_PER_TASK < O ? (t + 1) * ROWS_PER_TASK : O;
-        int8_rows_vnni(W, scale, xu, dx, x_f32, y, dtype, M, O, I, t * ROWS_PER_TASK, end);
-    }
+    const uint8_t *xu = (const uint8_t *)stage_int8_activations(x, dtype, scratch, M, I, 1);
+    const float *x_f32 = scratch, *dx = scratch + M * I;
+#define INT8_ROWS(begin, end) int8_rows_vnni(W, scale, xu, dx, x_f32, y, dtype, M, O, I, begin, end)
+    FOR_ROW_TASKS(O, INT8_ROWS);
+#undef INT8_ROWS
 }
 
 /* y (M, O) = x (M, I) @ W^T with 4-bit W (nf4, and one row: gemv_quant.c's). scratch: as gemv_quant.c's plus
@@ -338,10 +318,7 @@ void accessory_gemv_q4(const uint8_t *P, const uint16_t *scale, const uint16_t *
         quantize_activations(x_f32 + m * I, staged, dx + m * n_blocks, n_blocks);
         vnni_quad_layout(staged, xq + m * stride, n_blocks);
     }
-    const int64_t n_tasks = (O + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < n_tasks; ++t) {
-        const int64_t end = (t + 1) * ROWS_PER_TASK < O ? (t + 1) * ROWS_PER_TASK : O;
-        int4_rows_vnni(P, scale, offset, xq, stride, dx, xsum, y, dtype, M, O, I, G, t * ROWS_PER_TASK, end);
-    }
+#define INT4_ROWS(begin, end) int4_rows_vnni(P, scale, offset, xq, stride, dx, xsum, y, dtype, M, O, I, G, begin, end)
+    FOR_ROW_TASKS(O, INT4_ROWS);
+#undef INT4_ROWS
 }
