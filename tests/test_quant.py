@@ -97,8 +97,8 @@ def quant_kernel(request, monkeypatch):
     """Each library of the quantized products in turn: gemv_quant.c (AVX2) and, where the CPU has
     AVX512-VNNI, gemv_quant_avx512.c."""
     from accessory import kernels
-    if request.param == "avx512" and not kernels.cpu_supports_avx512_vnni():
-        pytest.skip("this CPU has no AVX512-VNNI")
+    if request.param == "avx512" and not (kernels.cpu_supports_avx512_vnni() and kernels.native_kernels_enabled()):
+        pytest.skip("this CPU has no AVX512-VNNI (or native kernels are off)")
     monkeypatch.setenv("ACCESSORY_QUANT_KERNEL", request.param)
     monkeypatch.setattr(kq, "_loaded", False)
     monkeypatch.setattr(kq, "_functions", None)
@@ -111,7 +111,7 @@ def quant_kernel(request, monkeypatch):
 @pytest.mark.parametrize("rows", [1, 3, 5, 16, "most"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_native_kernel_computes_the_formats_product(scheme, rows, dtype, quant_kernel):
-    rows = kq.MAX_ROWS[scheme.name] if rows == "most" else rows
+    rows = kq.max_rows(scheme.name) if rows == "most" else rows
     gen = torch.Generator().manual_seed(rows)
     out_features, in_features = 37, 256 if scheme.name != "int8" else 200  # odd rows; int8: a tail
     w = torch.randn(out_features, in_features, generator=gen) * 0.05
@@ -174,9 +174,13 @@ def test_integer_kernels_compute_their_stated_arithmetic(scheme, in_features, ro
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=_ids)
-def test_kernel_declines_what_it_does_not_handle(scheme):
+def test_kernel_declines_what_it_does_not_handle(scheme, quant_kernel):
+    """Up to max_rows (the AVX512-VNNI library's int8 / int4 products take longer prompts than the
+    AVX2 one's) natively; beyond, and for what it cannot take, the expansion."""
     packed = quantize(torch.randn(8, 64), scheme)
-    most = kq.MAX_ROWS[scheme.name]
+    most = kq.max_rows(scheme.name)
+    if kq.native_quant_available():
+        assert most == (kq.MAX_ROWS_VNNI if quant_kernel == "avx512" else kq.MAX_ROWS)[scheme.name]
     if kq.native_quant_available():
         assert kq.quant_gemv(torch.randn(most, 64), packed, scheme, 8, 64) is not None
     assert kq.quant_gemv(torch.randn(most + 1, 64), packed, scheme, 8, 64) is None  # a longer prompt: fallback
@@ -246,7 +250,7 @@ def test_bf16_prefill_products_on_cpus_with_and_without_native_bf16(monkeypatch,
     scheme = QuantScheme("int4", 32)
     gen = torch.Generator().manual_seed(5)
     packed = quantize(torch.randn(9000, 128, generator=gen) * 0.05, scheme)  # several blocks of rows
-    x = torch.randn(2, kq.MAX_ROWS["int4"] // 2 + 3, 128, generator=gen).bfloat16()  # past the kernels' rows
+    x = torch.randn(2, kq.max_rows("int4") // 2 + 3, 128, generator=gen).bfloat16()  # past the kernels' rows
     got = quantized_matmul(x, packed, scheme, 9000, 128)
     assert got.dtype == torch.bfloat16 and got.shape == (*x.shape[:2], 9000)
     reference = x.double() @ dequantize(packed, scheme, torch.float64).T
@@ -274,11 +278,17 @@ LONG = "Once upon a time, in a land far away, there lived a king who had three d
 
 
 def _logits(model, text=" ".join([LONG] * 3)):
-    """Whole-prompt logits: more than kernels.quant.MAX_ROWS tokens, so the expansion path."""
+    """Whole-prompt logits through the expansion path: more tokens than the kernels take (the
+    AVX512-VNNI library's longer reach held to the AVX2 one's while they run)."""
     tokens = torch.tensor([model.tokenizer.encode(text, bos=True, eos=False)])
     assert tokens.shape[1] > max(kq.MAX_ROWS.values())
-    with torch.inference_mode():
-        return model.llma.forward_tokens(tokens).float()
+    vnni = dict(kq.MAX_ROWS_VNNI)
+    kq.MAX_ROWS_VNNI.update(kq.MAX_ROWS)
+    try:
+        with torch.inference_mode():
+            return model.llma.forward_tokens(tokens).float()
+    finally:
+        kq.MAX_ROWS_VNNI.update(vnni)
 
 
 def _decode_logits(model, text=PROMPTS[1]):

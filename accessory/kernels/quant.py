@@ -3,7 +3,7 @@
 
 ``quant_gemv(x, tensors, scheme)`` returns ``x @ W.T`` for the quantized ``W`` without ever
 expanding it in memory, or None when the native kernel does not apply (not on the CPU, more than
-``MAX_ROWS[scheme]`` rows, kernels disabled or not buildable); callers then use their fallback.
+``max_rows(scheme)`` rows, kernels disabled or not buildable); callers then use their fallback.
 """
 
 import ctypes
@@ -22,16 +22,23 @@ from . import quant_library, scratch_floats
 #: 1.33-2.21x at 64, 0.95-1.42x at 128; int4 with groups of 128 1.00-2.22x at 64, 0.85-2.04x at
 #: 80; nf4 0.93-3.48x at 24 rows, 0.75-2.56x at 32 (so 16, as for decoding).
 MAX_ROWS = {"int8": 64, "int4": 64, "nf4": 16}
+#: The same with gemv_quant_avx512.c (AVX512-VNNI), against expansion for torch's bf16 product, on
+#: the Zen 4 of benchmarks/README.md. One S layer's four products: int8 2.6x at 64 rows, 1.24x at
+#: 128, 1.02-1.08x at 160-192, 0.93x at 256; int4 (groups of 32) 2.2x at 64, 1.44x at 128,
+#: 1.25-1.33x at 160-192, 1.04x at 256. Whole 128-token prefills, in one process: int4 S 1.44x,
+#: XS 0.97-1.02x; int8 S 1.03x, XS 0.86x (expanding int8 costs little), so int8 keeps 64.
+MAX_ROWS_VNNI = {"int8": 64, "int4": 192, "nf4": 16}
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _functions = None
 _loaded = False
+_library_name = None
 
 
 def _kernels():
-    global _functions, _loaded
+    global _functions, _loaded, _library_name
     if not _loaded:
-        library = quant_library()[1]
+        _library_name, library = quant_library()
         if library is not None:
             int8 = library.accessory_gemv_int8
             int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 3
@@ -52,6 +59,13 @@ def native_quant_available() -> bool:
     return _kernels() is not None
 
 
+def max_rows(scheme_name: str) -> int:
+    """The most activation rows the native product of ``scheme_name`` takes, with the library in use."""
+    if _kernels() is not None and _library_name == "gemv_quant_avx512":
+        return MAX_ROWS_VNNI.get(scheme_name, 0)
+    return MAX_ROWS.get(scheme_name, 0)
+
+
 
 def scratch_floats_needed(scheme_name: str, rows: int, in_features: int, group_size: int = 0) -> int:
     """Float32 scratch ``accessory_gemv_int8`` / ``accessory_gemv_q4`` need for ``rows`` activation
@@ -69,7 +83,7 @@ def quant_gemv(x: torch.Tensor, tensors: Dict[str, torch.Tensor], scheme, out_fe
     if x.device.type != "cpu" or x.dtype not in _DTYPE_CODES or x.requires_grad:
         return None
     rows = x.numel() // in_features if x.dim() else 0
-    if not 0 < rows <= MAX_ROWS.get(scheme.name, 0):
+    if not 0 < rows <= max_rows(scheme.name):
         return None
     kernels = _kernels()
     if kernels is None:
