@@ -350,9 +350,9 @@ class GenerationEngine:
                     # replay the next step on it now, so that the GPU computes it while the host
                     # reads these tokens back and handles them, time the GPU otherwise sat idle
                     # (measured on an H200: 7B 221 -> 227 tok/s, TinyLlama's shape 889 -> 1029;
-                    # benchmarks/cuda_profile.py). A row this token finishes
-                    # (EOS, a stop string, its limit) is computed once more, within the cache, and
-                    # dropped from the step's logits.
+                    # benchmarks/cuda_profile.py). A row this token finishes (EOS, a stop string,
+                    # its limit) is computed once more, within the cache, and dropped from the
+                    # step's logits.
                     read_back = self._graphed.read_back(picked)
                     positions_ahead = [offsets[i] + rows[i].prompt_len + len(rows[i].new_tokens) for i in active]
                     ahead = self._graphed(cache, picked[:, None],

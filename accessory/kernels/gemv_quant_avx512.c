@@ -91,9 +91,9 @@ static inline __attribute__((always_inline)) void vnni_store_sums(__m512 acc[TIL
  * stride I; dx: steps, stride n_blocks), both compile-time constants at every call. out[r *
  * TILE_X + a]: the sums over the I / 32 whole blocks, before the rows' scales. */
 static inline __attribute__((always_inline)) void vnni_int8_tile(const int8_t *w, const uint8_t *xu, const float *dx,
-                                                            int64_t I, int64_t n_blocks, const int r_count,
-                                                            const int a_count, const int8_t *next, int next_rows,
-                                                            float *out) {
+                                                                 int64_t I, int64_t n_blocks, const int r_count,
+                                                                 const int a_count, const int8_t *next, int next_rows,
+                                                                 float *out) {
     const __m512i pattern = vnni_int8_pattern(), bias = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
     __m512 acc[TILE_W][TILE_X];
     for (int r = 0; r < r_count; ++r)
@@ -133,12 +133,13 @@ static inline __attribute__((always_inline)) void vnni_int8_tile(const int8_t *w
 #define TILE_CASES(TILE, r) \
     switch (a_count) { case 1: TILE(r, 1); break; case 2: TILE(r, 2); break; case 3: TILE(r, 3); break; default: TILE(r, 4); break; }
 
-/* The group of TILE_W rows PREFETCH_GROUPS on, shared out over the activation tiles (t of tiles). */
+/* The first of the rows of the group PREFETCH_GROUPS on that activation tile t (of tiles) fetches,
+ * and their number in *count (0, and row o itself, past the matrix's end). */
 static inline int64_t vnni_prefetch_rows(int64_t o, int64_t O, int64_t t, int64_t tiles, int *count) {
     const int64_t first = t * TILE_W / tiles, last = (t + 1) * TILE_W / tiles;
     const int64_t ahead = o + PREFETCH_GROUPS * TILE_W + first;
     *count = ahead >= O ? 0 : (int)(O - ahead < last - first ? O - ahead : last - first);
-    return ahead;
+    return *count ? ahead : o;
 }
 
 static void int8_rows_vnni(const int8_t *W, const float *scale, const uint8_t *xu, const float *dx, const float *x,

@@ -66,7 +66,6 @@ def max_rows(scheme_name: str) -> int:
     return MAX_ROWS.get(scheme_name, 0)
 
 
-
 def scratch_floats_needed(scheme_name: str, rows: int, in_features: int, group_size: int = 0) -> int:
     """Float32 scratch ``accessory_gemv_int8`` / ``accessory_gemv_q4`` need for ``rows`` activation
     rows: the float32 activations, one int8 step per block of 32, the int8 codes (a quarter float
