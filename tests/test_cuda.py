@@ -71,27 +71,32 @@ def test_decode_steps_replay_cuda_graphs_with_the_same_text(ckpt, monkeypatch):
 
 def test_steps_start_before_their_tokens_reach_the_host_with_the_cpus_tokens(ckpt, monkeypatch):
     """Each graphed step replays before the host has read the tokens it is fed: rows that end on
-    EOS, a stop string or their own limits in one batch still get the CPU's tokens."""
+    EOS, a stop string or their own limits in one batch still get the CPU's tokens and
+    log-probabilities (read back with the tokens)."""
     from accessory.generation.cuda_graphs import GraphedDecoder
     from accessory.generation.engine import GenerationEngine
     from accessory.generation.sampling import SamplingParams
     monkeypatch.delenv("ACCESSORY_CUDA_GRAPHS", raising=False)
     read_backs = []
     read_back = GraphedDecoder.read_back
-    monkeypatch.setattr(GraphedDecoder, "read_back", lambda self, tokens: read_backs.append(1) or read_back(self, tokens))
+    monkeypatch.setattr(GraphedDecoder, "read_back", lambda self, *t: read_backs.append(1) or read_back(self, *t))
     gpu, cpu = _load(ckpt, "cuda"), _load(ckpt, "cpu")
     prompts = [cpu.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS + ["A third row"]]
 
     def run(model, limits, eos_ids=(), stops=()):
         engine = GenerationEngine(model.llma, model.tokenizer, eos_ids=eos_ids)
-        for states in engine.run(prompts, limits, SamplingParams(), stops):
+        for states in engine.run(prompts, limits, SamplingParams(), stops, logprobs=True, top_logprobs=2):
             pass
-        return [(s.new_tokens, s.finish_reason, s.visible) for s in states]
-    reference = run(cpu, [12, 12, 12])
+        return [(s.new_tokens, s.finish_reason, s.visible) for s in states], \
+            [(s.logprobs, [v for step in s.top_logprobs for _, v in step]) for s in states]
+    reference, _ = run(cpu, [12, 12, 12])
     eos = reference[1][0][5]
     stop = reference[0][2][len(cpu.tokenizer.decode(reference[0][0][:6])):][:2]
-    got = run(gpu, [12, 12, 4], [eos], [stop])
-    assert got == run(cpu, [12, 12, 4], [eos], [stop])
+    got, got_logprobs = run(gpu, [12, 12, 4], [eos], [stop])
+    want, want_logprobs = run(cpu, [12, 12, 4], [eos], [stop])
+    assert got == want
+    for (chosen, best), (want_chosen, want_best) in zip(got_logprobs, want_logprobs):
+        assert chosen == pytest.approx(want_chosen, abs=1e-4) and best == pytest.approx(want_best, abs=1e-4)
     assert [reason for _, reason, _ in got] == ["stop", "eos", "length"] and len(read_backs) >= 4
 
 

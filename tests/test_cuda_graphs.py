@@ -56,9 +56,9 @@ class EmulatedDecoder(GraphedDecoder):
 
     read_backs = 0  # steps replayed before the host read the tokens they are fed
 
-    def read_back(self, tokens):
+    def read_back(self, *tensors):
         self.read_backs += 1
-        return lambda: tokens.tolist()
+        return lambda: [t.tolist() for t in tensors]
 
     def positions_tensor(self, values, device):
         return torch.tensor(values, device=device)[:, None]
@@ -125,9 +125,9 @@ def test_steps_started_before_the_tokens_are_read_back_change_no_row(ckpt, emula
         return eng
 
     def run(eng, limits, stops=()):
-        for states in eng.run(prompts, limits, sampling, stops, logprobs=True):
+        for states in eng.run(prompts, limits, sampling, stops, logprobs=True, top_logprobs=3):
             pass
-        return [(s.new_tokens, s.finish_reason, s.visible, s.logprobs) for s in states]
+        return [(s.new_tokens, s.finish_reason, s.visible, s.logprobs, s.top_logprobs) for s in states]
 
     reference = run(engine(plain, []), [12, 12, 12])
     eos = reference[1][0][5]  # the second row's sixth token ends it (and any row picking it)
@@ -141,9 +141,13 @@ def test_steps_started_before_the_tokens_are_read_back_change_no_row(ckpt, emula
     # (the step after a row ends computes it once more: the other rows' numbers come from a wider
     # product, which may round differently)
     assert [row[:3] for row in got] == [row[:3] for row in want]
-    for (*_, got_logprobs), (*_, want_logprobs) in zip(got, want):
+    for (*_, got_logprobs, got_top), (*_, want_logprobs, want_top) in zip(got, want):
         assert got_logprobs == pytest.approx(want_logprobs, rel=1e-5, abs=1e-5)
-    assert [reason for _, reason, _, _ in got] == ["stop", "eos", "length"]
+        assert [[i for i, _ in step] for step in got_top] == [[i for i, _ in step] for step in want_top]
+        assert [v for step in got_top for _, v in step] == \
+            pytest.approx([v for step in want_top for _, v in step], rel=1e-5, abs=1e-5)
+        assert len(got_top) == len(got_logprobs) and all(len(step) == 3 for step in got_top)
+    assert [reason for _, reason, *_ in got] == ["stop", "eos", "length"]
     decoder = graphed_engine._graphed
     assert isinstance(decoder, EmulatedDecoder) and decoder.read_backs >= 4
     assert plain_engine._graphed is None

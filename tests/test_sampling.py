@@ -171,6 +171,23 @@ def test_logprobs_of_greedy_tokens_match_a_full_forward(model):
             assert row.top_logprobs[step][0][0] == token  # greedy picks the most likely token
 
 
+def test_logprobs_of_sampled_tokens_are_the_picked_tokens_under_the_raw_logits(model):
+    """Sampled (not the most likely) tokens: each one's log-probability under the model's raw
+    distribution, before temperature and top-k."""
+    params = SamplingParams(temperature=1.5, top_k=50, seed=11)
+    ids, states = run_engine(model, PROMPTS, [8, 8, 8], params, logprobs=True)
+    not_best = 0
+    for prompt_ids, row in zip(ids, states):
+        full = torch.tensor([prompt_ids + row.new_tokens])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model.llma.forward(full)[0].float(), dim=-1)
+        for step, token in enumerate(row.new_tokens):
+            expected = log_probs[len(prompt_ids) - 1 + step]
+            assert row.logprobs[step] == pytest.approx(float(expected[token]), abs=1e-4)
+            not_best += int(token != int(expected.argmax()))
+    assert not_best > 0  # (the check above would not tell a picked token from the best one)
+
+
 def test_generate_return_logprobs_is_opt_in(model):
     plain = model.generate(PROMPTS[:1], max_gen_len=5)
     rich = model.generate(PROMPTS[:1], max_gen_len=5, return_logprobs=True)

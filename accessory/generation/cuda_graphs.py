@@ -23,7 +23,7 @@ import logging
 import os
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -119,17 +119,19 @@ class GraphedDecoder:
     # reading tokens back and handing positions over without waiting for the GPU's queue (the
     # engine replays the next step meanwhile); tests/test_cuda_graphs.py stands in for them on the CPU
 
-    def read_back(self, tokens: torch.Tensor) -> Callable[[], list]:
-        """Start copying ``tokens`` (on the GPU) to the host; the function returned waits for that
-        copy alone, not for work queued after it, and gives the values as a list."""
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
+    def read_back(self, *tensors: torch.Tensor) -> Callable[[], List[list]]:
+        """Start copying ``tensors`` (on the GPU) to the host; the function returned waits for those
+        copies alone, not for work queued after them, and gives each one's values as a list."""
+        hosts = []
+        for tensor in tensors:
+            hosts.append(torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True))
+            hosts[-1].copy_(tensor, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record()
 
-        def wait() -> list:
+        def wait() -> List[list]:
             copied.synchronize()
-            return host.tolist()
+            return [host.tolist() for host in hosts]
         return wait
 
     def positions_tensor(self, values: list, device: torch.device) -> torch.Tensor:

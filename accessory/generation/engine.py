@@ -343,6 +343,8 @@ class GenerationEngine:
                     generated = [rows[i].new_tokens for i in active]
                     contexts = [prompts[i] + rows[i].new_tokens for i in active]
                 picked = self._agree(sampler(logits, contexts, generated, rows=active))
+                # what goes back to the host: the tokens and, with logprobs, their log-probabilities
+                wanted = (picked, *(self._logprob_tensors(logits, picked, top_logprobs) if logprobs else ()))
                 ahead = None  # the next step, started before this one's tokens reach the host
                 if self._launches_ahead() and \
                         any(len(rows[i].new_tokens) + 1 < rows[i].max_new_tokens for i in active):
@@ -353,15 +355,15 @@ class GenerationEngine:
                     # benchmarks/cuda_profile.py). A row this token finishes (EOS, a stop string,
                     # its limit) is computed once more, within the cache, and dropped from the
                     # step's logits.
-                    read_back = self._graphed.read_back(picked)
+                    read_back = self._graphed.read_back(*wanted)
                     positions_ahead = [offsets[i] + rows[i].prompt_len + len(rows[i].new_tokens) for i in active]
                     ahead = self._graphed(cache, picked[:, None],
                                           self._graphed.positions_tensor(positions_ahead, device))
-                    next_tokens = read_back()
+                    next_tokens, *logprob_lists = read_back()
                 else:
-                    next_tokens = picked.tolist()
+                    next_tokens, *logprob_lists = [t.tolist() for t in wanted]
                 if logprobs:
-                    self._record_logprobs([rows[i] for i in active], logits, next_tokens, top_logprobs)
+                    self._record_logprobs([rows[i] for i in active], next_tokens, *logprob_lists)
                 for slot, i in enumerate(active):
                     self._advance(rows[i], next_tokens[slot], matcher)
                 yield rows
@@ -434,20 +436,26 @@ class GenerationEngine:
         held = (list(prompt) + new)[:cached]
         self._keep(_KeptCache(cache, held, state, list(prompt), logits if cached >= len(prompt) else None))
 
-    def _record_logprobs(self, rows: List[RowState], logits: torch.Tensor, tokens: List[int],
-                         top_k: int) -> None:
-        """Log-probabilities (nats) of the picked tokens under the raw logits; EOS is not recorded,
-        so the lists stay aligned with ``new_tokens``."""
+    @staticmethod
+    def _logprob_tensors(logits: torch.Tensor, picked: torch.Tensor, top_k: int) -> tuple:
+        """On the logits' device: the log-probabilities (nats) of the picked tokens under the raw
+        logits and, with ``top_k``, the k best tokens' ids and log-probabilities."""
         log_probs = torch.log_softmax(logits, dim=-1)
-        picked = log_probs.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
-        if top_k > 0:
-            best = torch.topk(log_probs, min(top_k, log_probs.shape[-1]), dim=-1)
-            best_ids, best_values = best.indices.tolist(), best.values.tolist()
+        chosen = log_probs.gather(-1, picked.to(log_probs.device)[:, None])[:, 0]
+        if top_k <= 0:
+            return (chosen,)
+        best = torch.topk(log_probs, min(top_k, log_probs.shape[-1]), dim=-1)
+        return chosen, best.indices, best.values
+
+    def _record_logprobs(self, rows: List[RowState], tokens: List[int], chosen: List[float],
+                         best_ids: Optional[list] = None, best_values: Optional[list] = None) -> None:
+        """Each row's entries from :meth:`_logprob_tensors`' values; EOS is not recorded, so the
+        lists stay aligned with ``new_tokens``."""
         for slot, row in enumerate(rows):
             if tokens[slot] in self.eos_ids:
                 continue
-            row.logprobs.append(picked[slot])
-            if top_k > 0:
+            row.logprobs.append(chosen[slot])
+            if best_ids is not None:
                 row.top_logprobs.append(list(zip(best_ids[slot], best_values[slot])))
 
     def _advance(self, row: RowState, token: int, matcher: StopStringMatcher) -> None:
