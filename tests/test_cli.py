@@ -263,3 +263,16 @@ def test_image_on_a_text_checkpoint_is_refused(tiny_ckpt, capsys):
     assert cli.main(["chat", str(tiny_ckpt), "--prompt", "Hi", "--image", "x.png", "--dtype", "fp32",
                      "--device", "cpu"]) == 1
     assert "with_visual" in capsys.readouterr().err
+
+
+def test_every_environment_setting_the_package_reads_is_in_the_readme():
+    """The README's Settings table names each ACCESSORY_* variable the package reads, and no other."""
+    import re
+    read = set()
+    for path in (REPO / "accessory").rglob("*.py"):
+        text = path.read_text()
+        read |= set(re.findall(r'"(ACCESSORY_[A-Z0-9_]+)"', text))  # (every such literal names a variable)
+    readme = (REPO / "README.md").read_text()
+    settings = readme.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `(ACCESSORY_[A-Z0-9_]+)` \|", settings, flags=re.M))
+    assert len(read) >= 9 and read == listed
