@@ -382,19 +382,17 @@ class GenerationEngine:
                     active = [active[slot] for slot in still]
                     if ahead is not None:
                         ahead = ahead[still]
-                if ahead is not None:
+                if ahead is not None:  # (already running on these tokens)
                     logits = ahead
-                    for i in active:
-                        cached[i] = offsets[i] + rows[i].prompt_len + len(rows[i].new_tokens)
-                    continue
-                step_tokens = torch.tensor([[rows[i].new_tokens[-1]] for i in active], device=device)
-                step_positions = torch.tensor([[offsets[i] + rows[i].prompt_len + len(rows[i].new_tokens) - 1]
-                                               for i in active],
-                                              device=device)
-                if self._graphed is not None:
-                    logits = self._graphed(cache, step_tokens, step_positions)
-                else:  # (batch, 1, vocab): one token a row, so no index to gather by
-                    logits = self.model.forward_tokens(step_tokens, step_positions, cache)[:, 0]
+                else:
+                    step_tokens = torch.tensor([[rows[i].new_tokens[-1]] for i in active], device=device)
+                    step_positions = torch.tensor([[offsets[i] + rows[i].prompt_len + len(rows[i].new_tokens) - 1]
+                                                   for i in active],
+                                                  device=device)
+                    if self._graphed is not None:
+                        logits = self._graphed(cache, step_tokens, step_positions)
+                    else:  # (batch, 1, vocab): one token a row, so no index to gather by
+                        logits = self.model.forward_tokens(step_tokens, step_positions, cache)[:, 0]
                 for i in active:
                     cached[i] = offsets[i] + rows[i].prompt_len + len(rows[i].new_tokens)
         finally:  # also when the caller stops early or a step fails: the positions written before
