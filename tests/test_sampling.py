@@ -155,15 +155,20 @@ def test_seeded_rows_do_not_depend_on_other_rows_finishing(model):
     assert alone[0].new_tokens == together[0].new_tokens
 
 
+def _full_forward_steps(model, prompt_ids, row):
+    """(token, the log-probabilities a full forward over prompt + new tokens gives its position)
+    for each of the row's new tokens."""
+    full = torch.tensor([prompt_ids + row.new_tokens])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model.llma.forward(full)[0].float(), dim=-1)
+    return [(token, log_probs[len(prompt_ids) - 1 + step]) for step, token in enumerate(row.new_tokens)]
+
+
 def test_logprobs_of_greedy_tokens_match_a_full_forward(model):
     ids, states = run_engine(model, PROMPTS, [6, 6, 6], SamplingParams(), logprobs=True, top_logprobs=3)
     for prompt_ids, row in zip(ids, states):
         assert len(row.logprobs) == len(row.top_logprobs) == len(row.new_tokens) == 6
-        full = torch.tensor([prompt_ids + row.new_tokens])
-        with torch.no_grad():
-            log_probs = torch.log_softmax(model.llma.forward(full)[0].float(), dim=-1)
-        for step, token in enumerate(row.new_tokens):
-            expected = log_probs[len(prompt_ids) - 1 + step]
+        for step, (token, expected) in enumerate(_full_forward_steps(model, prompt_ids, row)):
             assert row.logprobs[step] == pytest.approx(float(expected[token]), abs=1e-4)
             best = torch.topk(expected, 3)
             assert [t for t, _ in row.top_logprobs[step]] == best.indices.tolist()
@@ -178,11 +183,7 @@ def test_logprobs_of_sampled_tokens_are_the_picked_tokens_under_the_raw_logits(m
     ids, states = run_engine(model, PROMPTS, [8, 8, 8], params, logprobs=True)
     not_best = 0
     for prompt_ids, row in zip(ids, states):
-        full = torch.tensor([prompt_ids + row.new_tokens])
-        with torch.no_grad():
-            log_probs = torch.log_softmax(model.llma.forward(full)[0].float(), dim=-1)
-        for step, token in enumerate(row.new_tokens):
-            expected = log_probs[len(prompt_ids) - 1 + step]
+        for step, (token, expected) in enumerate(_full_forward_steps(model, prompt_ids, row)):
             assert row.logprobs[step] == pytest.approx(float(expected[token]), abs=1e-4)
             not_best += int(token != int(expected.argmax()))
     assert not_best > 0  # (the check above would not tell a picked token from the best one)
