@@ -487,7 +487,7 @@ def test_two_threads_decode_one_model_at_once(monkeypatch):
 def test_how_many_rows_a_native_step_takes(monkeypatch):
     """16 rows always; beyond, up to MAX_ROWS as far as every product's kind allows: bf16 as far as
     kernels.linear gives its kernel rows (64 with AVX512-BF16, 256 on AVX2-only CPUs, 16 with AMX),
-    int8 / int4 64 and nf4 16 (kernels.quant.MAX_ROWS)."""
+    int8 / int4 64 and nf4 16 (kernels.quant.max_rows; the step itself stops at MAX_ROWS)."""
     def plan(*kinds):
         return SimpleNamespace(**{name: SimpleNamespace(kind=kind) for name, kind in zip(("qkv", "wo", "w13", "w2"), kinds)})
     bf16 = [plan("bf16", "bf16", "bf16", "bf16")] * 2

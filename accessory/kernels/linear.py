@@ -82,7 +82,6 @@ def max_kernel_rows() -> int:
     return MAX_ROWS
 
 
-
 @functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), read from /proc/cpuinfo;

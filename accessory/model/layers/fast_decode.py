@@ -40,7 +40,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ...kernels.decode import PRODUCT_KINDS, DecodeStep, StepLayer, StepProduct, decode_kernels
 from ...kernels.linear import NativeLinear, max_kernel_rows, scratch_floats_needed as bf16_scratch_floats_needed
-from ...kernels.quant import MAX_ROWS as QUANT_MAX_ROWS, scratch_floats_needed
+from ...kernels.quant import max_rows as quant_max_rows, scratch_floats_needed
 from ...quant.linear import FusedQuantLinear, QuantLinear
 from .decoder import hooked, plain_block
 from .linear import FusedLinear
@@ -57,10 +57,10 @@ def _kind_rows(kind: str) -> int:
     """The most rows a step's product of this kind runs natively at least as fast as the torch path
     would: bf16 as far as ``kernels.linear`` gives its kernel rows (the torch path multiplies such
     rows with the same kernel, with 40 torch operations a layer around it), the quantized schemes
-    as far as ``kernels.quant.MAX_ROWS`` (the module path's limit too)."""
+    as far as ``kernels.quant.max_rows`` (the module path's limit too)."""
     if kind == "bf16":
         return max_kernel_rows()
-    return QUANT_MAX_ROWS.get(kind, 0)
+    return quant_max_rows(kind)
 
 
 def max_step_rows(plans: List[SimpleNamespace], ends: Optional[SimpleNamespace] = None) -> int:
