@@ -341,6 +341,16 @@ static int8_t *stage_int8_activations(const void *x, int dtype, float *scratch, 
     return xq;
 }
 
+/* xsum[g] = the exact float32 sum of x's g-th run of G values (n of them: the int4 offsets' term
+ * multiplies each group's offset by its activations' sum). */
+static void group_sums(const float *x, float *xsum, int64_t n, int64_t G) {
+    for (int64_t g = 0; g < n / G; ++g) {
+        float s = 0.0f;
+        for (int64_t k = 0; k < G; ++k) s += x[g * G + k];
+        xsum[g] = s;
+    }
+}
+
 /* y (M, O) = x (M, I) @ W^T with int8 W. scratch: M * I + M * (I / 32) + M * I / 4 + 1 floats. */
 void accessory_gemv_int8(const int8_t *W, const float *scale, const void *x, void *y, int dtype,
                          float *scratch, int64_t M, int64_t O, int64_t I) {
@@ -358,16 +368,9 @@ void accessory_gemv_q4(const uint8_t *P, const uint16_t *scale, const uint16_t *
                        int64_t M, int64_t O, int64_t I, int64_t G) {
     float *x_f32 = scratch, *xsum = scratch + M * I, *dx = xsum + M * (I / G);
     int8_t *xq = (int8_t *)(dx + M * (I / 32));
-    const int64_t n_groups = I / G;
     load_activations(x, dtype, x_f32, M * I);
     if (!nf4) {
-        for (int64_t m = 0; m < M; ++m)
-            for (int64_t g = 0; g < n_groups; ++g) {
-                float s = 0.0f;
-                const float *xr = x_f32 + m * I + g * G;
-                for (int64_t k = 0; k < G; ++k) s += xr[k];
-                xsum[m * n_groups + g] = s;
-            }
+        group_sums(x_f32, xsum, M * I, G);
         quantize_activations(x_f32, xq, dx, M * (I / 32));
     }
 #define Q4_ROWS(begin, end) (!nf4 ? int4_rows(P, scale, offset, xq, dx, xsum, y, dtype, M, O, I, G, begin, end) \

@@ -38,7 +38,7 @@
 
 /* gemv_quant.c's kernels under other names: nf4 and the expansion (accessory_dequantize, which
  * keeps its name) are served by them, and its helpers (load_activations, store, half_to_float,
- * int4_offset_term) by its static functions. */
+ * quantize_activations, stage_int8_activations, group_sums, FOR_ROW_TASKS) by its static functions. */
 #define accessory_gemv_int8 avx2_gemv_int8
 #define accessory_gemv_q4 avx2_gemv_q4
 #include "gemv_quant.c"
@@ -309,13 +309,8 @@ void accessory_gemv_q4(const uint8_t *P, const uint16_t *scale, const uint16_t *
     float *x_f32 = scratch, *xsum = scratch + M * I, *dx = xsum + M * n_groups;
     int8_t *xq = (int8_t *)(dx + M * n_blocks), staged[I];
     load_activations(x, dtype, x_f32, M * I);
+    group_sums(x_f32, xsum, M * I, G);
     for (int64_t m = 0; m < M; ++m) {
-        for (int64_t g = 0; g < n_groups; ++g) {
-            float sum = 0.0f;
-            const float *xr = x_f32 + m * I + g * G;
-            for (int64_t k = 0; k < G; ++k) sum += xr[k];
-            xsum[m * n_groups + g] = sum;
-        }
         quantize_activations(x_f32 + m * I, staged, dx + m * n_blocks, n_blocks);
         vnni_quad_layout(staged, xq + m * stride, n_blocks);
     }
