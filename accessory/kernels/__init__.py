@@ -27,7 +27,7 @@ _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-
 # include besides the headers (in the build hash, so a change there rebuilds them)
 _EXTRA_FLAGS = {"gemv_bf16_avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"],
                 "gemv_quant_avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
-_INCLUDED_SOURCES = {"gemv_bf16_avx512": ["gemv_bf16.c"], "gemv_quant_avx512": ["gemv_quant.c"]}
+_INCLUDED_SOURCES = {"gemv_quant_avx512": ["gemv_quant.c"]}
 _lock = threading.Lock()
 _libraries = {}
 

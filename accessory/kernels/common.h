@@ -36,6 +36,16 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even, NaN ke
     return (uint16_t)(u >> 16);
 }
 
+/* Sums of weight row o against activation rows m0..m0+mt-1 into y (M, O) as bf16, or into y_f32
+ * as float32 when y is NULL. */
+static inline void store_sums(uint16_t *y, float *y_f32, int64_t O, int64_t o, int64_t m0, int64_t mt,
+                              const float *sums) {
+    for (int64_t j = 0; j < mt; ++j) {
+        if (y) y[(m0 + j) * O + o] = float_to_bf16(sums[j]);
+        else y_f32[(m0 + j) * O + o] = sums[j];
+    }
+}
+
 #ifdef __AVX512F__
 /* Lane k of the result is the sum of v[k]'s 16 lanes. */
 static inline __m512 sum_lanes16(const __m512 v[16]) {

@@ -21,9 +21,7 @@
  * 5-12% faster at two threads than the hardware prefetchers alone (1 KB measured best of
  * 1, 2 and 4 KB for one activation row). */
 #define PREFETCH_BYTES 1024
-#ifndef PREFETCH /* (gemv_bf16_avx512.c, which includes this file, turns it off) */
 #define PREFETCH(address) _mm_prefetch((const char *)(address) + PREFETCH_BYTES, _MM_HINT_T0)
-#endif
 
 /* Blocks of 16 activations reordered as [0-3, 8-11, 4-7, 12-15]: the order in which unpacking
  * 16 bf16 weights against zeros (per 128-bit lane) yields them as two float32 vectors. Elements
@@ -113,14 +111,6 @@ static inline __attribute__((always_inline)) void bf16_tile_pair(const uint16_t 
         }
         sums_a[j] = sa;
         sums_b[j] = sb;
-    }
-}
-
-static inline void store_sums(uint16_t *y, float *y_f32, int64_t O, int64_t o, int64_t m0, int64_t mt,
-                              const float *sums) {
-    for (int64_t j = 0; j < mt; ++j) {
-        if (y) y[(m0 + j) * O + o] = float_to_bf16(sums[j]);
-        else y_f32[(m0 + j) * O + o] = sums[j];
     }
 }
 

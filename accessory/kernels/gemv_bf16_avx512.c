@@ -9,33 +9,17 @@
  * R x A accumulators of 16 lanes each, loads R + A vectors of 32 inputs each step, and sums each
  * accumulator's lanes at the end (sixteen accumulators at once, in one tree of shuffles).
  *
- * From two activation rows on, the activations are multiplied as bf16: bf16 inputs as they come,
- * float32 inputs (the native decode step's buffers) rounded to nearest even first, as torch's bf16
- * products round them. Each product is exact in float32; the sums are float32 (denormal products
- * count as zero: VDPBF16PS flushes them).
+ * The activations are multiplied as bf16: bf16 inputs as they come, float32 inputs (the native
+ * decode step's buffers) rounded to nearest even first, as torch's bf16 products round them (one
+ * row too: gemv_bf16.c keeps it in float32, but its row form reads this CPU's memory slower). Each
+ * product is exact in float32; the sums are float32 (denormal products count as zero: VDPBF16PS
+ * flushes them).
  */
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "common.h"
-
-/* gemv_bf16.c's kernels under other names (its store_sums serves this file too): one activation
- * row takes their row form, which reads W as fast as this file's one-row form or faster on short
- * rows (768 and 2048 inputs), and keeps that row's activations in float32. Without its software prefetch: on the Zen 4 machine of
- * benchmarks/README.md the hardware prefetchers alone read 4-10% faster (a plain read of the
- * weights too: 41-49 GB/s against 32-40 with a line fetched 1 KB ahead), where on the Zen 3 one
- * (no AVX512-BF16) the prefetch won 5-12%. */
-#define PREFETCH(address) ((void)(address))
-#define accessory_gemv_bf16 avx2_gemv_bf16
-#define accessory_gemv_bf16_f32 avx2_gemv_bf16_f32
-#define accessory_gemv_bf16_scratch_floats avx2_gemv_bf16_scratch_floats
-#include "gemv_bf16.c"
-#undef accessory_gemv_bf16
-#undef accessory_gemv_bf16_f32
-#undef accessory_gemv_bf16_scratch_floats
-#undef PREFETCH_BYTES
-#undef PREFETCH
 
 /* Weight rows per tile (R) and activation rows per tile (A): 16 accumulators, 4 + 1 vectors in
  * flight, 21 of the 32 vector registers. */
@@ -94,18 +78,30 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *w, const 
     _mm512_storeu_ps(out, sum_lanes16(v));
 }
 
-/* Two activation rows (a decode step of two streams, bound by reading W): one weight row at a time,
- * four accumulators per activation row across the inputs, so each thread reads one sequential
- * stream (measured 1.1-1.5x faster here than gemv_bf16.c and than four weight rows at a time), left
- * to the hardware prefetchers (a software prefetch 1 KB ahead was slower). */
+/* One or two activation rows (a decode step of one or two streams, bound by reading W): one
+ * weight row at a time, four accumulators per activation row across the inputs, so each thread
+ * reads one sequential stream, with the line ROW_PREFETCH_BYTES further on in that stream fetched
+ * into L2 (not L1) four lines an iteration. Measured on the 2-core Zen 4 machine of
+ * benchmarks/README.md, one row over S's decode matrices, weights not in cache, medians of 25
+ * interleaved rounds: 1.10-1.25x gemv_bf16.c's row form (float32 activations, which reads this
+ * CPU's memory at 0.75-0.9x a plain read) and level with a plain read; into L1 instead, or 0.5-1 KB
+ * ahead, 0.8-0.95x; the same form without the prefetch 0.9-1.0x. Whole decode runs in one process,
+ * the step's product swapped: S 16.7 against 12.3 tok/s, XS 118.3 against 115.1. Two rows (no
+ * prefetch: 0.9x with it on XS): 1.1-1.5x gemv_bf16.c and four weight rows at a time. `end` is one
+ * past W's last byte: nothing past it is named. */
+#define ROW_PREFETCH_BYTES 2048
+
 static inline __attribute__((always_inline)) void row_tile(const uint16_t *w, const uint16_t *x, int64_t I,
-                                                           const int a_count, float *out) {
+                                                           const int a_count, uintptr_t end, float *out) {
     __m512 acc[2][4];
     for (int a = 0; a < a_count; ++a)
         for (int k = 0; k < 4; ++k) acc[a][k] = _mm512_setzero_ps();
     const int64_t I128 = I & ~(int64_t)127;
     int64_t i = 0;
     for (; i < I128; i += 128) {
+        const uintptr_t ahead = (uintptr_t)(w + i) + ROW_PREFETCH_BYTES;
+        if (a_count == 1 && ahead + 256 <= end)
+            for (int k = 0; k < 4; ++k) _mm_prefetch((const char *)(ahead + 64 * k), _MM_HINT_T1);
         __m512bh wv[4];
         for (int k = 0; k < 4; ++k) wv[k] = load_bh(w + i + 32 * k);
         for (int a = 0; a < a_count; ++a)
@@ -130,10 +126,12 @@ static inline __attribute__((always_inline)) void row_tile(const uint16_t *w, co
 static void rows_block(const uint16_t *W, const uint16_t *xb, uint16_t *y, float *y_f32, int64_t M, int64_t O,
                        int64_t I, int64_t o_begin, int64_t o_end) {
     float out[16];
-    if (M == 2) {
+    if (M <= 2) {
+        const uintptr_t end = (uintptr_t)(W + O * I);
         for (int64_t o = o_begin; o < o_end; ++o) {
-            row_tile(W + o * I, xb, I, 2, out);
-            store_sums(y, y_f32, O, o, 0, 2, out);
+            if (M == 1) row_tile(W + o * I, xb, I, 1, end, out);
+            else row_tile(W + o * I, xb, I, 2, end, out);
+            store_sums(y, y_f32, O, o, 0, M, out);
         }
         return;
     }
@@ -167,26 +165,22 @@ static void gemv(const uint16_t *W, const uint16_t *xb, uint16_t *y, float *y_f3
     }
 }
 
-/* Float32 scratch the entry points need for M activation rows of I features (from two rows, the
- * float32 inputs rounded to bf16 live there: M * I halves, in floats). */
+/* Float32 scratch the entry points need for M activation rows of I features (the float32 inputs
+ * rounded to bf16 live there: M * I halves, in floats). */
 int64_t accessory_gemv_bf16_scratch_floats(int64_t M, int64_t I) {
-    return M == 1 ? avx2_gemv_bf16_scratch_floats(M, I) : (M * I + 1) / 2 + 16;
+    return (M * I + 1) / 2 + 16;
 }
 
 /* y (M, O) bf16 (or y_f32 float32 when y is NULL) = x (M, I) bf16 @ W(O, I)^T. */
 void accessory_gemv_bf16(const uint16_t *W, const uint16_t *x, float *scratch, uint16_t *y, float *y_f32,
                          int64_t M, int64_t O, int64_t I) {
-    if (M == 1) avx2_gemv_bf16(W, x, scratch, y, y_f32, M, O, I);
-    else gemv(W, x, y, y_f32, M, O, I);
+    (void)scratch;
+    gemv(W, x, y, y_f32, M, O, I);
 }
 
 /* y_f32 (M, O) = x_f32 (M, I) @ W(O, I)^T, the activations rounded to bf16 first. */
 void accessory_gemv_bf16_f32(const uint16_t *W, const float *x_f32, float *scratch, float *y_f32,
                              int64_t M, int64_t O, int64_t I) {
-    if (M == 1) {
-        avx2_gemv_bf16_f32(W, x_f32, scratch, y_f32, M, O, I);
-        return;
-    }
     uint16_t *xb = (uint16_t *)scratch;
     const int64_t n = M * I, n32 = n & ~(int64_t)31;
     for (int64_t k = 0; k < n32; k += 32) {
