@@ -5,7 +5,8 @@
 The peers here are the machine itself, measured in the same run by benchmarks/roofline.c (compiled
 with the system C compiler, as accessory/kernels are):
   read   two threads reading the same weight matrices as plain 256-bit loads (with the same 1 KB
-         software prefetch as the kernel's one-row form, or none as the AVX512-BF16 library's),
+         software prefetch as the AVX2 kernel's one-row form; none for the AVX512-BF16 library,
+         whose one-row form prefetches into L2 only),
          matrix by matrix in a decode step's order
   fma    12 independent multiply-adds per thread in registers, of the instruction the kernel in use
          multiplies with: 8-lane float32 FMAs (gemv_bf16.c, AVX2), or 16-lane AVX512-BF16 dot
