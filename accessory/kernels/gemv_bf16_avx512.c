@@ -37,6 +37,20 @@
 #ifndef PREFETCH_GROUPS
 #define PREFETCH_GROUPS 2
 #endif
+/* Rows of more than CHUNKED_FROM inputs go in chunks of about K_CHUNK (see rows_block), for up to
+ * MAX_PARTIAL_TILES activation tiles (64 rows). A group of 4 such rows (45 KB at 5632 inputs, S's
+ * w2) and a tile of activations no longer both fit in L1, so every tile read both from L2.
+ * Measured on the 2-core Zen 4 of benchmarks/README.md, 16 rows, 2048 x 5632 weights not in
+ * cache: one thread 155 against 127 GFLOP/s, two 253 against 221 (chunks of 2048: 144 / 254; of
+ * 768: 151); 8 rows 1.09x, 4 rows 1.05x, 64 rows 0.97x (noise); rows of 2048 inputs in chunks of
+ * 1024 0.98x, hence unchunked. Whole S decode, 16 streams: 123.9 against 119.0 tok/s. */
+#ifndef K_CHUNK
+#define K_CHUNK 1024
+#endif
+#ifndef CHUNKED_FROM
+#define CHUNKED_FROM 2048
+#endif
+#define MAX_PARTIAL_TILES 16
 
 static inline __m512bh load_bh(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512((const void *)p); }
 
@@ -45,15 +59,20 @@ static inline __m512bh load_bh_tail(const uint16_t *p, __mmask32 mask) {
 }
 
 /* `r_count` weight rows (w, stride I) against `a_count` activation rows (x, stride I), both
- * compile-time constants at every call; out[r * TILE_X + a] receives their products. */
-static inline __attribute__((always_inline)) void tile(const uint16_t *w, const uint16_t *x, int64_t I,
-                                                       const int r_count, const int a_count, const uint16_t *next,
-                                                       int next_rows, float *out) {
+ * compile-time constants at every call, over the inputs k0..k1-1. The accumulators start from
+ * `partial` when `resume` (else from zero) and go back there unless `finish`, which sums their
+ * lanes into out[r * TILE_X + a] instead. While it runs, `next_rows` rows at `next` (stride I)
+ * are fetched into L2 over the same inputs. */
+static inline __attribute__((always_inline)) void tile(const uint16_t *w, const uint16_t *x, int64_t I, int64_t k0,
+                                                       int64_t k1, const int r_count, const int a_count,
+                                                       const uint16_t *next, int next_rows, __m512 *partial,
+                                                       int resume, int finish, float *out) {
     __m512 acc[TILE_W][TILE_X];
     for (int r = 0; r < r_count; ++r)
-        for (int a = 0; a < a_count; ++a) acc[r][a] = _mm512_setzero_ps();
-    const int64_t I32 = I & ~(int64_t)31;
-    for (int64_t i = 0; i < I32; i += 32) {
+        for (int a = 0; a < a_count; ++a)
+            acc[r][a] = resume ? _mm512_load_ps((const float *)(partial + r * TILE_X + a)) : _mm512_setzero_ps();
+    const int64_t k32 = k0 + ((k1 - k0) & ~(int64_t)31);
+    for (int64_t i = k0; i < k32; i += 32) {
         __m512bh wv[TILE_W];
         for (int k = 0; k < next_rows; ++k) _mm_prefetch((const char *)(next + k * I + i), _MM_HINT_T1);
         for (int r = 0; r < r_count; ++r) wv[r] = load_bh(w + r * I + i);
@@ -62,14 +81,19 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *w, const 
             for (int r = 0; r < r_count; ++r) acc[r][a] = _mm512_dpbf16_ps(acc[r][a], wv[r], xv);
         }
     }
-    if (I32 < I) {
-        const __mmask32 mask = (__mmask32)((1ull << (I - I32)) - 1);
+    if (k32 < k1) {
+        const __mmask32 mask = (__mmask32)((1ull << (k1 - k32)) - 1);
         __m512bh wv[TILE_W];
-        for (int r = 0; r < r_count; ++r) wv[r] = load_bh_tail(w + r * I + I32, mask);
+        for (int r = 0; r < r_count; ++r) wv[r] = load_bh_tail(w + r * I + k32, mask);
         for (int a = 0; a < a_count; ++a) {
-            const __m512bh xv = load_bh_tail(x + a * I + I32, mask);
+            const __m512bh xv = load_bh_tail(x + a * I + k32, mask);
             for (int r = 0; r < r_count; ++r) acc[r][a] = _mm512_dpbf16_ps(acc[r][a], wv[r], xv);
         }
+    }
+    if (!finish) {
+        for (int r = 0; r < r_count; ++r)
+            for (int a = 0; a < a_count; ++a) _mm512_store_ps((float *)(partial + r * TILE_X + a), acc[r][a]);
+        return;
     }
     __m512 v[16];
     for (int k = 0; k < 16; ++k) v[k] = _mm512_setzero_ps();
@@ -118,9 +142,10 @@ static inline __attribute__((always_inline)) void row_tile(const uint16_t *w, co
                                                     _mm512_add_ps(acc[a][2], acc[a][3])));
 }
 
+#define TILE_ARGS next, next_rows, partial + t * TILE_W * TILE_X, c > 0, c == chunks - 1, out
 #define TILE_ROWS_X(r, n) \
-    switch (n) { case 1: tile(w, x, I, r, 1, next, next_rows, out); break; case 2: tile(w, x, I, r, 2, next, next_rows, out); break; \
-                 case 3: tile(w, x, I, r, 3, next, next_rows, out); break; default: tile(w, x, I, r, 4, next, next_rows, out); break; }
+    switch (n) { case 1: tile(w, x, I, k0, k1, r, 1, TILE_ARGS); break; case 2: tile(w, x, I, k0, k1, r, 2, TILE_ARGS); break; \
+                 case 3: tile(w, x, I, k0, k1, r, 3, TILE_ARGS); break; default: tile(w, x, I, k0, k1, r, 4, TILE_ARGS); break; }
 
 /* Weight rows o_begin..o_end-1 against all M activation rows (bf16, stride I). */
 static void rows_block(const uint16_t *W, const uint16_t *xb, uint16_t *y, float *y_f32, int64_t M, int64_t O,
@@ -135,22 +160,32 @@ static void rows_block(const uint16_t *W, const uint16_t *xb, uint16_t *y, float
         }
         return;
     }
+    const int64_t tiles = (M + TILE_X - 1) / TILE_X;
+    /* Rows longer than K_CHUNK inputs go in chunks, each group of weight rows meeting every
+     * activation tile over one chunk before the next (the tiles' accumulators kept in `partial`
+     * between chunks), so the group's chunk is read from L1 by every tile after the first. */
+    const int64_t chunks = tiles <= MAX_PARTIAL_TILES && I > CHUNKED_FROM ? (I + K_CHUNK - 1) / K_CHUNK : 1;
+    const int64_t chunk = ((I + chunks - 1) / chunks + 31) & ~(int64_t)31;
+    __m512 partial[MAX_PARTIAL_TILES * TILE_W * TILE_X] __attribute__((aligned(64)));
     for (int64_t o = o_begin; o < o_end;) {
         const int r_count = o_end - o >= TILE_W ? TILE_W : 1;
         const uint16_t *w = W + o * I;
-        const int64_t tiles = (M + TILE_X - 1) / TILE_X;
-        for (int64_t m0 = 0, t = 0; m0 < M; m0 += TILE_X, ++t) {
-            const int64_t a_count = M - m0 < TILE_X ? M - m0 : TILE_X;
-            const uint16_t *x = xb + m0 * I;
-            /* While this group meets the activations, the group PREFETCH_GROUPS further on comes
-             * into L2, its rows shared out over the tiles: the first tile alone would leave the
-             * next group's start waiting on memory. */
-            const int64_t first = t * TILE_W / tiles, last = (t + 1) * TILE_W / tiles;
-            const int64_t ahead = o + PREFETCH_GROUPS * TILE_W + first;
-            const uint16_t *next = ahead < O ? W + ahead * I : NULL;
-            const int next_rows = (int)((O - ahead < last - first ? O - ahead : last - first));
-            if (r_count == TILE_W) { TILE_ROWS_X(TILE_W, a_count) } else { TILE_ROWS_X(1, a_count) }
-            for (int r = 0; r < r_count; ++r) store_sums(y, y_f32, O, o + r, m0, a_count, out + r * TILE_X);
+        for (int64_t c = 0; c < chunks; ++c) {
+            const int64_t k0 = c * chunk, k1 = c == chunks - 1 ? I : k0 + chunk;
+            for (int64_t m0 = 0, t = 0; m0 < M; m0 += TILE_X, ++t) {
+                const int64_t a_count = M - m0 < TILE_X ? M - m0 : TILE_X;
+                const uint16_t *x = xb + m0 * I;
+                /* While this group meets the activations, the group PREFETCH_GROUPS further on
+                 * comes into L2, its rows shared out over the tiles: the first tile alone would
+                 * leave the next group's start waiting on memory. */
+                const int64_t first = t * TILE_W / tiles, last = (t + 1) * TILE_W / tiles;
+                const int64_t ahead = o + PREFETCH_GROUPS * TILE_W + first;
+                const uint16_t *next = ahead < O ? W + ahead * I : NULL;
+                const int next_rows = (int)((O - ahead < last - first ? O - ahead : last - first));
+                if (r_count == TILE_W) { TILE_ROWS_X(TILE_W, a_count) } else { TILE_ROWS_X(1, a_count) }
+                if (c == chunks - 1)
+                    for (int r = 0; r < r_count; ++r) store_sums(y, y_f32, O, o + r, m0, a_count, out + r * TILE_X);
+            }
         }
         o += r_count;
     }
