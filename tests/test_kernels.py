@@ -15,11 +15,12 @@ needs_kernel = pytest.mark.skipif(not native_linear_available(),
 
 @needs_kernel
 # AVX2 kernel: 5 rows: weight rows in pairs; 6-8: outer products over a chunk of 8 rows; from 9:
-# over chunks of 16 rows (the last one partial at 40). AVX512-BF16 kernel: 1 row the AVX2 row form,
-# 2 rows its own row form, from 3 tiles of 4 x 4. More than 16 rows take the kernel on CPUs without
-# native bf16 (up to 256) and with AVX512-BF16 but no AMX (up to 64); torch's product elsewhere.
+# over chunks of 16 rows (the last one partial at 40). AVX512-BF16 kernel: 1 and 2 rows its row
+# form, from 3 tiles of 4 x 4 (rows of more than 2048 inputs in chunks, 2600 here). More than 16 rows
+# take the kernel on CPUs without native bf16 (up to 256) and with AVX512-BF16 but no AMX (up to 64);
+# torch's product elsewhere.
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 6, 7, 8, 9, 12, 13, 16, 40, 256])
-@pytest.mark.parametrize("out_features,in_features", [(64, 64), (37, 100), (130, 33), (512, 768)])
+@pytest.mark.parametrize("out_features,in_features", [(64, 64), (37, 100), (130, 33), (512, 768), (48, 2600)])
 def test_native_linear_matches_float_reference(rows, out_features, in_features):
     gen = torch.Generator().manual_seed(rows * out_features + in_features)
     x = torch.randn(rows, in_features, generator=gen).bfloat16()
