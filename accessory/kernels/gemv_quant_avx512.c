@@ -21,8 +21,8 @@
  *
  * Tiles of TILE_W weight rows x TILE_X activation rows keep TILE_W * TILE_X accumulators of 16
  * lanes, whose lanes are summed at the end by one shuffle tree (common.h's sum_lanes16); int4's
- * offsets' term goes into the same accumulators, sixteen groups a vector. One activation row
- * takes gemv_quant.c's row form (AVX2_ROWS below).
+ * offsets' term goes into the same accumulators, sixteen groups a vector. One int8 activation row
+ * takes gemv_quant.c's row form (AVX2_ROWS below), one int4 row a form of its own (vnni_int4_row).
  *
  * Measured on the 2-core Zen 4 of benchmarks/README.md, whole decode runs of the S shape in one
  * process against gemv_quant.c (benchmarks/README.md has the runs): 2 streams int8 1.08x, int4
@@ -53,11 +53,13 @@
 #ifndef PREFETCH_GROUPS
 #define PREFETCH_GROUPS 2
 #endif
-/* One activation row (a single stream's decode step, bound by reading the weights) takes
- * gemv_quant.c's row form: in whole decode runs of the S shape it was 1.27x faster than these tiles
- * for int4 (35.3 against 27.8 tok/s) and level for int8; from two rows the tiles are faster (int4
- * 1.46x, int8 1.08x at two streams; 1.3-1.5x at three and four). */
+/* One int8 activation row (a single stream's decode step, bound by reading the weights) takes
+ * gemv_quant.c's row form: in whole decode runs of the S shape it was level with these tiles; from
+ * two rows the tiles are faster (1.08x at two streams; 1.3-1.5x at three and four). One int4 row
+ * takes vnni_int4_row below. */
 #define AVX2_ROWS 1
+/* vnni_int4_row fetches the packed stream this far ahead into L2 (a line per quad of blocks). */
+#define ROW_PREFETCH_BYTES 8192
 
 /* Lanes from two consecutive floats d[0], d[1] (blocks k and k+1) by `pattern` (indices 0 and 1). */
 static inline __m512 vnni_pair_lanes(const float *d, __m512i pattern) {
@@ -265,6 +267,60 @@ static void int4_rows_vnni(const uint8_t *P, const uint16_t *scale, const uint16
     }
 }
 
+/* One int4 weight row (p; s16: its fp16 scales per group of 32 << shift inputs) against one
+ * activation row (xq in the quad layout, dx its steps): vnni_int4_tile's arithmetic for a single
+ * pair of rows, with none of its per-step masks and no tree of sixteen sums (whole quads in one
+ * loop, two accumulators; a last partial quad block by block), and the line `ahead` + the
+ * quad's offset fetched into L2 when `ahead` is not NULL. The sum without the offsets' term.
+ * Measured on the 2-core Zen 4 of benchmarks/README.md over S's int4 matrices, one activation
+ * row, against gemv_quant.c's row form: 24.3-25.8 against 23.3 GB/s (20.2-22.4 against 20.2 in
+ * a slower minute), XS's 17.9 against 15.1; a 1 x 1 vnni_int4_tile 20.4-20.9; the prefetch 1, 2,
+ * 4 or 8 KB ahead 24.5 / 24.3 / 24.9 / 25.8 (XS 16.1 / 16.0 / 16.8 / 17.9), none 19.7. */
+static inline float vnni_int4_row(const uint8_t *p, const uint16_t *s16, const int8_t *xq, const float *dx,
+                                  int64_t n_blocks, int shift, const uint8_t *ahead) {
+    const __m512i nibbles = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+    const __m512i block_lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i scale_lanes = _mm512_srli_epi32(block_lanes, shift);
+    const __mmask8 scales = (__mmask8)((1u << ((3 >> shift) + 1)) - 1);
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    const int64_t whole = n_blocks & ~(int64_t)3;
+    for (int64_t k = 0; k < whole; k += 4) {
+        if (ahead) _mm_prefetch((const char *)(ahead + k * 16), _MM_HINT_T1);
+        const __m512i raw = _mm512_loadu_si512((const void *)(p + k * 16));
+        const __m512i lo = _mm512_and_si512(raw, nibbles), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibbles);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512((const void *)(xq + k * 32))),
+                                                hi, _mm512_loadu_si512((const void *)(xq + k * 32 + 64)));
+        const __m128 halves = _mm_cvtph_ps(_mm_maskz_loadu_epi16(scales, (const void *)(s16 + (k >> shift))));
+        const __m512 s = _mm512_permutexvar_ps(scale_lanes, _mm512_castps128_ps512(halves));
+        const __m512 d = _mm512_permutexvar_ps(block_lanes, _mm512_castps128_ps512(_mm_loadu_ps(dx + k)));
+        acc[(k >> 2) & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, d), acc[(k >> 2) & 1]);
+    }
+    float total = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+    for (int64_t k = whole; k < n_blocks; ++k) {
+        const int8_t *x = xq + whole * 32 + (k - whole) * 16; /* codes 0-15 here, 16-31 64 on */
+        int32_t sum = 0;
+        for (int j = 0; j < 16; ++j) sum += (p[k * 16 + j] & 15) * x[j] + (p[k * 16 + j] >> 4) * x[j + 64];
+        total += (float)sum * (half_to_float(s16[k >> shift]) * dx[k]);
+    }
+    return total;
+}
+
+static void int4_row_vnni(const uint8_t *P, const uint16_t *scale, const uint16_t *offset, const int8_t *xq,
+                          const float *dx, const float *xsum, void *y, int dtype, int64_t O, int64_t I, int64_t G,
+                          int64_t o_begin, int64_t o_end) {
+    const int64_t n_groups = I / G, n_blocks = I / 32, stride = I / 2;
+    int group_shift = 0;
+    while ((32 << group_shift) < G) ++group_shift;
+    const uintptr_t end = (uintptr_t)(P + O * stride);
+    for (int64_t o = o_begin; o < o_end; ++o) {
+        const uint8_t *p = P + o * stride;
+        const uintptr_t ahead = (uintptr_t)p + ROW_PREFETCH_BYTES; /* (an address past the matrix is not named) */
+        const float sum = vnni_int4_row(p, scale + o * n_groups, xq, dx, n_blocks, group_shift,
+                                        ahead + (uintptr_t)stride <= end ? (const uint8_t *)ahead : NULL);
+        store(y, dtype, o, sum + int4_offset_term(offset + o * n_groups, xsum, n_groups));
+    }
+}
+
 /* One activation row's int8 block codes in the order vnni_int4_tile multiplies them: per four
  * blocks, codes 0-15 of each, then codes 16-31 of each; missing blocks of a last quad are zero
  * (the row's stride is I rounded up to 128: the caller's buffer has room). */
@@ -296,12 +352,12 @@ void accessory_gemv_int8(const int8_t *W, const float *scale, const void *x, voi
 #undef INT8_ROWS
 }
 
-/* y (M, O) = x (M, I) @ W^T with 4-bit W (nf4, and one row: gemv_quant.c's). scratch: as gemv_quant.c's plus
+/* y (M, O) = x (M, I) @ W^T with 4-bit W (nf4: gemv_quant.c's). scratch: as gemv_quant.c's plus
  * 24 floats per row (each row's codes padded to a multiple of 128; kernels/quant.py). */
 void accessory_gemv_q4(const uint8_t *P, const uint16_t *scale, const uint16_t *offset, int nf4,
                        const void *x, void *y, int dtype, float *scratch,
                        int64_t M, int64_t O, int64_t I, int64_t G) {
-    if (nf4 || M <= AVX2_ROWS) {
+    if (nf4) {
         avx2_gemv_q4(P, scale, offset, nf4, x, y, dtype, scratch, M, O, I, G);
         return;
     }
@@ -314,7 +370,10 @@ void accessory_gemv_q4(const uint8_t *P, const uint16_t *scale, const uint16_t *
         quantize_activations(x_f32 + m * I, staged, dx + m * n_blocks, n_blocks);
         vnni_quad_layout(staged, xq + m * stride, n_blocks);
     }
+#define INT4_ROW(begin, end) int4_row_vnni(P, scale, offset, xq, dx, xsum, y, dtype, O, I, G, begin, end)
 #define INT4_ROWS(begin, end) int4_rows_vnni(P, scale, offset, xq, stride, dx, xsum, y, dtype, M, O, I, G, begin, end)
-    FOR_ROW_TASKS(O, INT4_ROWS);
+    if (M == 1) FOR_ROW_TASKS(O, INT4_ROW);
+    else FOR_ROW_TASKS(O, INT4_ROWS);
+#undef INT4_ROW
 #undef INT4_ROWS
 }
