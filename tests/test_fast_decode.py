@@ -17,7 +17,8 @@ from accessory.kernels.decode import decode_kernels
 from accessory.model.LLM.llama import PLAIN_BLOCK_TYPES, ModelArgs, Transformer
 from accessory.model.layers import fast_decode
 from accessory.model.layers.fast_decode import uses_fast_decode
-from accessory.quant import resolve_scheme
+from accessory.quant import dequantize, resolve_scheme
+from accessory.quant import quantize as pack
 from accessory.quant.linear import QuantLinear
 
 pytestmark = pytest.mark.skipif(decode_kernels() is None, reason="native kernels cannot be built on this machine")
@@ -117,6 +118,22 @@ def test_quantized_step_matches_the_torch_path(scheme, monkeypatch):
     assert uses_fast_path(model)
     # both read the same packed weights; they differ by bf16 rounding of the activations
     torch.testing.assert_close(native, torch_path, atol=0.04 * torch_path.abs().max().item(), rtol=0)
+
+
+def test_int4_groups_the_kernels_cannot_spread_take_the_torch_path(monkeypatch):
+    """int4 with groups of 96 inputs (a multiple of 32, not 32 << k): the step declines, and the
+    logits are those of the same model with its weights quantized and expanded back."""
+    scheme = resolve_scheme("int4-g96", "cpu")
+    plain = tiny(dim=192, multiple_of=96)
+    model = quantize(copy.deepcopy(plain), "int4-g96")
+    with torch.no_grad():
+        for name, child in plain.named_modules():
+            if type(child) is torch.nn.Linear and not name.endswith("output"):
+                child.weight.copy_(dequantize(pack(child.weight, scheme), scheme))
+    got = decode_logits(model, fast=True, monkeypatch=monkeypatch)
+    assert not uses_fast_path(model)
+    expected = decode_logits(plain, fast=False, monkeypatch=monkeypatch)
+    torch.testing.assert_close(got, expected, atol=0.02 * expected.abs().max().item(), rtol=0)
 
 
 def test_models_it_does_not_handle_take_the_torch_path(monkeypatch):

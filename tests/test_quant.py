@@ -189,6 +189,21 @@ def test_kernel_declines_what_it_does_not_handle(scheme, quant_kernel):
                           atol=1e-5)
 
 
+@pytest.mark.parametrize("group_size", [96, 160])
+def test_int4_groups_the_kernels_cannot_spread_take_the_expansion(group_size, quant_kernel):
+    """formats.py allows any multiple of 32 as a group; the int4 kernels spread a group's scale
+    over its blocks by a shift (groups of 32 << k). Other sizes take the expansion, whose product
+    is the format's (the kernels gave 16-46% of the output's range off for them)."""
+    scheme = QuantScheme("int4", group_size)
+    packed = quantize(torch.randn(16, 480), scheme)
+    assert not kq.takes_scheme(scheme) and kq.takes_scheme(QuantScheme("int4", 128))
+    for rows in (1, 3):
+        x = torch.randn(rows, 480)
+        assert kq.quant_gemv(x, packed, scheme, 16, 480) is None
+        assert torch.allclose(quantized_matmul(x, packed, scheme, 16, 480), x @ dequantize(packed, scheme).T,
+                              atol=1e-4)
+
+
 def test_fallback_without_native_kernels_gives_the_same_products(monkeypatch):
     scheme = QuantScheme("int4", 32)
     packed = quantize(torch.randn(40, 128), scheme)

@@ -216,7 +216,7 @@ static void int4_rows(const uint8_t *P, const uint16_t *scale, const uint16_t *o
                       int64_t M, int64_t O, int64_t I, int64_t G, int64_t o_begin, int64_t o_end) {
     const int64_t n_groups = I / G, n_blocks = I / 32;
     int group_shift = 0;
-    while ((32 << group_shift) < G) ++group_shift; /* G is 32, 64 or 128 */
+    while ((32 << group_shift) < G) ++group_shift; /* G is 32 << k (kernels/quant.py's takes_scheme) */
     float s[n_blocks], sd[TILE * n_blocks];
     for (int64_t o = o_begin; o < o_end; ++o) {
         const uint8_t *p = P + o * (I / 2);

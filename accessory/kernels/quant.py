@@ -66,6 +66,14 @@ def max_rows(scheme_name: str) -> int:
     return MAX_ROWS.get(scheme_name, 0)
 
 
+def takes_scheme(scheme) -> bool:
+    """Whether the native products handle ``scheme``'s layout: int4 spreads a group's scale over
+    its blocks of 32 inputs by a shift, so its groups must be 32 << k inputs (formats.py allows any
+    multiple of 32: other sizes take the expansion); nf4 and int8 take any."""
+    blocks = (scheme.group_size or 0) // 32
+    return scheme.name != "int4" or (blocks > 0 and blocks & (blocks - 1) == 0)
+
+
 def scratch_floats_needed(scheme_name: str, rows: int, in_features: int, group_size: int = 0) -> int:
     """Float32 scratch ``accessory_gemv_int8`` / ``accessory_gemv_q4`` need for ``rows`` activation
     rows: the float32 activations, one int8 step per block of 32, the int8 codes (a quarter float
@@ -82,7 +90,7 @@ def quant_gemv(x: torch.Tensor, tensors: Dict[str, torch.Tensor], scheme, out_fe
     if x.device.type != "cpu" or x.dtype not in _DTYPE_CODES or x.requires_grad:
         return None
     rows = x.numel() // in_features if x.dim() else 0
-    if not 0 < rows <= max_rows(scheme.name):
+    if not 0 < rows <= max_rows(scheme.name) or not takes_scheme(scheme):
         return None
     kernels = _kernels()
     if kernels is None:

@@ -40,7 +40,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ...kernels.decode import PRODUCT_KINDS, DecodeStep, StepLayer, StepProduct, decode_kernels
 from ...kernels.linear import NativeLinear, max_kernel_rows, scratch_floats_needed as bf16_scratch_floats_needed
-from ...kernels.quant import max_rows as quant_max_rows, scratch_floats_needed
+from ...kernels.quant import max_rows as quant_max_rows, scratch_floats_needed, takes_scheme
 from ...quant.linear import FusedQuantLinear, QuantLinear
 from .decoder import hooked, plain_block
 from .linear import FusedLinear
@@ -97,7 +97,8 @@ class _Product:
             if type(source) is QuantLinear and (source.bias is not None or source.lora_a is not None):
                 return None
             packed, scheme = source.packed, source.scheme
-            if any(t.device.type != "cpu" or not t.is_contiguous() for t in packed.values()):
+            if not takes_scheme(scheme) or any(t.device.type != "cpu" or not t.is_contiguous()
+                                               for t in packed.values()):
                 return None
             product.out_features, product.in_features = source.out_features, source.in_features
             product.group_size = scheme.group_size or 0
