@@ -209,3 +209,17 @@ def test_quantized_model_on_cuda_matches_the_cpu_quantized_model(ckpt, quant, dt
         got, want = _logits(gpu, text), _logits(cpu, text)
         assert ((got - want).abs().max() / want.std()) < tolerance, text
     assert isinstance(gpu.generate(PROMPTS, max_gen_len=8)[0], str)
+
+
+@pytest.mark.parametrize("group_size", [96, 128])
+def test_int4_products_on_cuda_for_any_group_size(group_size):
+    """formats.py allows any multiple of 32 as an int4 group; tinygemm takes 32-256 in powers of
+    two, so groups of 96 take the expansion, on the GPU, with the format's product either way."""
+    from accessory.quant import QuantScheme, dequantize, quantize
+    scheme = QuantScheme("int4", group_size)
+    packed = {k: v.cuda() for k, v in quantize(torch.randn(64, 384), scheme).items()}
+    x = torch.randn(3, 384, device="cuda", dtype=torch.bfloat16)
+    cache = {}
+    got = quant_linear.quantized_matmul(x, packed, scheme, 64, 384, cache)
+    want = x.float() @ dequantize(packed, scheme).float().T
+    assert got.shape == (3, 64) and ((got.float() - want).abs().max() / want.abs().max()) < 2e-2

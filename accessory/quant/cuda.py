@@ -54,7 +54,8 @@ def _tinygemm(packed, scheme):
     codes = _unpack_nibbles(packed["qweight"])  # (out, in) in [0, 15]
     out_features, in_features = codes.shape
     inner_tiles = next((t for t in (8, 4, 2) if in_features % (t * 16) == 0), None)
-    if inner_tiles is None or not hasattr(torch, "_weight_int4pack_mm"):
+    # tinygemm takes groups of 32, 64, 128 or 256 inputs (formats.py allows any multiple of 32)
+    if inner_tiles is None or scheme.group_size not in (32, 64, 128, 256) or not hasattr(torch, "_weight_int4pack_mm"):
         return None
     try:
         pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous()
