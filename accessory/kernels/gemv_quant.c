@@ -211,12 +211,19 @@ static void int4_scale_products(const uint16_t *s16, const float *dx, int group_
     }
 }
 
+/* log2(G / 32): a group of G inputs spans 1 << shift blocks of 32 (G is 32 << k: kernels/quant.py's
+ * takes_scheme sends other sizes to the expansion). */
+static inline int group_shift_of(int64_t G) {
+    int shift = 0;
+    while ((32 << shift) < G) ++shift;
+    return shift;
+}
+
 static void int4_rows(const uint8_t *P, const uint16_t *scale, const uint16_t *offset, const int8_t *xq,
                       const float *dx, const float *xsum, void *y, int dtype,
                       int64_t M, int64_t O, int64_t I, int64_t G, int64_t o_begin, int64_t o_end) {
     const int64_t n_groups = I / G, n_blocks = I / 32;
-    int group_shift = 0;
-    while ((32 << group_shift) < G) ++group_shift; /* G is 32 << k (kernels/quant.py's takes_scheme) */
+    const int group_shift = group_shift_of(G);
     float s[n_blocks], sd[TILE * n_blocks];
     for (int64_t o = o_begin; o < o_end; ++o) {
         const uint8_t *p = P + o * (I / 2);

@@ -38,7 +38,8 @@
 
 /* gemv_quant.c's kernels under other names: nf4 and the expansion (accessory_dequantize, which
  * keeps its name) are served by them, and its helpers (load_activations, store, half_to_float,
- * quantize_activations, stage_int8_activations, group_sums, FOR_ROW_TASKS) by its static functions. */
+ * quantize_activations, stage_int8_activations, group_sums, group_shift_of, FOR_ROW_TASKS) by its
+ * static functions. */
 #define accessory_gemv_int8 avx2_gemv_int8
 #define accessory_gemv_q4 avx2_gemv_q4
 #include "gemv_quant.c"
@@ -245,8 +246,7 @@ static void int4_rows_vnni(const uint8_t *P, const uint16_t *scale, const uint16
                            int64_t xs, const float *dx, const float *xsum, void *y, int dtype, int64_t M, int64_t O,
                            int64_t I, int64_t G, int64_t o_begin, int64_t o_end) {
     const int64_t n_groups = I / G, n_blocks = I / 32, tiles = (M + TILE_X - 1) / TILE_X;
-    int group_shift = 0;
-    while ((32 << group_shift) < G) ++group_shift;
+    const int group_shift = group_shift_of(G);
     float out[TILE_W * TILE_X];
     for (int64_t o = o_begin; o < o_end;) {
         const int r_count = o_end - o >= TILE_W ? TILE_W : 1;
@@ -309,8 +309,7 @@ static void int4_row_vnni(const uint8_t *P, const uint16_t *scale, const uint16_
                           const float *dx, const float *xsum, void *y, int dtype, int64_t O, int64_t I, int64_t G,
                           int64_t o_begin, int64_t o_end) {
     const int64_t n_groups = I / G, n_blocks = I / 32, stride = I / 2;
-    int group_shift = 0;
-    while ((32 << group_shift) < G) ++group_shift;
+    const int group_shift = group_shift_of(G);
     const uintptr_t end = (uintptr_t)(P + O * stride);
     for (int64_t o = o_begin; o < o_end; ++o) {
         const uint8_t *p = P + o * stride;
