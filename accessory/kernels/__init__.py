@@ -26,6 +26,7 @@ _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-
 # sources that need more than AVX2 (loaded only where cpu_flags() has them) and the sources they
 # include besides the headers (in the build hash, so a change there rebuilds them)
 _EXTRA_FLAGS = {"gemv_bf16_avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"],
+                "gemv_bf16_panels": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"],
                 "gemv_quant_avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
 _INCLUDED_SOURCES = {"gemv_quant_avx512": ["gemv_quant.c"]}
 _lock = threading.Lock()

@@ -1,0 +1,111 @@
+"""bf16 weights in 16-row panels, and their products (gemv_bf16_panels.c, CPUs with AVX512-BF16).
+
+A panel holds 16 consecutive output rows of a (out_features, in_features) weight as pairs of
+inputs: pair p is the 16 rows' inputs 2p and 2p + 1, 64 bytes, so the panel is one sequential
+stream that a single instruction multiplies 16 rows at a time. Over this layout the products of
+2-16 token rows (batched decoding) run 1.1-1.5x faster than the row-major kernel's, weights read
+from memory (``benchmarks/panels.py``, numbers in ``benchmarks/README.md``); a weight is meant to
+be either row-major or in panels, never both, so no memory is spent twice.
+
+Not yet used by the model: the layers and the native decode step still read row-major weights.
+"""
+
+import ctypes
+from typing import Optional
+
+import torch
+
+from . import cpu_supports_avx512_bf16, load_library, scratch_floats
+
+PANEL_ROWS = 16
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+_library: Optional[ctypes.CDLL] = None
+_loaded = False
+
+
+def _kernels() -> Optional[ctypes.CDLL]:
+    global _library, _loaded
+    if not _loaded:
+        library = load_library("gemv_bf16_panels") if cpu_supports_avx512_bf16() else None
+        if library is not None:
+            for name, argtypes, restype in (
+                    ("accessory_packed_bf16_elements", [_I64, _I64], _I64),
+                    ("accessory_packed_bf16_scratch_floats", [_I64, _I64], _I64),
+                    ("accessory_pack_bf16", [_P, _P, _I64, _I64], None),
+                    ("accessory_unpack_bf16", [_P, _P, _I64, _I64], None),
+                    ("accessory_packed_bf16", [_P] * 4 + [_I64] * 3, None),
+                    ("accessory_packed_bf16_f32", [_P] * 4 + [_I64] * 3, None)):
+                function = getattr(library, name)
+                function.argtypes, function.restype = argtypes, restype
+        _library, _loaded = library, True
+    return _library
+
+
+def panels_available() -> bool:
+    """Whether this machine can build and run the panel kernels (AVX512-BF16 and a C compiler)."""
+    return _kernels() is not None
+
+
+def _require() -> ctypes.CDLL:
+    library = _kernels()
+    if library is None:
+        raise RuntimeError("bf16 panel kernels need a CPU with AVX512-BF16 and a C compiler "
+                           "(see accessory.kernels.panels_available())")
+    return library
+
+
+def _check_weight(weight: torch.Tensor, name: str) -> None:
+    if weight.dtype is not torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2:
+        raise ValueError(f"{name}: a 2-D bf16 CPU tensor is needed, got {tuple(weight.shape)} "
+                         f"{weight.dtype} on {weight.device}")
+
+
+def panel_elements(out_features: int, in_features: int) -> int:
+    """bf16 elements the panels of an (out_features, in_features) weight take: rows rounded up to
+    16 and inputs to an even count, the padding zeros."""
+    return _require().accessory_packed_bf16_elements(out_features, in_features)
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """The panels (1-D bf16) of a row-major (out_features, in_features) bf16 weight."""
+    _check_weight(weight, "pack")
+    library, weight = _require(), weight.contiguous()
+    out_features, in_features = weight.shape
+    panels = torch.empty(panel_elements(out_features, in_features), dtype=torch.bfloat16)
+    library.accessory_pack_bf16(weight.data_ptr(), panels.data_ptr(), out_features, in_features)
+    return panels
+
+
+def _check_panels(panels: torch.Tensor, out_features: int, in_features: int) -> None:
+    expected = panel_elements(out_features, in_features)
+    if panels.dtype is not torch.bfloat16 or panels.device.type != "cpu" or not panels.is_contiguous() \
+            or panels.numel() != expected:
+        raise ValueError(f"panels of a ({out_features}, {in_features}) weight are {expected} contiguous bf16 "
+                         f"CPU elements (kernels.panels.pack), got {panels.numel()} {panels.dtype} on "
+                         f"{panels.device}")
+
+
+def unpack(panels: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The row-major (out_features, in_features) weight back from its panels (bit-identical)."""
+    _check_panels(panels, out_features, in_features)
+    weight = torch.empty((out_features, in_features), dtype=torch.bfloat16)
+    _require().accessory_unpack_bf16(panels.data_ptr(), weight.data_ptr(), out_features, in_features)
+    return weight
+
+
+def panel_linear(x: torch.Tensor, panels: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``x @ W.T`` for W given as panels: x (..., in_features) bf16 or float32 on the CPU, the
+    result in x's dtype. The activations are rounded to bf16 and the sums kept in float32, as
+    torch's bf16 product does."""
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or x.dim() == 0:
+        raise ValueError(f"panel_linear: x must be a bf16 or float32 CPU tensor, got {x.dtype} on {x.device}")
+    library, in_features = _require(), x.shape[-1]
+    _check_panels(panels, out_features, in_features)
+    rows = x.numel() // in_features if in_features else 0
+    y = torch.empty((rows, out_features), dtype=torch.float32)
+    if rows and out_features:
+        x2 = x.reshape(rows, in_features).contiguous()
+        scratch = scratch_floats(library.accessory_packed_bf16_scratch_floats(rows, in_features))
+        function = library.accessory_packed_bf16 if x.dtype is torch.bfloat16 else library.accessory_packed_bf16_f32
+        function(panels.data_ptr(), x2.data_ptr(), scratch.data_ptr(), y.data_ptr(), rows, out_features, in_features)
+    return y.to(x.dtype).view(*x.shape[:-1], out_features)
