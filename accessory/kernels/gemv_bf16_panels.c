@@ -65,20 +65,15 @@ int64_t accessory_packed_bf16_scratch_floats(int64_t M, int64_t I) {
     return M * pairs_of(I);
 }
 
-/* Activation rows m0..m0+rows-1 as one group: pair p = rows x 2 bf16 (an odd I's last pair ends
- * in a zero). */
-static void group_f32(const float *x, uint16_t *g, int64_t I, int64_t m0, int rows) {
+/* Activation rows m0..m0+rows-1 (float32 xf or bf16 xb, the other NULL) as one group: pair p =
+ * rows x 2 bf16 (an odd I's last pair ends in a zero). */
+static void group_rows(const float *xf, const uint16_t *xb, uint16_t *g, int64_t I, int64_t m0, int rows) {
     const int64_t I2 = pairs_of(I);
     for (int a = 0; a < rows; ++a)
-        for (int64_t i = 0; i < 2 * I2; ++i)
-            g[((i >> 1) * rows + a) * 2 + (i & 1)] = i < I ? float_to_bf16(x[(m0 + a) * I + i]) : 0;
-}
-
-static void group_bf16(const uint16_t *x, uint16_t *g, int64_t I, int64_t m0, int rows) {
-    const int64_t I2 = pairs_of(I);
-    for (int a = 0; a < rows; ++a)
-        for (int64_t i = 0; i < 2 * I2; ++i)
-            g[((i >> 1) * rows + a) * 2 + (i & 1)] = i < I ? x[(m0 + a) * I + i] : 0;
+        for (int64_t i = 0; i < 2 * I2; ++i) {
+            const int64_t at = (m0 + a) * I + i;
+            g[((i >> 1) * rows + a) * 2 + (i & 1)] = i >= I ? 0 : (xf ? float_to_bf16(xf[at]) : xb[at]);
+        }
 }
 
 #ifndef PANEL_PREFETCH_BYTES
@@ -132,12 +127,12 @@ static inline __attribute__((always_inline)) void panel_rows(const uint16_t *w, 
  * passes, and the weights are read once per chunk). */
 #define GROUPS_PER_CHUNK 8
 
-/* y_f32 (M, O) = groups (ceil(M / 16) of them, laid out by group_*) against every panel. */
-static void packed_product(const uint16_t *P, const uint16_t *groups, float *y, int64_t M, int64_t O, int64_t I) {
-    const int64_t I2 = pairs_of(I), panels = (O + PANEL - 1) / PANEL, n_groups = (M + PANEL - 1) / PANEL;
+/* Rows of y_f32 (M, O) for the activation groups q0..q1-1 (laid out by group_rows) against every
+ * panel, the panels shared out over the threads. */
+static void chunk_product(const uint16_t *P, const uint16_t *groups, float *y, int64_t M, int64_t O, int64_t I,
+                          int64_t q0, int64_t q1) {
+    const int64_t I2 = pairs_of(I), panels = (O + PANEL - 1) / PANEL;
     const uintptr_t end = (uintptr_t)(P + panels * I2 * 2 * PANEL);
-    for (int64_t q0 = 0; q0 < n_groups; q0 += GROUPS_PER_CHUNK) {
-    const int64_t q1 = q0 + GROUPS_PER_CHUNK < n_groups ? q0 + GROUPS_PER_CHUNK : n_groups;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < panels; ++b) {
         const uint16_t *w = P + b * I2 * 2 * PANEL;
@@ -153,25 +148,27 @@ static void packed_product(const uint16_t *P, const uint16_t *groups, float *y, 
             }
         }
     }
-    }
 }
 
-/* y_f32 (M, O) = x_f32 (M, I) @ W^T, W as panels (P), the activations rounded to bf16 first. */
-void accessory_packed_bf16_f32(const uint16_t *P, const float *x, float *scratch, float *y, int64_t M, int64_t O,
-                               int64_t I) {
+/* y_f32 (M, O) = x (M, I) @ W^T, W as panels (P): x float32 (xf) or bf16 (xb), the other NULL. The
+ * rows are grouped (scratch), then go through chunk_product GROUPS_PER_CHUNK groups at a time. */
+static void grouped_product(const uint16_t *P, const float *xf, const uint16_t *xb, float *scratch, float *y,
+                            int64_t M, int64_t O, int64_t I) {
     uint16_t *groups = (uint16_t *)scratch;
     const int64_t n_groups = (M + PANEL - 1) / PANEL, group_elements = pairs_of(I) * 2 * PANEL;
     for (int64_t q = 0; q < n_groups; ++q)
-        group_f32(x, groups + q * group_elements, I, q * PANEL, (int)(M - q * PANEL < PANEL ? M - q * PANEL : PANEL));
-    packed_product(P, groups, y, M, O, I);
+        group_rows(xf, xb, groups + q * group_elements, I, q * PANEL, (int)(M - q * PANEL < PANEL ? M - q * PANEL : PANEL));
+    for (int64_t q0 = 0; q0 < n_groups; q0 += GROUPS_PER_CHUNK)
+        chunk_product(P, groups, y, M, O, I, q0, q0 + GROUPS_PER_CHUNK < n_groups ? q0 + GROUPS_PER_CHUNK : n_groups);
+}
+/* y_f32 (M, O) = x_f32 (M, I) @ W^T, W as panels (P), the activations rounded to bf16 first. */
+void accessory_packed_bf16_f32(const uint16_t *P, const float *x, float *scratch, float *y, int64_t M, int64_t O,
+                               int64_t I) {
+    grouped_product(P, x, NULL, scratch, y, M, O, I);
 }
 
 /* y_f32 (M, O) = x (M, I) bf16 @ W^T, W as panels (P). */
 void accessory_packed_bf16(const uint16_t *P, const uint16_t *x, float *scratch, float *y, int64_t M, int64_t O,
                            int64_t I) {
-    uint16_t *groups = (uint16_t *)scratch;
-    const int64_t n_groups = (M + PANEL - 1) / PANEL, group_elements = pairs_of(I) * 2 * PANEL;
-    for (int64_t q = 0; q < n_groups; ++q)
-        group_bf16(x, groups + q * group_elements, I, q * PANEL, (int)(M - q * PANEL < PANEL ? M - q * PANEL : PANEL));
-    packed_product(P, groups, y, M, O, I);
+    grouped_product(P, NULL, x, scratch, y, M, O, I);
 }
