@@ -77,3 +77,26 @@ def test_wrong_inputs_are_refused_with_the_reason():
         panel_linear(torch.randn(3, 9), packed, 20)  # 9 inputs: these panels hold 8
     with pytest.raises(ValueError, match="bf16 or float32"):
         panel_linear(torch.randn(3, 8).half(), packed, 20)
+
+
+@pytest.mark.parametrize("out_features,in_features", [(37, 33), (16, 64), (1, 1)])
+def test_without_the_kernels_torch_gives_the_same_layout_and_products(monkeypatch, out_features, in_features):
+    """Where the library cannot run, pack / unpack / panel_linear work in torch: the same bytes
+    (compared with the library's where it runs here) and the same products."""
+    gen = torch.Generator().manual_seed(out_features)
+    weight = torch.randn(out_features, in_features, generator=gen).bfloat16()
+    x = torch.randn(5, in_features, generator=gen)
+    native = pack(weight) if panels_available() else None
+    native_product = panel_linear(x, native, out_features) if native is not None else None
+    monkeypatch.setattr(panels, "_kernels", lambda: None)
+    packed = pack(weight)
+    assert packed.numel() == panel_elements(out_features, in_features)
+    r, i = min(out_features, 16) - 1, in_features - 1
+    assert packed[(i // 2 * 16 + r) * 2 + i % 2] == weight[r, i]
+    assert torch.equal(unpack(packed, out_features, in_features), weight)
+    got = panel_linear(x, packed, out_features)
+    expected = x.bfloat16().double() @ weight.double().T
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+    if native is not None:
+        assert torch.equal(packed, native)
+        torch.testing.assert_close(got, native_product, rtol=0, atol=1e-5 * expected.abs().max().item())

@@ -7,6 +7,9 @@ stream that a single instruction multiplies 16 rows at a time. Over this layout 
 from memory (``benchmarks/panels.py``, numbers in ``benchmarks/README.md``); a weight is meant to
 be either row-major or in panels, never both, so no memory is spent twice.
 
+Where the kernels cannot run (no AVX512-BF16, no compiler, ``ACCESSORY_NATIVE_KERNELS=0``) the
+same functions work in torch: the layout is a reshape and a permute away from row-major.
+
 Not yet used by the model: the layers and the native decode step still read row-major weights.
 """
 
@@ -46,14 +49,6 @@ def panels_available() -> bool:
     return _kernels() is not None
 
 
-def _require() -> ctypes.CDLL:
-    library = _kernels()
-    if library is None:
-        raise RuntimeError("bf16 panel kernels need a CPU with AVX512-BF16 and a C compiler "
-                           "(see accessory.kernels.panels_available())")
-    return library
-
-
 def _check_weight(weight: torch.Tensor, name: str) -> None:
     if weight.dtype is not torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2:
         raise ValueError(f"{name}: a 2-D bf16 CPU tensor is needed, got {tuple(weight.shape)} "
@@ -63,14 +58,25 @@ def _check_weight(weight: torch.Tensor, name: str) -> None:
 def panel_elements(out_features: int, in_features: int) -> int:
     """bf16 elements the panels of an (out_features, in_features) weight take: rows rounded up to
     16 and inputs to an even count, the padding zeros."""
-    return _require().accessory_packed_bf16_elements(out_features, in_features)
+    return -(-out_features // PANEL_ROWS) * PANEL_ROWS * 2 * -(-in_features // 2)
+
+
+def _panel_view(padded: torch.Tensor) -> torch.Tensor:
+    """(rows16, inputs2) row-major -> (panels, pairs, 16, 2): the panel order, as a view."""
+    rows, inputs = padded.shape
+    return padded.view(rows // PANEL_ROWS, PANEL_ROWS, inputs // 2, 2).permute(0, 2, 1, 3)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """The panels (1-D bf16) of a row-major (out_features, in_features) bf16 weight."""
     _check_weight(weight, "pack")
-    library, weight = _require(), weight.contiguous()
+    library, weight = _kernels(), weight.contiguous()
     out_features, in_features = weight.shape
+    if library is None:
+        padded = torch.zeros(-(-out_features // PANEL_ROWS) * PANEL_ROWS, -(-in_features // 2) * 2,
+                             dtype=torch.bfloat16)
+        padded[:out_features, :in_features] = weight
+        return _panel_view(padded).contiguous().view(-1)
     panels = torch.empty(panel_elements(out_features, in_features), dtype=torch.bfloat16)
     library.accessory_pack_bf16(weight.data_ptr(), panels.data_ptr(), out_features, in_features)
     return panels
@@ -88,8 +94,13 @@ def _check_panels(panels: torch.Tensor, out_features: int, in_features: int) -> 
 def unpack(panels: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """The row-major (out_features, in_features) weight back from its panels (bit-identical)."""
     _check_panels(panels, out_features, in_features)
+    library = _kernels()
+    if library is None:
+        rows, inputs = -(-out_features // PANEL_ROWS) * PANEL_ROWS, -(-in_features // 2) * 2
+        padded = panels.view(rows // PANEL_ROWS, inputs // 2, PANEL_ROWS, 2).permute(0, 2, 1, 3).reshape(rows, inputs)
+        return padded[:out_features, :in_features].contiguous()
     weight = torch.empty((out_features, in_features), dtype=torch.bfloat16)
-    _require().accessory_unpack_bf16(panels.data_ptr(), weight.data_ptr(), out_features, in_features)
+    library.accessory_unpack_bf16(panels.data_ptr(), weight.data_ptr(), out_features, in_features)
     return weight
 
 
@@ -99,8 +110,11 @@ def panel_linear(x: torch.Tensor, panels: torch.Tensor, out_features: int) -> to
     torch's bf16 product does."""
     if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or x.dim() == 0:
         raise ValueError(f"panel_linear: x must be a bf16 or float32 CPU tensor, got {x.dtype} on {x.device}")
-    library, in_features = _require(), x.shape[-1]
+    library, in_features = _kernels(), x.shape[-1]
     _check_panels(panels, out_features, in_features)
+    if library is None:  # the bf16-rounded rows in float32 against the weight: the kernel's arithmetic
+        weight = unpack(panels, out_features, in_features).float()
+        return (x.bfloat16().float() @ weight.T).to(x.dtype)
     rows = x.numel() // in_features if in_features else 0
     y = torch.empty((rows, out_features), dtype=torch.float32)
     if rows and out_features:
