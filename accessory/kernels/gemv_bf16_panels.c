@@ -14,8 +14,8 @@
  * with one accumulator of 16 output lanes per activation row: no horizontal sums.
  *
  * Why: over the row-major layout (gemv_bf16_avx512.c) a tile reads four weight rows at once, four
- * streams a page apart, and at 16 activation rows the products wait on memory (S's matrices: 240-
- * 275 GFLOP/s from memory against 300-370 with the same weights in cache). Measured on the 2-core
+ * streams a page apart, and at 16 activation rows the products wait on memory (S's q/k/v matrix:
+ * 215-246 GFLOP/s from memory against 271-374 with the same weights in L3). Measured on the 2-core
  * Zen 4 of benchmarks/README.md (benchmarks/panels.py and harnesses like it), S's decode matrices,
  * weights not in cache, against gemv_bf16_avx512.c: 16 rows 1.24-1.46x, 2-8 rows 1.14-1.34x, one
  * row 1.03-1.09x, 32-128 rows 0.99-1.08x; XS's (768 inputs) 0.95-1.20x. Products are exact
