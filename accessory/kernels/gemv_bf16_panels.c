@@ -31,20 +31,21 @@
 
 static inline int64_t pairs_of(int64_t I) { return (I + 1) / 2; }
 
-/* bf16 elements of W's panels: ceil(O / 16) * 16 rows of 2 * ceil(I / 2). */
-int64_t accessory_packed_bf16_elements(int64_t O, int64_t I) {
-    return (O + PANEL - 1) / PANEL * PANEL * 2 * pairs_of(I);
-}
+/* Where input i of row r sits in a run of pairs of n rows each (a weight panel: n = 16; an
+ * activation group: n = its rows). */
+static inline int64_t pair_slot(int64_t i, int64_t r, int64_t n) { return ((i >> 1) * n + r) * 2 + (i & 1); }
+
+/* bf16 elements of one panel (or of one full group of 16 activation rows): I2 lines of 16 x 2. */
+static inline int64_t panel_size(int64_t I2) { return I2 * 2 * PANEL; }
 
 void accessory_pack_bf16(const uint16_t *W, uint16_t *P, int64_t O, int64_t I) {
     const int64_t I2 = pairs_of(I), panels = (O + PANEL - 1) / PANEL;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < panels; ++b) {
-        uint16_t *panel = P + b * I2 * 2 * PANEL;
+        uint16_t *panel = P + b * panel_size(I2);
         for (int r = 0; r < PANEL; ++r) {
             const int64_t o = b * PANEL + r;
-            for (int64_t i = 0; i < 2 * I2; ++i)
-                panel[((i >> 1) * PANEL + r) * 2 + (i & 1)] = o < O && i < I ? W[o * I + i] : 0;
+            for (int64_t i = 0; i < 2 * I2; ++i) panel[pair_slot(i, r, PANEL)] = o < O && i < I ? W[o * I + i] : 0;
         }
     }
 }
@@ -53,9 +54,8 @@ void accessory_unpack_bf16(const uint16_t *P, uint16_t *W, int64_t O, int64_t I)
     const int64_t I2 = pairs_of(I);
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < O; ++o) {
-        const uint16_t *panel = P + (o / PANEL) * I2 * 2 * PANEL;
-        const int r = (int)(o % PANEL);
-        for (int64_t i = 0; i < I; ++i) W[o * I + i] = panel[((i >> 1) * PANEL + r) * 2 + (i & 1)];
+        const uint16_t *panel = P + (o / PANEL) * panel_size(I2);
+        for (int64_t i = 0; i < I; ++i) W[o * I + i] = panel[pair_slot(i, o % PANEL, PANEL)];
     }
 }
 
@@ -72,7 +72,7 @@ static void group_rows(const float *xf, const uint16_t *xb, uint16_t *g, int64_t
     for (int a = 0; a < rows; ++a)
         for (int64_t i = 0; i < 2 * I2; ++i) {
             const int64_t at = (m0 + a) * I + i;
-            g[((i >> 1) * rows + a) * 2 + (i & 1)] = i >= I ? 0 : (xf ? float_to_bf16(xf[at]) : xb[at]);
+            g[pair_slot(i, a, rows)] = i >= I ? 0 : (xf ? float_to_bf16(xf[at]) : xb[at]);
         }
 }
 
@@ -132,13 +132,13 @@ static inline __attribute__((always_inline)) void panel_rows(const uint16_t *w, 
 static void chunk_product(const uint16_t *P, const uint16_t *groups, float *y, int64_t M, int64_t O, int64_t I,
                           int64_t q0, int64_t q1) {
     const int64_t I2 = pairs_of(I), panels = (O + PANEL - 1) / PANEL;
-    const uintptr_t end = (uintptr_t)(P + panels * I2 * 2 * PANEL);
+    const uintptr_t end = (uintptr_t)(P + panels * panel_size(I2));
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < panels; ++b) {
-        const uint16_t *w = P + b * I2 * 2 * PANEL;
+        const uint16_t *w = P + b * panel_size(I2);
         const int64_t o_count = O - b * PANEL < PANEL ? O - b * PANEL : PANEL;
         for (int64_t q = q0; q < q1; ++q) {
-            const uint16_t *g = groups + q * I2 * 2 * PANEL;
+            const uint16_t *g = groups + q * panel_size(I2);
             float *out = y + q * PANEL * O + b * PANEL;
             const int64_t rows = M - q * PANEL < PANEL ? M - q * PANEL : PANEL;
             switch (rows) {
@@ -155,7 +155,7 @@ static void chunk_product(const uint16_t *P, const uint16_t *groups, float *y, i
 static void grouped_product(const uint16_t *P, const float *xf, const uint16_t *xb, float *scratch, float *y,
                             int64_t M, int64_t O, int64_t I) {
     uint16_t *groups = (uint16_t *)scratch;
-    const int64_t n_groups = (M + PANEL - 1) / PANEL, group_elements = pairs_of(I) * 2 * PANEL;
+    const int64_t n_groups = (M + PANEL - 1) / PANEL, group_elements = panel_size(pairs_of(I));
     for (int64_t q = 0; q < n_groups; ++q)
         group_rows(xf, xb, groups + q * group_elements, I, q * PANEL, (int)(M - q * PANEL < PANEL ? M - q * PANEL : PANEL));
     for (int64_t q0 = 0; q0 < n_groups; q0 += GROUPS_PER_CHUNK)

@@ -32,7 +32,6 @@ def _kernels() -> Optional[ctypes.CDLL]:
         library = load_library("gemv_bf16_panels") if cpu_supports_avx512_bf16() else None
         if library is not None:
             for name, argtypes, restype in (
-                    ("accessory_packed_bf16_elements", [_I64, _I64], _I64),
                     ("accessory_packed_bf16_scratch_floats", [_I64, _I64], _I64),
                     ("accessory_pack_bf16", [_P, _P, _I64, _I64], None),
                     ("accessory_unpack_bf16", [_P, _P, _I64, _I64], None),
@@ -55,10 +54,15 @@ def _check_weight(weight: torch.Tensor, name: str) -> None:
                          f"{weight.dtype} on {weight.device}")
 
 
+def _padded_shape(out_features: int, in_features: int) -> tuple:
+    """The weight's shape as its panels hold it: rows rounded up to 16, inputs to an even count."""
+    return -(-out_features // PANEL_ROWS) * PANEL_ROWS, -(-in_features // 2) * 2
+
+
 def panel_elements(out_features: int, in_features: int) -> int:
-    """bf16 elements the panels of an (out_features, in_features) weight take: rows rounded up to
-    16 and inputs to an even count, the padding zeros."""
-    return -(-out_features // PANEL_ROWS) * PANEL_ROWS * 2 * -(-in_features // 2)
+    """bf16 elements the panels of an (out_features, in_features) weight take (the padding zeros)."""
+    rows, inputs = _padded_shape(out_features, in_features)
+    return rows * inputs
 
 
 def _panel_view(padded: torch.Tensor) -> torch.Tensor:
@@ -73,8 +77,7 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     library, weight = _kernels(), weight.contiguous()
     out_features, in_features = weight.shape
     if library is None:
-        padded = torch.zeros(-(-out_features // PANEL_ROWS) * PANEL_ROWS, -(-in_features // 2) * 2,
-                             dtype=torch.bfloat16)
+        padded = torch.zeros(_padded_shape(out_features, in_features), dtype=torch.bfloat16)
         padded[:out_features, :in_features] = weight
         return _panel_view(padded).contiguous().view(-1)
     panels = torch.empty(panel_elements(out_features, in_features), dtype=torch.bfloat16)
@@ -96,7 +99,7 @@ def unpack(panels: torch.Tensor, out_features: int, in_features: int) -> torch.T
     _check_panels(panels, out_features, in_features)
     library = _kernels()
     if library is None:
-        rows, inputs = -(-out_features // PANEL_ROWS) * PANEL_ROWS, -(-in_features // 2) * 2
+        rows, inputs = _padded_shape(out_features, in_features)
         padded = panels.view(rows // PANEL_ROWS, inputs // 2, PANEL_ROWS, 2).permute(0, 2, 1, 3).reshape(rows, inputs)
         return padded[:out_features, :in_features].contiguous()
     weight = torch.empty((out_features, in_features), dtype=torch.bfloat16)
