@@ -17,6 +17,7 @@ from accessory.kernels.decode import decode_kernels
 from accessory.model.LLM.llama import PLAIN_BLOCK_TYPES, ModelArgs, Transformer
 from accessory.model.layers import fast_decode
 from accessory.model.layers.fast_decode import uses_fast_decode
+from accessory.model.layers.panel_linear import panels_wanted, use_panels
 from accessory.quant import dequantize, resolve_scheme
 from accessory.quant import quantize as pack
 from accessory.quant.linear import QuantLinear
@@ -26,15 +27,32 @@ pytestmark = pytest.mark.skipif(decode_kernels() is None, reason="native kernels
 ARGS = dict(dim=80, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=32, max_seq_len=64)
 
 
-def tiny(dtype=torch.bfloat16, seed=0, **overrides) -> Transformer:
+# q (128 rows), k and v (64 each), w1 and w3 (352 each): multiples of 16, so each fused matrix is
+# one run of panels when the weights are held in panels
+PANEL_ARGS = dict(dim=128, multiple_of=32)
+
+
+def tiny(dtype=torch.bfloat16, seed=0, layout="rows", **overrides) -> Transformer:
+    """A random bf16 model, its weights in rows, or in 16-row panels (``layout="panels"``, as
+    ``MetaModel.from_pretrained`` holds them on CPUs with AVX512-BF16)."""
     torch.manual_seed(seed)
     model = Transformer(ModelArgs(**{**ARGS, **overrides})).to(dtype).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.uniform_(0.8, 1.2)
+    if layout == "panels":
+        if not panels_wanted():
+            pytest.skip("weights are held in panels only on CPUs with AVX512-BF16 (and no AMX)")
+        assert use_panels(model) == 7 * model.n_layers + 1  # every linear, the head included
     model.fuse_projections()
     return model
+
+
+def product_kinds(model) -> set:
+    """The kinds of the products the native step's plans read."""
+    plans = fast_decode._plans(model, PLAIN_BLOCK_TYPES)
+    return {p.kind for plan in plans for p in (plan.qkv, plan.wo, plan.w13, plan.w2)} | {fast_decode._ends(model).head.kind}
 
 
 def quantize(model: Transformer, scheme_name: str) -> Transformer:
@@ -83,14 +101,16 @@ def count_native_steps(monkeypatch) -> list:
 # 4 x 4 from 3 rows (40 rows: 10 tiles). 40 rows run natively where max_step_rows allows them.
 @pytest.mark.parametrize("prompt_lens", [(7, 4, 7), (7, 4, 7, 1, 5, 6, 2), (7, 4, 7, 1, 5, 6, 2, 7, 3, 7, 4, 6, 5, 1),
                                          (7, 4, 7, 1, 5, 6, 2, 7, 3, 7, 4, 6, 5, 1) * 2 + (3, 5, 7, 2, 6, 4, 1, 6, 2, 5, 7, 3)])
-def test_bf16_step_is_as_close_to_float32_as_the_torch_path(monkeypatch, prompt_lens):
-    model = tiny()
+@pytest.mark.parametrize("layout", ["rows", "panels"])
+def test_bf16_step_is_as_close_to_float32_as_the_torch_path(monkeypatch, prompt_lens, layout):
+    model = tiny(layout=layout, **(PANEL_ARGS if layout == "panels" else {}))
     reference = decode_logits(copy.deepcopy(model).float(), prompt_lens, fast=False, monkeypatch=monkeypatch)
     torch_bf16 = decode_logits(model, prompt_lens, fast=False, monkeypatch=monkeypatch)
     assert not uses_fast_path(model)
     steps = count_native_steps(monkeypatch)
     native = decode_logits(model, prompt_lens, fast=True, monkeypatch=monkeypatch)
     assert uses_fast_path(model)
+    assert product_kinds(model) == {"bf16" if layout == "rows" else "panels"}
     natively = len(prompt_lens) <= fast_decode.max_step_rows(fast_decode._plans(model, PLAIN_BLOCK_TYPES),
                                                              fast_decode._ends(model))
     assert len(steps) == (5 if natively else 0)
@@ -100,8 +120,9 @@ def test_bf16_step_is_as_close_to_float32_as_the_torch_path(monkeypatch, prompt_
     assert native_error < 0.05 * reference.abs().max().item()
 
 
-def test_greedy_tokens_match_the_float32_reference(monkeypatch):
-    model = tiny(seed=3)
+@pytest.mark.parametrize("layout", ["rows", "panels"])
+def test_greedy_tokens_match_the_float32_reference(monkeypatch, layout):
+    model = tiny(seed=3, layout=layout, **(PANEL_ARGS if layout == "panels" else {}))
     reference = decode_logits(copy.deepcopy(model).float(), fast=False, monkeypatch=monkeypatch)
     native = decode_logits(model, fast=True, monkeypatch=monkeypatch)
     top2 = reference.topk(2, dim=-1).values
@@ -168,6 +189,43 @@ def test_a_cast_or_a_new_hook_after_the_first_step_is_noticed(monkeypatch):
     got = decode_logits(model, monkeypatch=monkeypatch)
     assert not uses_fast_path(model)
     torch.testing.assert_close(got, decode_logits(model, fast=False, monkeypatch=monkeypatch), atol=0, rtol=0)
+
+
+def test_panels_that_cannot_be_fused_take_the_torch_path(monkeypatch):
+    """k and v of 40 rows each (not whole panels): q/k/v stay three products, the step the
+    modules', with the same logits as the same weights in rows give through the torch path."""
+    rows = tiny()
+    model = tiny(layout="panels")
+    assert model.layers[0].attention._wqkv is None and model.layers[0].feed_forward._w13 is not None
+    got = decode_logits(model, monkeypatch=monkeypatch)
+    assert not uses_fast_path(model)
+    expected = decode_logits(rows, fast=False, monkeypatch=monkeypatch)
+    torch.testing.assert_close(got, expected, atol=0.01 * expected.abs().max().item(), rtol=0)
+
+
+def test_a_weight_read_between_steps_puts_it_back_in_rows_and_the_step_follows(monkeypatch):
+    """Reading ``wk.weight`` of a model in panels gives the real row-major parameter (its module
+    back in rows for good): q/k/v are no longer one product, so the step takes the torch path,
+    and an in-place edit of that weight is what the next steps compute with."""
+    model = tiny(layout="panels", **PANEL_ARGS)
+    twin = copy.deepcopy(model)
+    twin.fuse_projections()
+    first = decode_logits(model, monkeypatch=monkeypatch)
+    assert uses_fast_path(model) and torch.equal(decode_logits(twin, monkeypatch=monkeypatch), first)
+    wk = model.layers[0].attention.wk
+    weight = wk.weight
+    assert type(wk) is torch.nn.Linear and isinstance(weight, torch.nn.Parameter) and weight.shape == (64, 128)
+    torch.testing.assert_close(decode_logits(model, monkeypatch=monkeypatch), first, atol=0.01 * first.abs().max().item(),
+                               rtol=0)
+    assert not uses_fast_path(model)
+    with torch.no_grad():
+        weight.mul_(0)  # keys all zero in layer 0: its attention averages the values evenly
+    edited = decode_logits(model, monkeypatch=monkeypatch)
+    assert (edited - first).abs().max() > 0.05 * first.abs().max()
+    with torch.no_grad():
+        twin.layers[0].attention.wk.weight.mul_(0)
+    torch.testing.assert_close(decode_logits(twin, fast=False, monkeypatch=monkeypatch), edited,
+                               atol=0.01 * edited.abs().max().item(), rtol=0)
 
 
 def test_a_model_stays_copyable_and_its_copy_decodes_alike(monkeypatch):

@@ -133,13 +133,33 @@ def test_fused_linears_are_views_and_give_the_same_outputs():
     state = {n: m.weight.detach().clone() for n, m in zip("qkv", (wq, wk, wv))}
     fused = fuse_linears(wq, wk, wv)
     assert fused.weight.shape == (32, 16) and fused.sizes == [16, 8, 8]
-    assert wq.weight.data_ptr() == fused.weight.data_ptr() and still_fused(fused, wq)
+    assert wq.weight.data_ptr() == fused.weight.data_ptr() and still_fused(fused)
     assert all(torch.equal(m.weight, state[n]) for n, m in zip("qkv", (wq, wk, wv)))
     got = fused(x).split(fused.sizes, dim=-1)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)
     wq.to(torch.float64)  # moving a module un-fuses it: the caller must notice
-    assert not still_fused(fused, wq)
+    assert not still_fused(fused)
+
+
+@pytest.mark.parametrize("change", ["cast", "assign", "replace"])
+@pytest.mark.parametrize("which", [0, 2])
+def test_any_fused_module_changed_unfuses_the_product(change, which):
+    """Not only the first module: a later one cast, given a new weight or replaced in its parent
+    leaves the fused matrix stale, and the product must say so."""
+    from accessory.model.LLM.llama import Attention, ModelArgs
+    attention = Attention(ModelArgs(dim=32, n_heads=4, n_kv_heads=2))
+    attention.fuse()
+    assert still_fused(attention._wqkv)
+    name = ("wq", "wk", "wv")[which]
+    module = getattr(attention, name)
+    if change == "cast":
+        module.to(torch.float64)
+    elif change == "assign":
+        module.weight = torch.nn.Parameter(module.weight.detach().clone())
+    else:
+        setattr(attention, name, torch.nn.Linear(32, module.weight.shape[0], bias=False))
+    assert not still_fused(attention._wqkv)
 
 
 def test_biased_or_lora_linears_are_not_fused():

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from typing import Optional
 
 from . import bf16_library, load_library
+from .panels import float32_product
 from .quant import _kernels as quant_kernels
 
 _P, _I64, _INT, _F, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_double
@@ -24,7 +25,7 @@ class StepProduct(ctypes.Structure):
                 ("weight", _P), ("scales", _P), ("offsets", _P)]
 
 
-PRODUCT_KINDS = {"bf16": 0, "int8": 1, "int4": 2, "nf4": 3}
+PRODUCT_KINDS = {"bf16": 0, "int8": 1, "int4": 2, "nf4": 3, "panels": 4}
 
 
 class StepLayer(ctypes.Structure):
@@ -41,7 +42,7 @@ class DecodeStep(ctypes.Structure):
                 ("cos_table", _P), ("sin_table", _P), ("n_rotary", _I64),
                 *((name, _P) for name in ("h", "x", "qkv", "attn", "out", "gate_up", "act", "scratch")),
                 *((name, _I64) for name in ("rows", "dim", "n_heads", "n_kv_heads", "head_dim", "max_len")),
-                ("scale", _D), ("gemv_bf16", _P), ("gemv_int8", _P), ("gemv_q4", _P),
+                ("scale", _D), ("gemv_bf16", _P), ("gemv_int8", _P), ("gemv_q4", _P), ("gemv_panels", _P),
                 ("embedding", _P), ("embedding_bf16", _I64), ("vocab_size", _I64), ("tokens", _P),
                 ("final_norm", _P), ("final_norm_bf16", _I64), ("final_norm_eps", _D), ("head", StepProduct),
                 ("logits", _P)]
@@ -68,8 +69,8 @@ def _bind(library, name, argtypes, restype=None):
 
 def decode_kernels() -> Optional[SimpleNamespace]:
     """The kernels as ctypes functions (``decode_step``, ``argmax_rows``, the ``silu_mul`` and
-    ``attend_step`` it runs, ``gemv_bf16``, ``gemv_int8``, ``gemv_q4``), or None when they cannot
-    be built here."""
+    ``attend_step`` it runs, ``gemv_bf16``, ``gemv_int8``, ``gemv_q4``, and ``gemv_panels`` where
+    the panel library runs, else None), or None when they cannot be built here."""
     global _functions, _loaded
     if not _loaded:
         ops, bf16, quant = load_library("decode_ops"), bf16_library()[1], quant_kernels()
@@ -89,6 +90,7 @@ def decode_kernels() -> Optional[SimpleNamespace]:
                 gemv_bf16=_bind(bf16, "accessory_gemv_bf16_f32", [_P, _P, _P, _P, _I64, _I64, _I64]),
                 gemv_int8=quant[0],
                 gemv_q4=quant[1],
+                gemv_panels=float32_product(),  # None where the panel library cannot run
             )
         _loaded = True
     return _functions

@@ -263,8 +263,8 @@ void accessory_attend_step(float *qkv, const int64_t *positions, const float *co
 
 /* ------------------------------------------------------------------------- a whole step's layers */
 
-/* The matrix products, from the libraries that hold them (gemv_bf16.c, gemv_quant.c): the caller
- * passes their addresses, so each library stays one compiled file. */
+/* The matrix products, from the libraries that hold them (gemv_bf16.c, gemv_bf16_panels.c,
+ * gemv_quant.c): the caller passes their addresses, so each library stays one compiled file. */
 typedef void (*gemv_bf16_fn)(const void *W, const float *x, float *scratch, float *y, int64_t M, int64_t O,
                              int64_t I);
 typedef void (*gemv_int8_fn)(const void *W, const void *scale, const void *x, void *y, int dtype, float *scratch,
@@ -272,9 +272,10 @@ typedef void (*gemv_int8_fn)(const void *W, const void *scale, const void *x, vo
 typedef void (*gemv_q4_fn)(const void *P, const void *scale, const void *offset, int nf4, const void *x, void *y,
                            int dtype, float *scratch, int64_t M, int64_t O, int64_t I, int64_t G);
 
-enum { PRODUCT_BF16 = 0, PRODUCT_INT8 = 1, PRODUCT_INT4 = 2, PRODUCT_NF4 = 3 };
+enum { PRODUCT_BF16 = 0, PRODUCT_INT8 = 1, PRODUCT_INT4 = 2, PRODUCT_NF4 = 3, PRODUCT_PANELS = 4 };
 
-/* One weight matrix (O, I): bf16 weight, or packed codes with their scales (and int4 offsets). */
+/* One weight matrix (O, I): bf16 weight (in rows, or in 16-row panels: gemv_bf16_panels.c), or
+ * packed codes with their scales (and int4 offsets). */
 typedef struct {
     int64_t kind, out_features, in_features, group_size;
     const void *weight, *scales, *offsets;
@@ -310,6 +311,7 @@ typedef struct {
     gemv_bf16_fn gemv_bf16;
     gemv_int8_fn gemv_int8;
     gemv_q4_fn gemv_q4;
+    gemv_bf16_fn gemv_panels; /* accessory_packed_bf16_f32: the same arguments as gemv_bf16 */
     const void *embedding;
     int64_t embedding_bf16, vocab_size;
     const int64_t *tokens;
@@ -336,6 +338,9 @@ static void step_product_run(const decode_step *s, const step_product *p, const 
     switch (p->kind) {
     case PRODUCT_BF16:
         s->gemv_bf16(p->weight, x, s->scratch, y, s->rows, p->out_features, p->in_features);
+        break;
+    case PRODUCT_PANELS:
+        s->gemv_panels(p->weight, x, s->scratch, y, s->rows, p->out_features, p->in_features);
         break;
     case PRODUCT_INT8:
         s->gemv_int8(p->weight, p->scales, x, y, 0, s->scratch, s->rows, p->out_features, p->in_features);

@@ -10,7 +10,8 @@ be either row-major or in panels, never both, so no memory is spent twice.
 Where the kernels cannot run (no AVX512-BF16, no compiler, ``ACCESSORY_NATIVE_KERNELS=0``) the
 same functions work in torch: the layout is a reshape and a permute away from row-major.
 
-Not yet used by the model: the layers and the native decode step still read row-major weights.
+The model's bf16 linear layers hold their weights this way on such CPUs
+(``model.layers.panel_linear``), and the native decode step reads them so.
 """
 
 import ctypes
@@ -107,17 +108,19 @@ def unpack(panels: torch.Tensor, out_features: int, in_features: int) -> torch.T
     return weight
 
 
-def panel_linear(x: torch.Tensor, panels: torch.Tensor, out_features: int) -> torch.Tensor:
-    """``x @ W.T`` for W given as panels: x (..., in_features) bf16 or float32 on the CPU, the
-    result in x's dtype. The activations are rounded to bf16 and the sums kept in float32, as
-    torch's bf16 product does."""
+def panel_linear(x: torch.Tensor, panels: torch.Tensor, out_features: int,
+                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for W given as panels: x (..., in_features) bf16 or float32 on the CPU,
+    the result in x's dtype. The activations are rounded to bf16 and the sums kept in float32, as
+    torch's bf16 product does; the bias is added to the float32 sums, which are rounded once."""
     if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or x.dim() == 0:
         raise ValueError(f"panel_linear: x must be a bf16 or float32 CPU tensor, got {x.dtype} on {x.device}")
     library, in_features = _kernels(), x.shape[-1]
     _check_panels(panels, out_features, in_features)
     if library is None:  # the bf16-rounded rows in float32 against the weight: the kernel's arithmetic
         weight = unpack(panels, out_features, in_features).float()
-        return (x.bfloat16().float() @ weight.T).to(x.dtype)
+        y = x.bfloat16().float() @ weight.T
+        return (y if bias is None else y + bias.float()).to(x.dtype)
     rows = x.numel() // in_features if in_features else 0
     y = torch.empty((rows, out_features), dtype=torch.float32)
     if rows and out_features:
@@ -125,4 +128,19 @@ def panel_linear(x: torch.Tensor, panels: torch.Tensor, out_features: int) -> to
         scratch = scratch_floats(library.accessory_packed_bf16_scratch_floats(rows, in_features))
         function = library.accessory_packed_bf16 if x.dtype is torch.bfloat16 else library.accessory_packed_bf16_f32
         function(panels.data_ptr(), x2.data_ptr(), scratch.data_ptr(), y.data_ptr(), rows, out_features, in_features)
+    if bias is not None:
+        y += bias.float()
     return y.to(x.dtype).view(*x.shape[:-1], out_features)
+
+
+def scratch_floats_needed(rows: int, in_features: int) -> int:
+    """Float32 scratch a product of ``rows`` activation rows needs (0 where the library cannot run)."""
+    library = _kernels()
+    return library.accessory_packed_bf16_scratch_floats(rows, in_features) if library is not None else 0
+
+
+def float32_product():
+    """The library's ``accessory_packed_bf16_f32`` (panels, float32 x, scratch, float32 y, rows,
+    out_features, in_features), as the native decode step calls it, or None."""
+    library = _kernels()
+    return library.accessory_packed_bf16_f32 if library is not None else None

@@ -35,6 +35,7 @@ from ..quant import Quantizer, eligible_linears, make_shells, resolve_scheme
 from ..quant.checkpoint import read_quantization
 from .LLM import load_llama_type
 from .layers.multimodal import encode_for, image_offsets, insert_images
+from .layers.panel_linear import use_panels
 from .layers.tensor_parallel import add_collectives, check_supported, model_parallel_of, shard_meta_model
 from .tokenizer import Tokenizer, probe_tokenizer_path
 
@@ -294,6 +295,7 @@ class MetaModel(nn.Module):
         model.quant_scheme = scheme
         if device.type == "cpu":
             use_native_linear(model)
+            use_panels(model)
         if hasattr(model.llma, "fuse_projections"):
             model.llma.fuse_projections()
         model.eval()

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..kernels.linear import cpu_has_native_bf16, linear_in_float32_blocks
 from ..kernels.quant import dequantize_rows, quant_gemv
+from ..model.layers.fused import FusedViews
 from .cuda import cuda_matmul
 from .formats import QuantScheme, dequantize, quantize
 from .memory import return_freed_heap
@@ -150,7 +151,7 @@ def quantized_matmul(x: torch.Tensor, packed: Dict[str, torch.Tensor], scheme: Q
     return torch.cat(pieces, dim=-1)
 
 
-class FusedQuantLinear:
+class FusedQuantLinear(FusedViews):
     """Several QuantLinears sharing one input, concatenated by rows into one packed matrix; each
     original module's tensors become views of its rows (see ``layers.linear.fuse_linears``)."""
 
@@ -167,6 +168,7 @@ class FusedQuantLinear:
             for module, rows in zip(modules, self.sizes):
                 setattr(module, name, _frozen(fused[start:start + rows]))
                 start += rows
+        self.watch_views(modules, "qweight")
         self._cuda_cache = {}
         if fused.device.type == "cpu":
             return_freed_heap(0)  # the separate matrices just freed (see quant/memory.py)
@@ -174,10 +176,6 @@ class FusedQuantLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return quantized_matmul(x, self.packed, self.scheme, self.out_features, self.in_features,
                                 self._cuda_cache)
-
-    def backs(self, first: QuantLinear) -> bool:
-        mine = self.packed["qweight"]
-        return first.qweight.data_ptr() == mine.data_ptr() and first.qweight.device == mine.device
 
 
 def fuse_quant_linears(modules: Sequence[nn.Module]) -> Optional[FusedQuantLinear]:

@@ -79,6 +79,8 @@ class Attention(nn.Module):
     def fuse(self) -> None:
         """Compute q, k and v with one matrix product (see ``layers.linear.fuse_linears``)."""
         self._wqkv = fuse_linears(self.wq, self.wk, self.wv)
+        if self._wqkv is not None:
+            self._wqkv.owned_by(self, ("wq", "wk", "wv"))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 kv_cache: Optional[KVCache], layer_id: int, causal_from_zero: bool) -> torch.Tensor:
@@ -92,7 +94,7 @@ class Attention(nn.Module):
         before ``wo`` (variants such as llama_adapter add their own terms in between)."""
         bsz, seqlen, _ = x.shape
         n_q, n_kv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        if still_fused(self._wqkv, self.wq):
+        if still_fused(self._wqkv):
             qkv = self._wqkv(x)
             # q and k sit side by side in the fused output: one rotation for both heads' sets
             # (the same element-wise arithmetic, a third of the operations: a GPU step launches
@@ -120,9 +122,11 @@ class FeedForward(nn.Module):
 
     def fuse(self) -> None:
         self._w13 = fuse_linears(self.w1, self.w3)
+        if self._w13 is not None:
+            self._w13.owned_by(self, ("w1", "w3"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if still_fused(self._w13, self.w1):
+        if still_fused(self._w13):
             gate, up = self._w13(x).chunk(2, dim=-1)
             return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -25,7 +25,7 @@ def plain_block(layer: nn.Module, block_types) -> bool:
             type(layer.feed_forward) is not feed_forward_cls:
         return False
     attention, feed_forward = layer.attention, layer.feed_forward
-    return still_fused(attention._wqkv, attention.wq) and still_fused(feed_forward._w13, feed_forward.w1)
+    return still_fused(attention._wqkv) and still_fused(feed_forward._w13)
 
 
 def hooked(module: nn.Module) -> bool:

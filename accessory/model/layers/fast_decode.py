@@ -20,8 +20,8 @@ dtype after every layer), so the two paths agree to bf16 rounding, not bit for b
 
 Both return None, and the caller runs its torch modules, whenever anything is not what these
 kernels handle: not the CPU, more rows than ``max_step_rows`` allows (16 to ``MAX_ROWS``, by the
-products' kinds and the CPU), weights that are not bf16 or packed
-int8/int4/nf4, q/k/v or w1/w3 not fused, biases or LoRA, a forward hook on any module (the
+products' kinds and the CPU), weights that are not bf16 (in rows or in panels, see
+``panel_linear``) or packed int8/int4/nf4, q/k/v or w1/w3 not fused, biases or LoRA, a forward hook on any module (the
 model-parallel all-reduce is one), a cache that is not bf16 or float32, gradients wanted, a token
 or position out of range (the torch path raises the error), or ``ACCESSORY_FAST_DECODE=0``."""
 
@@ -40,11 +40,13 @@ from torch.utils.hooks import RemovableHandle
 
 from ...kernels.decode import PRODUCT_KINDS, DecodeStep, StepLayer, StepProduct, decode_kernels
 from ...kernels.linear import NativeLinear, max_kernel_rows, scratch_floats_needed as bf16_scratch_floats_needed
+from ...kernels.panels import float32_product, scratch_floats_needed as panels_scratch_floats_needed
 from ...kernels.quant import max_rows as quant_max_rows, scratch_floats_needed, takes_scheme
 from ...quant.linear import FusedQuantLinear, QuantLinear
 from .decoder import hooked, plain_block
 from .linear import FusedLinear
 from .norm import RMSNorm
+from .panel_linear import FusedPanelLinear, PanelLinear
 
 #: The most rows a native step takes; each kind of product may allow fewer (:func:`max_step_rows`).
 MAX_ROWS = 64
@@ -60,6 +62,8 @@ def _kind_rows(kind: str) -> int:
     as far as ``kernels.quant.max_rows`` (the module path's limit too)."""
     if kind == "bf16":
         return max_kernel_rows()
+    if kind == "panels":  # faster than the row-major kernel at every row count up to MAX_ROWS
+        return MAX_ROWS
     return quant_max_rows(kind)
 
 
@@ -93,6 +97,15 @@ class _Product:
             product.kind, product.pointers, product.group_size = "bf16", (weight.data_ptr(),), 0
             product.out_features, product.in_features = weight.shape
             return product
+        if isinstance(source, FusedPanelLinear) or type(source) is PanelLinear:
+            panels = source.panels
+            if getattr(source, "bias", None) is not None or panels.device.type != "cpu" or \
+                    not panels.is_contiguous() or float32_product() is None:
+                return None
+            product.kind, product.pointers, product.group_size = "panels", (panels.data_ptr(),), 0
+            product.out_features, product.in_features = \
+                source.panel_shape if type(source) is PanelLinear else (source.out_features, source.in_features)
+            return product
         if isinstance(source, FusedQuantLinear) or type(source) is QuantLinear:
             if type(source) is QuantLinear and (source.bias is not None or source.lora_a is not None):
                 return None
@@ -119,6 +132,8 @@ class _Product:
         """Float32 scratch the kernel needs for ``rows`` activation rows."""
         if self.kind == "bf16":
             return bf16_scratch_floats_needed(rows, self.in_features)
+        if self.kind == "panels":
+            return panels_scratch_floats_needed(rows, self.in_features)
         return scratch_floats_needed(self.kind, rows, self.in_features, self.group_size)
 
     def struct(self) -> StepProduct:
@@ -138,7 +153,8 @@ def _norm_weight(norm: nn.Module):
 
 
 def _weight_key(module) -> str:
-    return "weight" if "weight" in module._parameters else "qweight"
+    parameters = module._parameters
+    return "weight" if "weight" in parameters else ("panels" if "panels" in parameters else "qweight")
 
 
 def _layer_plan(layer, block_types) -> Optional[SimpleNamespace]:
@@ -160,9 +176,11 @@ def _layer_plan(layer, block_types) -> Optional[SimpleNamespace]:
                   (layer._modules, "attention_norm", attention_norm), (layer._modules, "ffn_norm", ffn_norm),
                   (attention._modules, "wq", wq), (attention._modules, "wo", wo),
                   (feed_forward._modules, "w1", w1), (feed_forward._modules, "w2", w2),
-                  (attention.__dict__, "_wqkv", attention._wqkv), (feed_forward.__dict__, "_w13", feed_forward._w13))
-    pointers = ((wq._parameters, _weight_key(wq), products[0].pointers[0]),
-                (w1._parameters, _weight_key(w1), products[2].pointers[0]),
+                  (attention.__dict__, "_wqkv", attention._wqkv), (feed_forward.__dict__, "_w13", feed_forward._w13),
+                  *attention._wqkv.owners, *feed_forward._w13.owners)
+    # every module of a fused product (wq, wk, wv; w1, w3): a weight assigned or put back in rows
+    # leaves the fused matrix stale
+    pointers = (*attention._wqkv.views, *feed_forward._w13.views,
                 (wo._parameters, _weight_key(wo), products[1].pointers[0]),
                 (w2._parameters, _weight_key(w2), products[3].pointers[0]),
                 (attention_norm._parameters, "weight", norms[0][0]), (ffn_norm._parameters, "weight", norms[1][0]))
@@ -304,7 +322,8 @@ def _buffers(cache: Dict[int, SimpleNamespace], rows: int, plans: List[SimpleNam
         rows=rows, dim=first.dim, n_heads=first.n_heads, n_kv_heads=first.n_kv_heads, head_dim=first.head_dim,
         scale=1.0 / math.sqrt(first.head_dim), layers=table, n_layers=len(plans),
         gemv_bf16=_address(kernels.gemv_bf16), gemv_int8=_address(kernels.gemv_int8),
-        gemv_q4=_address(kernels.gemv_q4), **{name: getattr(buffers, name).data_ptr() for name in (*widths, "scratch")})
+        gemv_q4=_address(kernels.gemv_q4), gemv_panels=_address(kernels.gemv_panels) if kernels.gemv_panels else None,
+        **{name: getattr(buffers, name).data_ptr() for name in (*widths, "scratch")})
     if ends is not None:
         step.embedding, step.embedding_bf16, step.vocab_size = ends.embedding, ends.embedding_bf16, ends.vocab_size
         step.final_norm, step.final_norm_bf16, step.final_norm_eps = ends.final_norm

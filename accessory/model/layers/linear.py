@@ -11,6 +11,8 @@ from ...kernels.linear import NativeLinear
 from ...kernels.linear import linear as fast_linear
 from ...quant.linear import fuse_quant_linears
 from ...quant.memory import release_file_pages
+from .fused import FusedViews
+from .panel_linear import fuse_panel_linears
 
 _FUSABLE = (nn.Linear, NativeLinear)
 
@@ -64,33 +66,32 @@ def make_linear(in_features: int, out_features: int, bias: bool = False, lora_ra
     return LoraLinear(in_features, out_features, bias=bias, lora_rank=lora_rank)
 
 
-class FusedLinear:
+class FusedLinear(FusedViews):
     """Bias-free plain linears sharing one input, as one (sum(out), in) matrix product."""
 
-    def __init__(self, weight: torch.Tensor, sizes):
-        self.weight, self.sizes = weight, list(sizes)
+    def __init__(self, weight: torch.Tensor, modules):
+        self.weight, self.sizes = weight, [m.weight.shape[0] for m in modules]
+        self.watch_views(modules, "weight")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return fast_linear(x, self.weight)
 
-    def backs(self, first: nn.Module) -> bool:
-        weight = getattr(first, "weight", None)
-        return weight is not None and weight.data_ptr() == self.weight.data_ptr() and \
-            weight.device == self.weight.device
-
 
 def fuse_linears(*linears: nn.Module):
     """One product for several bias-free linears sharing one input: a :class:`FusedLinear` (or,
-    for quantized layers, a ``quant.linear.FusedQuantLinear``) called as ``fused(x)``, whose
+    for quantized layers, a ``quant.linear.FusedQuantLinear``, for weights in panels a
+    ``panel_linear.FusedPanelLinear``) called as ``fused(x)``, whose
     ``sizes`` give each module's share of the output's last dim.
 
     Each module's weight becomes a view of its rows, so names, checkpoints and ``state_dict()``
     are unchanged. Returns None when the modules cannot be fused (biases, LoRA, different inputs
     or dtypes).
     """
-    quantized = fuse_quant_linears(linears)
-    if quantized is not None:
-        return quantized
+    fused = fuse_quant_linears(linears)
+    if fused is None:
+        fused = fuse_panel_linears(linears)
+    if fused is not None:
+        return fused
     if any(type(m) not in _FUSABLE or m.bias is not None for m in linears):
         return None
     weights = [m.weight for m in linears]
@@ -105,9 +106,10 @@ def fuse_linears(*linears: nn.Module):
         # a weight used in place from the memory-mapped checkpoint: its pages, read once for the
         # copy, would otherwise stay resident beside the fused matrix
         release_file_pages(weight)
-    return FusedLinear(fused, [w.shape[0] for w in weights])
+    return FusedLinear(fused, linears)
 
 
-def still_fused(fused, first: nn.Module) -> bool:
-    """Whether ``fused`` still backs ``first``'s weight (a ``.to()`` or a reload replaces it)."""
-    return fused is not None and fused.backs(first)
+def still_fused(fused) -> bool:
+    """Whether ``fused`` (None, or what :func:`fuse_linears` returned) still backs every one of its
+    modules' weights (a ``.to()``, a reload or an assigned weight replaces one)."""
+    return fused is not None and fused.backs()

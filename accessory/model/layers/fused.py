@@ -1,0 +1,37 @@
+"""What a fused product (one matrix product for several linears sharing one input) relies on."""
+
+from typing import Sequence
+
+from torch import nn
+
+
+class FusedViews:
+    """Base of the fused products (``layers.linear.FusedLinear``, ``quant.linear.FusedQuantLinear``,
+    ``panel_linear.FusedPanelLinear``): each module's parameter ``name`` is a view of its part of
+    the fused matrix, and :meth:`backs` says whether every one still is. A ``.to()``, a reload, an
+    assigned weight or a weight put back in rows replaces one, and the fused matrix would then
+    compute with stale values."""
+
+    views: list
+    owners = ()
+
+    def owned_by(self, parent: nn.Module, names: Sequence[str]) -> "FusedViews":
+        """Also rely on ``parent``'s children ``names`` staying the fused modules (a child replaced
+        by another module leaves the fused matrix stale too). Returns self."""
+        self.owners = [(parent._modules, name, parent._modules[name]) for name in names]
+        return self
+
+    def watch_views(self, modules: Sequence[nn.Module], name: str) -> None:
+        """Remember each module's ``name`` parameter as it is now: (parameters, name, address),
+        the entries ``fast_decode``'s watch re-reads before each step."""
+        self.views = [(module._parameters, name, module._parameters[name].data_ptr()) for module in modules]
+
+    def backs(self) -> bool:
+        for children, name, module in self.owners:
+            if children.get(name) is not module:
+                return False
+        for parameters, name, address in self.views:
+            parameter = parameters.get(name)
+            if parameter is None or parameter.data_ptr() != address:
+                return False
+        return True

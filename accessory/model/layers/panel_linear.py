@@ -1,0 +1,201 @@
+"""bf16 linear layers whose weights are held in 16-row panels (``kernels.panels``), for the CPU.
+
+On CPUs with AVX512-BF16 (and no AMX, where torch's own product was not measured against them)
+the weights of a model's bf16 ``nn.Linear`` layers are kept in panels instead of rows: each
+group of 16 output rows is one sequential stream, which the products of decoding (1-64 token
+rows) read 1.1-1.5x faster than row-major weights, and which prompts (hundreds of rows) multiply
+about as fast as torch's product (``benchmarks/panels.py``, numbers in ``benchmarks/README.md``).
+The panels *are* the weight: one copy, the same bytes plus padding to 16 rows and an even input
+count.
+
+To everything outside, a :class:`PanelLinear` is still the linear it was:
+
+* ``state_dict()`` holds ``weight`` (row-major, unpacked bit for bit) and ``load_state_dict``
+  takes ``weight`` (packed in place), so checkpoints, conversions and merges see the usual names;
+* reading or assigning ``module.weight`` turns the module back into its row-major class for good
+  (``to_row_major``) and then reads or sets the real parameter, so code that reads a weight, edits
+  it in place or trains it works as before, at the row-major speed;
+* ``.to()``, ``.cuda()``, ``.float()`` and any cast that leaves the CPU or bf16 do the same first,
+  and so does a forward that autograd must follow through the weight.
+
+``ACCESSORY_PANELS=0`` keeps every weight row-major. Turning a module back is not thread-safe
+against another thread's forward through the same module.
+"""
+
+import logging
+import os
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ...kernels import cpu_flags
+from ...kernels.linear import NativeLinear
+from ...kernels.panels import PANEL_ROWS, pack, panel_linear, panels_available, unpack
+from ...quant.memory import release_file_pages
+from .fused import FusedViews
+
+log = logging.getLogger(__name__)
+_CONVERTIBLE = (nn.Linear, NativeLinear)
+
+
+def panels_wanted() -> bool:
+    """Whether bf16 CPU weights go into panels here: the kernels run (AVX512-BF16, a compiler), the
+    CPU has no AMX, and ``ACCESSORY_PANELS`` is not 0."""
+    if os.environ.get("ACCESSORY_PANELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return panels_available() and "amx_bf16" not in (cpu_flags() or ())
+
+
+class PanelLinear(nn.Linear):
+    """An ``nn.Linear`` (or ``NativeLinear``) whose weight is stored as panels: parameter
+    ``panels`` (1-D bf16) of a weight of ``panel_shape`` (out, in), and the usual optional
+    ``bias``. Made by :func:`to_panels`, undone by
+    :func:`to_row_major` (see the module docstring for what reads and casts do)."""
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("a PanelLinear is made from a bf16 CPU nn.Linear by "
+                        "accessory.model.layers.panel_linear.to_panels(module)")
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return to_row_major(self).weight
+
+    def __setattr__(self, name, value):
+        if name == "weight":
+            setattr(to_row_major(self), name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def __delattr__(self, name):
+        if name == "weight":
+            delattr(to_row_major(self), name)
+        else:
+            super().__delattr__(name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or \
+                (torch.is_grad_enabled() and (x.requires_grad or self.panels.requires_grad)):
+            return to_row_major(self)(x)  # torch's product: its autograd, its errors
+        return panel_linear(x, self.panels, self.panel_shape[0], self.bias)
+
+    def _apply(self, fn, recurse=True):
+        probe = fn(torch.empty(0, dtype=torch.bfloat16))
+        if probe.device.type != "cpu" or probe.dtype is not torch.bfloat16:
+            return to_row_major(self)._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = unpack(self.panels.detach(), *self.panel_shape)
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key, shape = prefix + "weight", self.panel_shape
+        weight = state_dict.get(key)
+        if weight is not None:
+            if tuple(weight.shape) != shape:
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(weight.shape)} "
+                                  f"from checkpoint, the shape in current model is {torch.Size(shape)}.")
+            else:
+                with torch.no_grad():
+                    self.panels.copy_(pack(weight.detach().to(device="cpu", dtype=torch.bfloat16)))
+        elif strict:
+            missing_keys.append(key)
+        # the bias (and the checks for unexpected names) as nn.Module does them, without the weight
+        rest = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k != key}
+        missing_before = len(missing_keys)
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        missing_keys[missing_before:] = [k for k in missing_keys[missing_before:] if k != prefix + "panels"]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight in 16-row panels"
+
+
+def _convertible(module: nn.Module) -> bool:
+    weight = module._parameters.get("weight") if type(module) in _CONVERTIBLE else None
+    return weight is not None and weight.dtype is torch.bfloat16 and weight.device.type == "cpu" and \
+        weight.dim() == 2 and weight.numel() > 0 and (module.bias is None or module.bias.device.type == "cpu")
+
+
+def to_panels(module: nn.Module) -> bool:
+    """Hold ``module``'s weight in panels (an ``nn.Linear`` / ``NativeLinear`` with a bf16 CPU
+    weight; its class becomes :class:`PanelLinear`). Returns whether it did."""
+    if not _convertible(module):
+        return False
+    weight = module._parameters["weight"]
+    row_major_class = type(module)
+    module.register_parameter("panels", nn.Parameter(pack(weight.detach()), requires_grad=weight.requires_grad))
+    del module._parameters["weight"]
+    module.__class__ = PanelLinear
+    # the weight's own shape: under model parallelism a module's in/out_features name the whole
+    # matrix and its weight holds this rank's slice
+    module.__dict__.update(_row_major_class=row_major_class, panel_shape=tuple(weight.shape))
+    release_file_pages(weight)  # a weight used in place from the memory-mapped checkpoint
+    return True
+
+
+def to_row_major(module: nn.Module) -> nn.Module:
+    """Undo :func:`to_panels`: the weight unpacked (bit-identical) into ``weight`` and the module's
+    class back to what it was. Returns the module (unchanged when it holds no panels)."""
+    if type(module) is not PanelLinear:
+        return module
+    panels = module._parameters.pop("panels")
+    log.debug("%s: weight back in rows (read, assigned, cast or trained)", module.extra_repr())
+    weight = unpack(panels.detach(), *module.__dict__.pop("panel_shape"))
+    module.__class__ = module.__dict__.pop("_row_major_class")
+    module.weight = nn.Parameter(weight, requires_grad=panels.requires_grad)
+    return module
+
+
+def use_panels(model: nn.Module) -> int:
+    """Hold the bf16 CPU weights of ``model``'s plain linears (``nn.Linear``, ``NativeLinear``) in
+    panels where :func:`panels_wanted`; returns how many. A weight that is one parameter of
+    several modules (tied) stays as it is."""
+    if not panels_wanted():
+        return 0
+    uses = {}
+    for _, parameter in model.named_parameters(remove_duplicate=False):
+        uses[id(parameter)] = uses.get(id(parameter), 0) + 1
+    count = 0
+    for module in list(model.modules()):
+        weight = module._parameters.get("weight") if type(module) in _CONVERTIBLE else None
+        if weight is not None and uses.get(id(weight)) == 1 and to_panels(module):
+            count += 1
+    return count
+
+
+class FusedPanelLinear(FusedViews):
+    """Bias-free :class:`PanelLinear` modules sharing one input, their panels concatenated into one
+    run (each module's ``panels`` becomes a view of its part): one product for all of them."""
+
+    def __init__(self, modules: Sequence[PanelLinear]):
+        self.modules = list(modules)
+        self.in_features = modules[0].panel_shape[1]
+        self.sizes = [m.panel_shape[0] for m in modules]
+        self.out_features = sum(self.sizes)
+        self.panels = torch.cat([m.panels.detach() for m in modules])
+        start = 0
+        for module in modules:
+            count = module.panels.numel()
+            module.panels = nn.Parameter(self.panels[start:start + count], requires_grad=module.panels.requires_grad)
+            start += count
+        self.watch_views(modules, "panels")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or \
+                (torch.is_grad_enabled() and (x.requires_grad or self.modules[0].panels.requires_grad)):
+            return torch.cat([module(x) for module in self.modules], dim=-1)
+        return panel_linear(x, self.panels, self.out_features)
+
+
+def fuse_panel_linears(modules: Sequence[nn.Module]) -> Optional[FusedPanelLinear]:
+    """A :class:`FusedPanelLinear` when ``modules`` are bias-free PanelLinears of one input size
+    whose row counts, but for the last, are multiples of 16 (so each one's panels are a whole run
+    of the fused matrix's); else None."""
+    if not all(type(m) is PanelLinear and m.bias is None for m in modules):
+        return None
+    if len({m.panel_shape[1] for m in modules}) != 1 or any(m.panel_shape[0] % PANEL_ROWS for m in modules[:-1]):
+        return None
+    return FusedPanelLinear(modules)
