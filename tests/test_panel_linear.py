@@ -207,6 +207,32 @@ def test_fused_panels_are_one_run_and_give_each_modules_output():
         assert not still_fused(fused)
 
 
+def test_use_panels_packs_the_children_a_module_fuses_into_one_run(monkeypatch):
+    """q/k/v packed straight into one run before fusing, so fusing copies nothing: the fused
+    product is a view of the same memory the modules' panels are."""
+    if not panels_wanted():
+        pytest.skip("weights go into panels only on CPUs with AVX512-BF16 (and no AMX)")
+    from accessory.model.LLM.llama import Attention, ModelArgs
+    torch.manual_seed(0)
+    attention = Attention(ModelArgs(dim=64, n_heads=4, n_kv_heads=2)).bfloat16()
+    weights = {name: getattr(attention, name).weight.detach().clone() for name in ("wq", "wk", "wv", "wo")}
+    assert use_panels(attention) == 4
+    wq, wk, wv = attention.wq.panels, attention.wk.panels, attention.wv.panels
+    assert wq.untyped_storage().data_ptr() == wk.untyped_storage().data_ptr() == wv.untyped_storage().data_ptr()
+    assert wk.data_ptr() == wq.data_ptr() + wq.numel() * 2 and wv.data_ptr() == wk.data_ptr() + wk.numel() * 2
+    attention.fuse()
+    fused = attention._wqkv
+    assert isinstance(fused, FusedPanelLinear) and still_fused(fused)
+    assert fused.panels.data_ptr() == wq.data_ptr() and attention.wq.panels.data_ptr() == wq.data_ptr()
+    assert fused.panels.numel() == wq.numel() + wk.numel() + wv.numel()
+    for name, weight in weights.items():
+        assert torch.equal(getattr(attention, name).state_dict()["weight"], weight)
+    x = torch.randn(3, 64).bfloat16()
+    with torch.inference_mode():
+        expected = torch.cat([x @ weights[n].T for n in ("wq", "wk", "wv")], dim=-1)
+        torch.testing.assert_close(fused(x), expected, atol=2 ** -6 * expected.abs().max().item(), rtol=0)
+
+
 def test_panels_whose_row_counts_are_not_whole_panels_are_not_fused():
     modules = [linear(48, n, seed=n) for n in (24, 24)]
     for m in modules:

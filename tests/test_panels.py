@@ -234,3 +234,18 @@ def test_large_weights_pack_and_unpack_bit_for_bit(out_features, in_features):
     packed = pack(weight)
     assert torch.equal(_bits(packed), _bits(_reference_panels(weight)))
     assert torch.equal(_bits(unpack(packed, out_features, in_features)), bits)
+
+
+@pytest.mark.parametrize("library", [True, False])
+def test_pack_into_a_slice_of_a_run_writes_only_that_slice(monkeypatch, library):
+    if not library:
+        monkeypatch.setattr(panels, "_kernels", lambda: None)
+    torch.manual_seed(3)
+    weight = torch.randn(37, 33).bfloat16()
+    size = panel_elements(37, 33)
+    run = torch.full((size + 20,), 7.0, dtype=torch.bfloat16)
+    got = pack(weight, out=run[10:10 + size])
+    assert got.data_ptr() == run[10:].data_ptr() and torch.equal(run[10:10 + size], pack(weight))
+    assert (run[:10] == 7).all() and (run[10 + size:] == 7).all()
+    with pytest.raises(ValueError, match=f"are {size} contiguous bf16"):
+        pack(weight, out=run[:size - 1])

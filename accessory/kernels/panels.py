@@ -72,16 +72,21 @@ def _panel_view(padded: torch.Tensor) -> torch.Tensor:
     return padded.view(rows // PANEL_ROWS, PANEL_ROWS, inputs // 2, 2).permute(0, 2, 1, 3)
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """The panels (1-D bf16) of a row-major (out_features, in_features) bf16 weight."""
+def pack(weight: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The panels (1-D bf16) of a row-major (out_features, in_features) bf16 weight, written into
+    ``out`` when given (``panel_elements`` contiguous bf16 CPU elements, e.g. a slice of a larger
+    run) and returned."""
     _check_weight(weight, "pack")
     library, weight = _kernels(), weight.contiguous()
     out_features, in_features = weight.shape
+    if out is not None:
+        _check_panels(out, out_features, in_features)
     if library is None:
         padded = torch.zeros(_padded_shape(out_features, in_features), dtype=torch.bfloat16)
         padded[:out_features, :in_features] = weight
-        return _panel_view(padded).contiguous().view(-1)
-    panels = torch.empty(panel_elements(out_features, in_features), dtype=torch.bfloat16)
+        panels = _panel_view(padded).contiguous().view(-1)
+        return panels if out is None else out.copy_(panels)
+    panels = torch.empty(panel_elements(out_features, in_features), dtype=torch.bfloat16) if out is None else out
     library.accessory_pack_bf16(weight.data_ptr(), panels.data_ptr(), out_features, in_features)
     return panels
 

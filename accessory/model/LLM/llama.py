@@ -17,7 +17,7 @@ from ..layers.compiled_decode import compiled_decode_layers
 from ..layers.decoder import CausalDecoder
 from ..layers.fast_decode import decode_layers, decode_logits, native_step_fits
 from ..layers.kv_cache import KVCache
-from ..layers.linear import fuse_linears, make_linear, still_fused
+from ..layers.linear import fuse_children, make_linear, still_fused
 from ..layers.norm import RMSNorm
 from ..layers.parallel import COLUMN, ROW, SplitPlan
 from ..layers.rotary import RotaryEmbedding
@@ -76,11 +76,12 @@ class Attention(nn.Module):
         self.wo = linear("wo", self.n_heads * self.head_dim, args.dim)
         self._wqkv = None  # set by fuse(): one (q+k+v rows, dim) matrix viewed by wq/wk/wv
 
+    #: the children fuse() multiplies as one matrix (``panel_linear.use_panels`` packs them as one run)
+    fused_children = ("wq", "wk", "wv")
+
     def fuse(self) -> None:
         """Compute q, k and v with one matrix product (see ``layers.linear.fuse_linears``)."""
-        self._wqkv = fuse_linears(self.wq, self.wk, self.wv)
-        if self._wqkv is not None:
-            self._wqkv.owned_by(self, ("wq", "wk", "wv"))
+        self._wqkv = fuse_children(self, self.fused_children)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 kv_cache: Optional[KVCache], layer_id: int, causal_from_zero: bool) -> torch.Tensor:
@@ -120,10 +121,10 @@ class FeedForward(nn.Module):
         self.w3 = linear("w3", dim, hidden_dim)
         self._w13 = None  # set by fuse(): w1 and w3 stacked, one matrix product for both
 
+    fused_children = ("w1", "w3")
+
     def fuse(self) -> None:
-        self._w13 = fuse_linears(self.w1, self.w3)
-        if self._w13 is not None:
-            self._w13.owned_by(self, ("w1", "w3"))
+        self._w13 = fuse_children(self, self.fused_children)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if still_fused(self._w13):

@@ -109,6 +109,14 @@ def fuse_linears(*linears: nn.Module):
     return FusedLinear(fused, linears)
 
 
+def fuse_children(parent: nn.Module, names) -> object:
+    """:func:`fuse_linears` of ``parent``'s children ``names``, the result relying on those
+    children staying ``parent``'s (see ``fused.FusedViews.owned_by``); None when they cannot be
+    fused."""
+    fused = fuse_linears(*(getattr(parent, name) for name in names))
+    return None if fused is None else fused.owned_by(parent, names)
+
+
 def still_fused(fused) -> bool:
     """Whether ``fused`` (None, or what :func:`fuse_linears` returned) still backs every one of its
     modules' weights (a ``.to()``, a reload or an assigned weight replaces one)."""
