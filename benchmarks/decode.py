@@ -44,6 +44,7 @@ from accessory.checkpoint.gguf_export import export_gguf  # noqa: E402
 from accessory.generation.engine import GenerationEngine  # noqa: E402
 from accessory.generation.sampling import SamplingParams  # noqa: E402
 from accessory.model.LLM.llama import ModelArgs, Transformer, ffn_hidden_dim  # noqa: E402
+from accessory.model.layers.panel_linear import PanelLinear  # noqa: E402
 from accessory.model.meta import MetaModel  # noqa: E402
 
 SHAPES = {
@@ -309,8 +310,13 @@ def main() -> None:
             for weights in dict.fromkeys(ours_weights):
                 model = load_ours(directory, weights)
                 runners[weights] = ours_runner(model)
-                if weights == "bf16" and "hf" in args.peers:
-                    runners["hf"] = hf_runner(to_hf(model))
+                if weights == "bf16":
+                    in_panels = sum(type(m) is PanelLinear for m in model.llma.modules())
+                    print(f"{shape}: ours bf16 with {in_panels} linears in 16-row panels "
+                          f"({'ACCESSORY_PANELS=0 keeps rows' if in_panels else 'rows: see panel_linear.panels_wanted'})",
+                          flush=True)
+                    if "hf" in args.peers:
+                        runners["hf"] = hf_runner(to_hf(model))  # (reads the state_dict: the panels stay)
             for gguf_type, path in export_ggufs(directory, gguf_types).items():
                 peers.append(LlamaCpp(path, args.threads, max_tokens=128 + args.new_tokens + 1))
                 runners[f"llama.cpp {gguf_type}"] = peers[-1].run

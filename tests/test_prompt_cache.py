@@ -104,6 +104,26 @@ def test_changed_weights_are_not_reused(checkpoint):
     assert got.new_tokens == want.new_tokens and got.logprobs == want.logprobs
 
 
+def test_a_checkpoint_loaded_into_weights_in_panels_is_not_reused(checkpoint):
+    """bf16 on a CPU with AVX512-BF16: the weights are held in panels, and load_state_dict packs a
+    new weight into them in place; the kept keys and values were computed from the old one."""
+    from accessory.model.layers.panel_linear import PanelLinear, panels_wanted
+    if not panels_wanted():
+        pytest.skip("weights are held in panels only on CPUs with AVX512-BF16 (and no AMX)")
+    model = _load(checkpoint, dtype=torch.bfloat16)
+    wq = model.llma.layers[0].attention.wq
+    assert type(wq) is PanelLinear
+    cached, fresh = _engines(model)
+    first_ids = _encode(model, FIRST, bos=True)
+    ids = _second_turn(model, first_ids, _run(cached, first_ids))
+    state = wq.state_dict()
+    wq.load_state_dict({"weight": state["weight"] * 1.5})
+    assert type(wq) is PanelLinear
+    got, want = _run(cached, ids), _run(fresh, ids)
+    assert got.cached_tokens == 0
+    assert got.new_tokens == want.new_tokens and got.logprobs == want.logprobs
+
+
 def test_a_new_hook_stops_reuse(model):
     cached, _ = _engines(model)
     first_ids = _encode(model, FIRST, bos=True)

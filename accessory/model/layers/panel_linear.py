@@ -99,7 +99,8 @@ class PanelLinear(nn.Linear):
                 error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(weight.shape)} "
                                   f"from checkpoint, the shape in current model is {torch.Size(shape)}.")
             else:
-                with torch.no_grad():
+                with torch.no_grad():  # copy_, not pack(out=): torch counts the write (the engine's
+                    # prompt caches are dropped when a weight they were computed from changes)
                     self.panels.copy_(pack(weight.detach().to(device="cpu", dtype=torch.bfloat16)))
         elif strict:
             missing_keys.append(key)
