@@ -65,6 +65,9 @@ def plain_linear(name: str, in_features: int, out_features: int) -> nn.Module:
 
 
 class Attention(nn.Module):
+    #: the children fuse() multiplies as one matrix (``panel_linear.use_panels`` packs them as one run)
+    fused_children = ("wq", "wk", "wv")
+
     def __init__(self, args: ModelArgs, linear: LinearFactory = plain_linear):
         super().__init__()
         self.n_heads = args.n_heads
@@ -75,9 +78,6 @@ class Attention(nn.Module):
         self.wv = linear("wv", args.dim, self.n_kv_heads * self.head_dim)
         self.wo = linear("wo", self.n_heads * self.head_dim, args.dim)
         self._wqkv = None  # set by fuse(): one (q+k+v rows, dim) matrix viewed by wq/wk/wv
-
-    #: the children fuse() multiplies as one matrix (``panel_linear.use_panels`` packs them as one run)
-    fused_children = ("wq", "wk", "wv")
 
     def fuse(self) -> None:
         """Compute q, k and v with one matrix product (see ``layers.linear.fuse_linears``)."""
@@ -114,14 +114,14 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    fused_children = ("w1", "w3")  # (see Attention)
+
     def __init__(self, dim: int, hidden_dim: int, linear: LinearFactory = plain_linear):
         super().__init__()
         self.w1 = linear("w1", dim, hidden_dim)
         self.w2 = linear("w2", hidden_dim, dim)
         self.w3 = linear("w3", dim, hidden_dim)
         self._w13 = None  # set by fuse(): w1 and w3 stacked, one matrix product for both
-
-    fused_children = ("w1", "w3")
 
     def fuse(self) -> None:
         self._w13 = fuse_children(self, self.fused_children)

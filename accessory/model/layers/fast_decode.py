@@ -21,8 +21,8 @@ dtype after every layer), so the two paths agree to bf16 rounding, not bit for b
 Both return None, and the caller runs its torch modules, whenever anything is not what these
 kernels handle: not the CPU, more rows than ``max_step_rows`` allows (16 to ``MAX_ROWS``, by the
 products' kinds and the CPU), weights that are not bf16 (in rows or in panels, see
-``panel_linear``) or packed int8/int4/nf4, q/k/v or w1/w3 not fused, biases or LoRA, a forward hook on any module (the
-model-parallel all-reduce is one), a cache that is not bf16 or float32, gradients wanted, a token
+``panel_linear``) or packed int8/int4/nf4, q/k/v or w1/w3 not fused, biases or LoRA, a forward
+hook on any module (the model-parallel all-reduce is one), a cache that is not bf16 or float32, gradients wanted, a token
 or position out of range (the torch path raises the error), or ``ACCESSORY_FAST_DECODE=0``."""
 
 import ctypes

@@ -4,6 +4,8 @@ Checkpoint names: ``weight``, ``bias`` (when present), ``lora_a.weight`` (rank, 
 ``lora_b.weight`` (out, rank). The original adds the LoRA term unscaled: ``W x + b + B(A x)``.
 """
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -109,7 +111,7 @@ def fuse_linears(*linears: nn.Module):
     return FusedLinear(fused, linears)
 
 
-def fuse_children(parent: nn.Module, names) -> object:
+def fuse_children(parent: nn.Module, names) -> Optional[FusedViews]:
     """:func:`fuse_linears` of ``parent``'s children ``names``, the result relying on those
     children staying ``parent``'s (see ``fused.FusedViews.owned_by``); None when they cannot be
     fused."""
