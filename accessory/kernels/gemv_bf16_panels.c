@@ -40,7 +40,7 @@ static inline int64_t panel_size(int64_t I2) { return I2 * 2 * PANEL; }
 
 /* v[k] (16 lanes of 32 bits) becomes lane k of every vector: a 16 x 16 transpose of 32-bit
  * elements in four rounds of in-lane unpacks and 128-bit shuffles (64 shuffles). It is its own
- * inverse: pack, unpack and group_rows all use it (a 32-bit element is one row's pair). */
+ * inverse: pack, unpack and group_block all use it (a 32-bit element is one row's pair). */
 static inline void transpose16x16_epi32(__m512i v[16]) {
     __m512i t[16];
     for (int k = 0; k < 8; ++k) { /* per 128-bit lane: [a0 b0 a1 b1], [a2 b2 a3 b3] */
@@ -177,19 +177,21 @@ static inline __m512i bf16_pairs(const float *x, int64_t n) {
     return _mm512_permutex2var_epi16(u[0], idx, u[1]); /* the upper halves, in order */
 }
 
-/* Activation rows m0..m0+rows-1 (float32 xf or bf16 xb, the other NULL) as one group: pair p =
- * rows x 2 bf16 (an odd I's last pair ends in a zero). Per block of 16 pairs, each row's 32 inputs
+/* Block p0..p0+15 of the pairs of activation rows m0..m0+rows-1 (float32 xf or bf16 xb, the other
+ * NULL) as one group g: pair p = rows x 2 bf16 (an odd I's last pair ends in a zero); the blocks
+ * of all groups make the whole grouping, shared out over the threads. Each row's 32 inputs
  * (rounded as float_to_bf16 does, or copied; zeros past I) as 16 pairs, the rows (zeros past
  * `rows`) transposed into the block's 16 pairs of the group, stored under a mask of `rows` lanes
  * (one row: no transpose). Bit-identical to the scalar loop it replaced. 1024 rows of 2048 inputs
  * against 16 outputs (nearly all grouping): float32 3.6 -> 0.87 ms, bf16 2.5 -> 0.70 ms; S's qkv
  * (2 threads, medians of 11): 1024 rows 31.4 -> 28.4 ms float32, 27.5 -> 26.1 ms bf16; 512 rows
  * best 14.2 -> 13.2 ms float32, median 14.8 -> 14.1 ms bf16. */
-static void group_rows(const float *xf, const uint16_t *xb, uint16_t *g, int64_t I, int64_t m0, int rows) {
+static void group_block(const float *xf, const uint16_t *xb, uint16_t *g, int64_t I, int64_t m0, int rows,
+                        int64_t p0) {
     const int64_t I2 = pairs_of(I);
     uint32_t *g32 = (uint32_t *)g;
     const __mmask16 row_lanes = first_dwords(rows);
-    for (int64_t p0 = 0; p0 < I2; p0 += PANEL) {
+    {
         const int64_t n = I - 2 * p0, lines = I2 - p0 < PANEL ? I2 - p0 : PANEL;
         __m512i v[PANEL];
         for (int a = 0; a < PANEL; ++a) {
@@ -201,7 +203,7 @@ static void group_rows(const float *xf, const uint16_t *xb, uint16_t *g, int64_t
         }
         if (rows == 1) {
             _mm512_mask_storeu_epi32(g32 + p0, first_dwords(lines), v[0]);
-            continue;
+            return;
         }
         transpose16x16_epi32(v);
         for (int j = 0; j < lines; ++j) {
@@ -268,13 +270,13 @@ static inline __attribute__((always_inline)) void panel_rows(const uint16_t *w, 
  * passes, and the weights are read once per chunk). */
 #define GROUPS_PER_CHUNK 8
 
-/* Rows of y_f32 (M, O) for the activation groups q0..q1-1 (laid out by group_rows) against every
- * panel, the panels shared out over the threads. */
+/* Rows of y_f32 (M, O) for the activation groups q0..q1-1 (laid out by group_block) against every
+ * panel, the panels shared out over the threads of the enclosing parallel region. */
 static void chunk_product(const uint16_t *P, const uint16_t *groups, float *y, int64_t M, int64_t O, int64_t I,
                           int64_t q0, int64_t q1) {
     const int64_t I2 = pairs_of(I), panels = (O + PANEL - 1) / PANEL;
     const uintptr_t end = (uintptr_t)(P + panels * panel_size(I2));
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
     for (int64_t b = 0; b < panels; ++b) {
         const uint16_t *w = P + b * panel_size(I2);
         const int64_t o_count = O - b * PANEL < PANEL ? O - b * PANEL : PANEL;
@@ -292,15 +294,25 @@ static void chunk_product(const uint16_t *P, const uint16_t *groups, float *y, i
 }
 
 /* y_f32 (M, O) = x (M, I) @ W^T, W as panels (P): x float32 (xf) or bf16 (xb), the other NULL. The
- * rows are grouped (scratch), then go through chunk_product GROUPS_PER_CHUNK groups at a time. */
+ * rows are grouped (scratch), then go through chunk_product GROUPS_PER_CHUNK groups at a time, all
+ * in one parallel region: the threads share the grouping's blocks too. Grouped by one thread
+ * before the region, a 16-stream XS step spent ~6% of its time there and waiting on it (perf). */
 static void grouped_product(const uint16_t *P, const float *xf, const uint16_t *xb, float *scratch, float *y,
                             int64_t M, int64_t O, int64_t I) {
     uint16_t *groups = (uint16_t *)scratch;
     const int64_t n_groups = (M + PANEL - 1) / PANEL, group_elements = panel_size(pairs_of(I));
-    for (int64_t q = 0; q < n_groups; ++q)
-        group_rows(xf, xb, groups + q * group_elements, I, q * PANEL, (int)(M - q * PANEL < PANEL ? M - q * PANEL : PANEL));
-    for (int64_t q0 = 0; q0 < n_groups; q0 += GROUPS_PER_CHUNK)
-        chunk_product(P, groups, y, M, O, I, q0, q0 + GROUPS_PER_CHUNK < n_groups ? q0 + GROUPS_PER_CHUNK : n_groups);
+    const int64_t blocks = (pairs_of(I) + PANEL - 1) / PANEL;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < n_groups * blocks; ++t) {
+            const int64_t q = t / blocks;
+            group_block(xf, xb, groups + q * group_elements, I, q * PANEL,
+                        (int)(M - q * PANEL < PANEL ? M - q * PANEL : PANEL), (t % blocks) * PANEL);
+        }  /* (each omp for ends in a barrier: every group is whole before a panel meets it) */
+        for (int64_t q0 = 0; q0 < n_groups; q0 += GROUPS_PER_CHUNK)
+            chunk_product(P, groups, y, M, O, I, q0, q0 + GROUPS_PER_CHUNK < n_groups ? q0 + GROUPS_PER_CHUNK : n_groups);
+    }
 }
 /* y_f32 (M, O) = x_f32 (M, I) @ W^T, W as panels (P), the activations rounded to bf16 first. */
 void accessory_packed_bf16_f32(const uint16_t *P, const float *x, float *scratch, float *y, int64_t M, int64_t O,
