@@ -278,3 +278,24 @@ def test_a_loaded_model_in_panels_matches_the_same_model_in_rows(tiny_llama_dir,
                                                                                    temperature=0)
     # nothing in loading or generating read a weight back into rows
     assert not any(type(m) in (nn.Linear, NativeLinear) for m in model.llma.modules())
+
+
+def test_a_model_in_panels_gives_unrounded_float32_logits(tiny_llama_dir, monkeypatch):
+    """The prompt path's head returns its float32 sums, as the native decode step does: rounded to
+    bf16, logits near 25 are 0.125 apart and greedy decoding settles near ties by token order."""
+    if not panels_wanted():
+        pytest.skip("weights go into panels only on CPUs with AVX512-BF16 (and no AMX)")
+    from accessory.model.meta import MetaModel
+
+    def load():
+        return MetaModel.from_pretrained(str(tiny_llama_dir), dtype=torch.bfloat16, device="cpu", max_seq_len=64,
+                                         progress=False)
+    model = load()
+    monkeypatch.setenv("ACCESSORY_PANELS", "0")
+    rows = load()
+    ids = torch.tensor([model.tokenizer.encode("Hello world, once more", bos=True, eos=False)])
+    with torch.inference_mode():
+        got, theirs = model.llma.forward_tokens(ids), rows.llma.forward_tokens(ids)
+    assert got.dtype is torch.float32 and theirs.dtype is torch.bfloat16
+    assert (got != got.bfloat16().float()).any()  # not rounded to bf16
+    torch.testing.assert_close(got, theirs.float(), atol=0.02 * got.abs().max().item(), rtol=0)

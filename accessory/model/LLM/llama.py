@@ -19,6 +19,7 @@ from ..layers.fast_decode import decode_layers, decode_logits, native_step_fits
 from ..layers.kv_cache import KVCache
 from ..layers.linear import fuse_children, make_linear, still_fused
 from ..layers.norm import RMSNorm
+from ..layers.panel_linear import PanelLinear
 from ..layers.parallel import COLUMN, ROW, SplitPlan
 from ..layers.rotary import RotaryEmbedding
 from ._clip_prefix import CLIPPrefixMixin
@@ -240,7 +241,13 @@ class Transformer(CLIPPrefixMixin, CausalDecoder):
         return self.tok_embeddings(tokens)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.output(self.norm(h))
+        normed = self.norm(h)
+        if type(self.output) is PanelLinear:
+            # float32 in, float32 out: the sums unrounded, as the native decode step gives them.
+            # Rounded to bf16 they are 0.125 apart near 25, and greedy decoding then settles near
+            # ties by token order (SmolLM2's first answer token flipped that way)
+            return self.output(normed.float())
+        return self.output(normed)
 
     def _reference_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight
