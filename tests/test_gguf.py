@@ -655,3 +655,18 @@ def test_demo_model_greedy_answer(demo_dir):
                              max_gen_len=20, temperature=0)
     assert answers == ["The capital of France is Paris.",  # stopped by <|im_end|>
                        "The three primary colors are:\n\nRed (R)\nBlue (B)\nYellow ("]  # 20 tokens
+
+
+def test_demo_model_greedy_answer_in_bf16(demo_dir):
+    """The same answers as the demo computes them (bf16; on CPUs with AVX512-BF16 its weights in
+    panels, model/layers/panel_linear.py): a real-weights check of the bf16 kernels. A head whose
+    logits were rounded to bf16 flipped the first answer's first token on a near tie (25.36 vs
+    25.26 in float32) and the demo answered in a loop."""
+    meta = pytest.importorskip("accessory.model.meta")
+
+    model = meta.MetaModel.from_pretrained(str(demo_dir), dtype=torch.bfloat16, max_seq_len=256, device="cpu",
+                                           progress=False)
+    answers = model.generate([chatml("What is the capital of France?"), chatml("Name the three primary colors.")],
+                             max_gen_len=20, temperature=0)
+    assert answers == ["The capital of France is Paris.",
+                       "The three primary colors are:\n\nRed (R)\nBlue (B)\nYellow ("]
