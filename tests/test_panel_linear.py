@@ -254,19 +254,25 @@ def test_use_panels_leaves_tied_weights_and_honours_the_setting(monkeypatch):
     assert not panels_wanted() and use_panels(nn.Sequential(nn.Linear(32, 32).bfloat16())) == 0
 
 
-def test_a_loaded_model_in_panels_matches_the_same_model_in_rows(tiny_llama_dir, monkeypatch):
-    """``from_pretrained`` in bf16 on the CPU: the weights in panels (q/k/v and w1/w3 fused runs),
-    the same state_dict bit for bit, the same greedy text as with ``ACCESSORY_PANELS=0``."""
+def load_in_panels_and_in_rows(checkpoint, monkeypatch):
+    """``checkpoint`` loaded in bf16 on the CPU twice: as it loads here (in panels), and with
+    ``ACCESSORY_PANELS=0`` (in rows); skips where weights do not go into panels."""
     if not panels_wanted():
         pytest.skip("weights go into panels only on CPUs with AVX512-BF16 (and no AMX)")
     from accessory.model.meta import MetaModel
 
     def load():
-        return MetaModel.from_pretrained(str(tiny_llama_dir), dtype=torch.bfloat16, device="cpu", max_seq_len=64,
+        return MetaModel.from_pretrained(str(checkpoint), dtype=torch.bfloat16, device="cpu", max_seq_len=64,
                                          progress=False)
     model = load()
     monkeypatch.setenv("ACCESSORY_PANELS", "0")
-    rows = load()
+    return model, load()
+
+
+def test_a_loaded_model_in_panels_matches_the_same_model_in_rows(tiny_llama_dir, monkeypatch):
+    """``from_pretrained`` in bf16 on the CPU: the weights in panels (q/k/v and w1/w3 fused runs),
+    the same state_dict bit for bit, the same greedy text as with ``ACCESSORY_PANELS=0``."""
+    model, rows = load_in_panels_and_in_rows(tiny_llama_dir, monkeypatch)
     layer = model.llma.layers[0]
     assert type(layer.attention.wq) is PanelLinear and isinstance(layer.attention._wqkv, FusedPanelLinear)
     assert isinstance(layer.feed_forward._w13, FusedPanelLinear) and type(model.llma.output) is PanelLinear
@@ -283,16 +289,7 @@ def test_a_loaded_model_in_panels_matches_the_same_model_in_rows(tiny_llama_dir,
 def test_a_model_in_panels_gives_unrounded_float32_logits(tiny_llama_dir, monkeypatch):
     """The prompt path's head returns its float32 sums, as the native decode step does: rounded to
     bf16, logits near 25 are 0.125 apart and greedy decoding settles near ties by token order."""
-    if not panels_wanted():
-        pytest.skip("weights go into panels only on CPUs with AVX512-BF16 (and no AMX)")
-    from accessory.model.meta import MetaModel
-
-    def load():
-        return MetaModel.from_pretrained(str(tiny_llama_dir), dtype=torch.bfloat16, device="cpu", max_seq_len=64,
-                                         progress=False)
-    model = load()
-    monkeypatch.setenv("ACCESSORY_PANELS", "0")
-    rows = load()
+    model, rows = load_in_panels_and_in_rows(tiny_llama_dir, monkeypatch)
     ids = torch.tensor([model.tokenizer.encode("Hello world, once more", bos=True, eos=False)])
     with torch.inference_mode():
         got, theirs = model.llma.forward_tokens(ids), rows.llma.forward_tokens(ids)
