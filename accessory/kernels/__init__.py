@@ -89,6 +89,12 @@ def quant_kernel_name() -> str:
     return _kernel_choice("ACCESSORY_QUANT_KERNEL", "gemv_quant", cpu_supports_avx512_vnni())
 
 
+def switched_off(variable: str) -> bool:
+    """Whether the environment turns an on-by-default setting off: ``variable`` set to 0, false,
+    no or off (any case, spaces around ignored)."""
+    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def native_kernels_enabled() -> bool:
     return os.environ.get("ACCESSORY_NATIVE_KERNELS", "1") not in ("0", "false", "no") and \
         sys.platform.startswith("linux") and cpu_supports_avx2()

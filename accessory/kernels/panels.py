@@ -130,7 +130,7 @@ def panel_linear(x: torch.Tensor, panels: torch.Tensor, out_features: int,
     y = torch.empty((rows, out_features), dtype=torch.float32)
     if rows and out_features:
         x2 = x.reshape(rows, in_features).contiguous()
-        scratch = scratch_floats(library.accessory_packed_bf16_scratch_floats(rows, in_features))
+        scratch = scratch_floats(scratch_floats_needed(rows, in_features))
         function = library.accessory_packed_bf16 if x.dtype is torch.bfloat16 else library.accessory_packed_bf16_f32
         function(panels.data_ptr(), x2.data_ptr(), scratch.data_ptr(), y.data_ptr(), rows, out_features, in_features)
     if bias is not None:

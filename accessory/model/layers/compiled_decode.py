@@ -23,7 +23,6 @@ failed once (said in a warning; the process then keeps to the modules).
 """
 
 import logging
-import os
 import types
 from typing import Callable, Dict, Optional, Tuple
 
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels import switched_off
 from .attention import visibility_mask
 from .decoder import hooked, plain_block
 from .linear import FusedLinear
@@ -46,7 +46,7 @@ _failed = False
 
 
 def compile_enabled() -> bool:
-    return not _failed and os.environ.get("ACCESSORY_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return not _failed and not switched_off("ACCESSORY_COMPILE")
 
 
 def _layer_step(n_q: int, n_kv: int, head_dim: int, eps: float) -> Callable:

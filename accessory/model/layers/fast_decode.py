@@ -22,8 +22,9 @@ Both return None, and the caller runs its torch modules, whenever anything is no
 kernels handle: not the CPU, more rows than ``max_step_rows`` allows (16 to ``MAX_ROWS``, by the
 products' kinds and the CPU), weights that are not bf16 (in rows or in panels, see
 ``panel_linear``) or packed int8/int4/nf4, q/k/v or w1/w3 not fused, biases or LoRA, a forward
-hook on any module (the model-parallel all-reduce is one), a cache that is not bf16 or float32, gradients wanted, a token
-or position out of range (the torch path raises the error), or ``ACCESSORY_FAST_DECODE=0``."""
+hook on any module (the model-parallel all-reduce is one), a cache that is not bf16 or float32,
+gradients wanted, a token or position out of range (the torch path raises the error), or
+``ACCESSORY_FAST_DECODE=0``."""
 
 import ctypes
 import math
@@ -103,8 +104,7 @@ class _Product:
                     not panels.is_contiguous() or float32_product() is None:
                 return None
             product.kind, product.pointers, product.group_size = "panels", (panels.data_ptr(),), 0
-            product.out_features, product.in_features = \
-                source.panel_shape if type(source) is PanelLinear else (source.out_features, source.in_features)
+            product.out_features, product.in_features = source.panel_shape
             return product
         if isinstance(source, FusedQuantLinear) or type(source) is QuantLinear:
             if type(source) is QuantLinear and (source.bias is not None or source.lora_a is not None):

@@ -23,13 +23,12 @@ against another thread's forward through the same module.
 """
 
 import logging
-import os
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from ...kernels import cpu_flags
+from ...kernels import cpu_flags, switched_off
 from ...kernels.linear import NativeLinear
 from ...kernels.panels import PANEL_ROWS, pack, panel_elements, panel_linear, panels_available, unpack
 from ...quant.memory import release_file_pages
@@ -42,9 +41,7 @@ _CONVERTIBLE = (nn.Linear, NativeLinear)
 def panels_wanted() -> bool:
     """Whether bf16 CPU weights go into panels here: the kernels run (AVX512-BF16, a compiler), the
     CPU has no AMX, and ``ACCESSORY_PANELS`` is not 0."""
-    if os.environ.get("ACCESSORY_PANELS", "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    return panels_available() and "amx_bf16" not in (cpu_flags() or ())
+    return not switched_off("ACCESSORY_PANELS") and panels_available() and "amx_bf16" not in (cpu_flags() or ())
 
 
 class PanelLinear(nn.Linear):
@@ -74,8 +71,7 @@ class PanelLinear(nn.Linear):
             super().__delattr__(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or \
-                (torch.is_grad_enabled() and (x.requires_grad or self.panels.requires_grad)):
+        if not _panels_multiply(x, self.panels):
             return to_row_major(self)(x)  # torch's product: its autograd, its errors
         return panel_linear(x, self.panels, self.panel_shape[0], self.bias)
 
@@ -112,6 +108,19 @@ class PanelLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight in 16-row panels"
+
+
+def _panels_multiply(x: torch.Tensor, panels: torch.Tensor) -> bool:
+    """Whether the panel product takes ``x``: a bf16 or float32 CPU input, and no gradient that
+    autograd would have to follow through it."""
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and \
+        not (torch.is_grad_enabled() and (x.requires_grad or panels.requires_grad))
+
+
+def _one_run(shapes) -> bool:
+    """Whether weights of these (out, in) shapes can be one run of panels, each a whole part of it:
+    one input size, and row counts that are multiples of 16 but for the last."""
+    return len({inputs for _, inputs in shapes}) == 1 and not any(rows % PANEL_ROWS for rows, _ in shapes[:-1])
 
 
 def _convertible(module: nn.Module) -> bool:
@@ -168,14 +177,13 @@ def use_panels(model: nn.Module) -> int:
         uses[id(parameter)] = uses.get(id(parameter), 0) + 1
 
     def convertible(module) -> bool:
-        weight = module._parameters.get("weight") if type(module) in _CONVERTIBLE else None
-        return weight is not None and uses.get(id(weight)) == 1 and _convertible(module)
+        return _convertible(module) and uses.get(id(module._parameters["weight"])) == 1
     count = 0
     for parent in list(model.modules()):
         children = [parent._modules.get(name) for name in getattr(parent, "fused_children", ())]
         if children and all(child is not None and convertible(child) and child.bias is None for child in children):
             shapes = [tuple(child._parameters["weight"].shape) for child in children]
-            if len({inputs for _, inputs in shapes}) == 1 and not any(rows % PANEL_ROWS for rows, _ in shapes[:-1]):
+            if _one_run(shapes):
                 run = torch.empty(sum(panel_elements(*shape) for shape in shapes), dtype=torch.bfloat16)
                 start = 0
                 for child, shape in zip(children, shapes):
@@ -197,6 +205,7 @@ class FusedPanelLinear(FusedViews):
         self.in_features = modules[0].panel_shape[1]
         self.sizes = [m.panel_shape[0] for m in modules]
         self.out_features = sum(self.sizes)
+        self.panel_shape = (self.out_features, self.in_features)  # as a PanelLinear's
         parts = [m.panels.detach() for m in modules]
         if all(b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr() and
                b.data_ptr() == a.data_ptr() + a.numel() * a.element_size() for a, b in zip(parts, parts[1:])):
@@ -213,8 +222,7 @@ class FusedPanelLinear(FusedViews):
         self.watch_views(modules, "panels")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or \
-                (torch.is_grad_enabled() and (x.requires_grad or self.modules[0].panels.requires_grad)):
+        if not _panels_multiply(x, self.modules[0].panels):  # (the modules' parameters carry requires_grad)
             return torch.cat([module(x) for module in self.modules], dim=-1)
         return panel_linear(x, self.panels, self.out_features)
 
@@ -225,6 +233,4 @@ def fuse_panel_linears(modules: Sequence[nn.Module]) -> Optional[FusedPanelLinea
     of the fused matrix's); else None."""
     if not all(type(m) is PanelLinear and m.bias is None for m in modules):
         return None
-    if len({m.panel_shape[1] for m in modules}) != 1 or any(m.panel_shape[0] % PANEL_ROWS for m in modules[:-1]):
-        return None
-    return FusedPanelLinear(modules)
+    return FusedPanelLinear(modules) if _one_run([m.panel_shape for m in modules]) else None
