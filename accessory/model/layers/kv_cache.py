@@ -5,6 +5,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ...quant.memory import zeros_in_huge_pages
+
 
 def cache_dtype(weight_dtype: torch.dtype, device: torch.device, native: bool = False) -> torch.dtype:
     """The dtype to keep keys and values in: the model's, except on a CPU, where a half-precision
@@ -33,8 +35,17 @@ class KVCache:
     def __init__(self, n_layers: int, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
         shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.keys: List[torch.Tensor] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.values: List[torch.Tensor] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        if torch.device(device).type == "cpu":
+            # one allocation in 2 MiB pages where the system gives them (quant/memory.py): a
+            # decode step reads every layer's keys and values after its weights have evicted them
+            # from the caches and the TLB
+            size = batch_size * n_kv_heads * max_len * head_dim
+            every = zeros_in_huge_pages(2 * n_layers * size, dtype).view(2 * n_layers, *shape)
+            self.keys: List[torch.Tensor] = list(every[:n_layers].unbind())
+            self.values: List[torch.Tensor] = list(every[n_layers:].unbind())
+        else:
+            self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+            self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_len = max_len
         self._planned_for: Optional[torch.Tensor] = None
         self._plan = None

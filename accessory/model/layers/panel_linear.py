@@ -31,7 +31,7 @@ from torch import nn
 from ...kernels import cpu_flags, switched_off
 from ...kernels.linear import NativeLinear
 from ...kernels.panels import PANEL_ROWS, pack, panel_elements, panel_linear, panels_available, unpack
-from ...quant.memory import release_file_pages
+from ...quant.memory import release_file_pages, zeros_in_huge_pages
 from .fused import FusedViews
 
 log = logging.getLogger(__name__)
@@ -178,21 +178,23 @@ def use_panels(model: nn.Module) -> int:
 
     def convertible(module) -> bool:
         return _convertible(module) and uses.get(id(module._parameters["weight"])) == 1
-    count = 0
+    order, grouped = [], set()  # the modules to convert, each fused group's members side by side
     for parent in list(model.modules()):
         children = [parent._modules.get(name) for name in getattr(parent, "fused_children", ())]
-        if children and all(child is not None and convertible(child) and child.bias is None for child in children):
-            shapes = [tuple(child._parameters["weight"].shape) for child in children]
-            if _one_run(shapes):
-                run = torch.empty(sum(panel_elements(*shape) for shape in shapes), dtype=torch.bfloat16)
-                start = 0
-                for child, shape in zip(children, shapes):
-                    size = panel_elements(*shape)
-                    count += to_panels(child, into=run[start:start + size])
-                    start += size
-    for module in list(model.modules()):
-        if convertible(module) and to_panels(module):
-            count += 1
+        if children and all(child is not None and convertible(child) and child.bias is None and
+                            id(child) not in grouped for child in children) and \
+                _one_run([tuple(child._parameters["weight"].shape) for child in children]):
+            order.extend(children)
+            grouped.update(id(child) for child in children)
+    order.extend(module for module in model.modules() if convertible(module) and id(module) not in grouped)
+    sizes = [panel_elements(*module._parameters["weight"].shape) for module in order]
+    # one allocation for all of them, in 2 MiB pages where the system gives them
+    # (quant/memory.py); a group's members side by side, so each group is one run
+    arena = zeros_in_huge_pages(sum(sizes), torch.bfloat16)
+    start = count = 0
+    for module, size in zip(order, sizes):
+        count += to_panels(module, into=arena[start:start + size])
+        start += size
     return count
 
 
