@@ -1,7 +1,7 @@
 """Decode and prefill speed of Accessory's engine against HF transformers and llama.cpp on the same random weights.
 
     python benchmarks/decode.py [--shapes XS S] [--peers hf llama.cpp] [--gguf-types f16 q8_0 q4_0]
-                                [--threads 2] [--new-tokens 32] [--repeats 3]
+                                [--threads 2] [--new-tokens 32] [--repeats 3] [--small-pages]
 
 Shapes: XS (dim 768, 12 layers, 12 heads, FFN 2048, vocab 32000) and S (TinyLlama-1.1B: dim 2048,
 22 layers, 32 heads, 4 KV heads, FFN 5632). The default runs XS only (minutes on 2 quiet cores); S with
@@ -20,6 +20,8 @@ ids in one batch), with llama.cpp's default context settings, n_threads = --thre
 our bf16; Q8_0 with our int8 and Q4_0 with our int4 (MetaModel quant=; Q4_0 keeps the output head Q8_0
 as our int4 keeps it 8-bit). Prints tables with accessory / HF and accessory / llama.cpp ratios.
 The GGUF files are written once next to the random checkpoint in --workdir and reused by later runs.
+--small-pages adds ours bf16 with ACCESSORY_HUGE_PAGES=0 (weights and KV cache in 4 KiB pages) to the
+same rounds, and its ratio.
 Measure on a quiet machine: with other jobs on the cores every engine's numbers swing by 2x or more.
 """
 
@@ -34,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -131,13 +134,16 @@ def prompts(batch: int, length: int):
     return torch.randint(100, VOCAB, (batch, length), generator=gen)
 
 
-def ours_runner(model: MetaModel):
+def ours_runner(model: MetaModel, environment: dict = None):
+    """``environment``: variables set while it runs (the KV cache is allocated per run)."""
     engine = GenerationEngine(model.llma, model.tokenizer, eos_ids=[])  # no early stop on random weights
 
     def run(ids: torch.Tensor, new_tokens: int):
-        for _ in engine.run(ids.tolist(), [new_tokens] * ids.shape[0], SamplingParams()):
-            pass
+        with mock.patch.dict(os.environ, environment or {}):
+            for _ in engine.run(ids.tolist(), [new_tokens] * ids.shape[0], SamplingParams()):
+                pass
     return run
+
 
 
 def hf_runner(hf):
@@ -294,6 +300,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "accessory-bench"))
+    parser.add_argument("--small-pages", action="store_true",
+                        help="also run ours bf16 with its weights and KV cache in 4 KiB pages (ACCESSORY_HUGE_PAGES=0)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -317,6 +325,10 @@ def main() -> None:
                           flush=True)
                     if "hf" in args.peers:
                         runners["hf"] = hf_runner(to_hf(model))  # (reads the state_dict: the panels stay)
+                    if args.small_pages:
+                        small = {"ACCESSORY_HUGE_PAGES": "0"}
+                        with mock.patch.dict(os.environ, small):
+                            runners["bf16 4k"] = ours_runner(load_ours(directory, weights), small)
             for gguf_type, path in export_ggufs(directory, gguf_types).items():
                 peers.append(LlamaCpp(path, args.threads, max_tokens=128 + args.new_tokens + 1))
                 runners[f"llama.cpp {gguf_type}"] = peers[-1].run
@@ -334,6 +346,8 @@ def main() -> None:
 
     header = f"{args.threads} threads, {args.new_tokens} new tokens, median of {args.repeats} interleaved rounds"
     columns = ["ours bf16"]
+    if args.small_pages:
+        columns += ["ours 4k pages", "x 4k pages"]
     if "hf" in args.peers:
         columns += ["HF bf16", "x HF"]
     if "f16" in gguf_types or "bf16" in gguf_types:
@@ -346,10 +360,13 @@ def main() -> None:
             for column in columns:
                 if column == "x HF":
                     values.append(ratio(shape, "bf16", "hf", metric))
+                elif column == "x 4k pages":
+                    values.append(ratio(shape, "bf16", "bf16 4k", metric))
                 elif column.startswith("x llama.cpp"):
                     values.append(ratio(shape, "bf16", column[2:], metric))
                 else:
-                    values.append(value(shape, {"ours bf16": "bf16", "HF bf16": "hf"}.get(column, column), metric))
+                    values.append(value(shape, {"ours bf16": "bf16", "HF bf16": "hf", "ours 4k pages": "bf16 4k"}
+                                        .get(column, column), metric))
             rows.append((shape, metric, values))
     print_table(f"16-bit weights, tok/s ({header})", columns, rows)
     quantized = [t for t in gguf_types if t in ("q8_0", "q4_0")]
