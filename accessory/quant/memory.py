@@ -11,6 +11,7 @@ import torch
 from ..kernels import switched_off
 
 _MADV_DONTNEED = 4
+_MADV_POPULATE_WRITE = 23  # Linux 5.14; not in Python 3.11's mmap module
 HUGE_PAGE = 2 << 20
 
 
@@ -103,12 +104,12 @@ def zeros_in_huge_pages(numel: int, dtype: torch.dtype) -> torch.Tensor:
     can (:func:`huge_pages_available`, at least one page's worth), else ``torch.zeros``.
 
     Memory read once per decode step, the weights and the KV cache, is read far beyond what the
-    TLB covers in 4 KiB pages (3072 entries: 12 MiB); each new page is a page-table walk. Weights
-    in 2 MiB pages made the products of a 768-wide, 12-layer model's decode step 1.09-1.15x faster
-    here, one row or 16 (benchmarks/README.md, session 16). The memory is a private anonymous
-    mapping aligned to 2 MiB (a C heap block is neither aligned nor necessarily fresh, and pages
-    already touched stay small); its unaligned head is never touched, so it is never resident.
-    The tensor keeps the mapping alive; it is freed with the last tensor that views it."""
+    TLB covers in 4 KiB pages (3072 entries: 12 MiB); each new page is a page-table walk. Both in
+    2 MiB pages made a 768-wide, 12-layer model's decode step 1.2-1.5x faster here at one row and
+    1.06-1.13x at 16 (benchmarks/README.md, session 16). The memory is a private anonymous mapping
+    aligned to 2 MiB (a C heap block is neither aligned nor necessarily fresh, and pages already
+    touched stay small): its unaligned head is never touched, so never resident; the rest is made
+    resident at once. The tensor keeps the mapping alive; it goes with the last tensor viewing it."""
     size = numel * torch.empty(0, dtype=dtype).element_size()
     if size < HUGE_PAGE or not huge_pages_available():
         return torch.zeros(numel, dtype=dtype)
@@ -119,5 +120,11 @@ def zeros_in_huge_pages(numel: int, dtype: torch.dtype) -> torch.Tensor:
     try:
         mapping.madvise(mmap.MADV_HUGEPAGE, start, span)
     except OSError:  # refused (a kernel without THP for anonymous memory): small pages, still zeros
+        return whole[start:start + size].view(dtype)
+    try:
+        # resident now rather than page by page later, while a prompt's forward writes the cache:
+        # its faults there made XS's 128-token prefill 3-7% slower (engine runs, alternating)
+        mapping.madvise(_MADV_POPULATE_WRITE, start, span)
+    except OSError:  # before Linux 5.14: faulted in on first use instead
         pass
     return whole[start:start + size].view(dtype)
