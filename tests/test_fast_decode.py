@@ -231,13 +231,14 @@ def test_a_weight_read_between_steps_puts_it_back_in_rows_and_the_step_follows(m
 def test_a_model_stays_copyable_and_its_copy_decodes_alike(monkeypatch):
     model = tiny()
     first = decode_logits(model, monkeypatch=monkeypatch)
-    twin = copy.deepcopy(model)  # a deep copy no longer shares the fused matrices: torch path
-    torch.testing.assert_close(decode_logits(twin, monkeypatch=monkeypatch),
-                               decode_logits(twin, fast=False, monkeypatch=monkeypatch), atol=0, rtol=0)
-    assert not uses_fast_path(twin)
-    twin.fuse_projections()
+    twin = copy.deepcopy(model)  # fused over its own copies (FusedViews.__deepcopy__): the native step
     assert torch.equal(decode_logits(twin, monkeypatch=monkeypatch), first)
     assert uses_fast_path(twin)
+    with torch.no_grad():  # and it reads the copy's weights, not the original's
+        twin.layers[0].feed_forward.w2.weight.mul_(2)
+    edited = decode_logits(twin, monkeypatch=monkeypatch)
+    assert (edited - first).abs().max() > 0.05 * first.abs().max()
+    assert torch.equal(decode_logits(model, monkeypatch=monkeypatch), first)
 
 
 def rotate_reference(x, cos, sin, interleaved):
@@ -501,10 +502,15 @@ def test_a_replaced_layer_is_noticed(monkeypatch):
     model = tiny()
     decode_logits(model, steps=1, monkeypatch=monkeypatch)
     assert uses_fast_path(model)
-    model.layers[1] = copy.deepcopy(model.layers[1])  # its own q/k/v, no longer fused: the modules' path
-    torch.testing.assert_close(decode_logits(model, monkeypatch=monkeypatch),
-                               decode_logits(model, fast=False, monkeypatch=monkeypatch), atol=0, rtol=0)
-    assert not uses_fast_path(model)
+    first = decode_logits(model, monkeypatch=monkeypatch)
+    replacement = copy.deepcopy(model.layers[1])
+    with torch.no_grad():
+        replacement.attention.wo.weight.mul_(3)
+    model.layers[1] = replacement  # the step's plans must follow it to its own weights
+    edited = decode_logits(model, monkeypatch=monkeypatch)
+    assert uses_fast_path(model) and (edited - first).abs().max() > 0.05 * first.abs().max()
+    torch.testing.assert_close(edited, decode_logits(model, fast=False, monkeypatch=monkeypatch),
+                               atol=0.01 * edited.abs().max().item(), rtol=0)
 
 
 def test_two_caches_stepped_in_turn_each_keep_their_own_rows(monkeypatch):

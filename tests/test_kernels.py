@@ -162,6 +162,38 @@ def test_any_fused_module_changed_unfuses_the_product(change, which):
     assert not still_fused(attention._wqkv)
 
 
+@pytest.mark.parametrize("kind", ["rows", "panels", "int8"])
+def test_a_deep_copy_of_a_fused_block_is_fused_over_its_own_copies(kind):
+    """Each parameter deep-copies on its own, so a field-by-field copy of the fused product would
+    back none of the copied modules (the copy would run unfused; for panels it would also copy the
+    whole allocation the panels share): the copy fuses the copied modules again."""
+    import copy
+    from accessory.model.LLM.llama import Attention, ModelArgs
+    from accessory.model.layers.panel_linear import panels_wanted, use_panels
+    from accessory.quant import QuantScheme, quantize_model
+    torch.manual_seed(0)
+    attention = Attention(ModelArgs(dim=64, n_heads=4, n_kv_heads=2)).bfloat16()
+    if kind == "panels":
+        if not panels_wanted():
+            pytest.skip("use_panels packs only on CPUs with AVX512-BF16 (and no AMX)")
+        assert use_panels(attention) == 4  # all four in one allocation
+    elif kind == "int8":
+        quantize_model(attention, QuantScheme("int8"))
+    attention.fuse()
+    twin = copy.deepcopy(attention)
+    assert still_fused(twin._wqkv) and twin._wqkv is not attention._wqkv
+    assert twin._wqkv.owners[0][2] is twin.wq  # watches the copy's children, not the original's
+    if kind == "panels":  # its own run, not a copy of everything the original's shared memory held
+        assert twin._wqkv.panels.untyped_storage().nbytes() == twin._wqkv.panels.numel() * 2
+    x = torch.randn(3, 64).bfloat16()
+    with torch.inference_mode():
+        assert torch.equal(twin._wqkv(x), attention._wqkv(x))
+        for name in ("wq", "wk", "wv"):  # each copied module's output is its part of the fused one
+            assert torch.equal(getattr(twin, name)(x), getattr(attention, name)(x))
+    setattr(twin, "wk", torch.nn.Linear(64, 32, bias=False))  # the copy's own modules are watched
+    assert not still_fused(twin._wqkv) and still_fused(attention._wqkv)
+
+
 def test_biased_or_lora_linears_are_not_fused():
     assert fuse_linears(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4, bias=False)) is None
     assert fuse_linears(LoraLinear(4, 4, bias=False, lora_rank=2), torch.nn.Linear(4, 4, bias=False)) is None

@@ -1,5 +1,6 @@
 """What a fused product (one matrix product for several linears sharing one input) relies on."""
 
+import copy
 from typing import Sequence
 
 from torch import nn
@@ -24,7 +25,20 @@ class FusedViews:
     def watch_views(self, modules: Sequence[nn.Module], name: str) -> None:
         """Remember each module's ``name`` parameter as it is now: (parameters, name, address),
         the entries ``fast_decode``'s watch re-reads before each step."""
+        self.fused_modules = list(modules)
         self.views = [(module._parameters, name, module._parameters[name].data_ptr()) for module in modules]
+
+    def __deepcopy__(self, memo) -> "FusedViews":
+        """The copies of the modules fused again. A field-by-field copy would not be what they
+        view (each parameter deep-copies on its own): the copied model would run unfused, and a
+        fused matrix that is a view of a larger allocation (weights in panels share one) would
+        copy all of it."""
+        from .linear import fuse_linears  # (linear.py imports this module)
+        fused = fuse_linears(*(copy.deepcopy(module, memo) for module in self.fused_modules))
+        if fused is not None and self.owners:
+            fused.owners = copy.deepcopy(self.owners, memo)
+        memo[id(self)] = fused
+        return fused
 
     def backs(self) -> bool:
         for children, name, module in self.owners:
