@@ -252,9 +252,24 @@ def rotate_reference(x, cos, sin, interleaved):
 @pytest.mark.parametrize("interleaved", [True, False])
 @pytest.mark.parametrize("head_dim,n_heads,n_kv_heads,length",  # each path: 64, 128, other multiples of 8, 20
                          [(16, 4, 2, 10), (20, 6, 1, 150), (24, 3, 3, 67), (64, 8, 8, 70), (128, 4, 2, 133)])
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_attend_step_kernel(interleaved, head_dim, n_heads, n_kv_heads, length, cache_dtype):
+@pytest.mark.parametrize("kind", ["f32", "bf16", "bf16-avx512"])
+def test_attend_step_kernel(interleaved, head_dim, n_heads, n_kv_heads, length, kind):
+    """Against float32 attention; a bf16 cache with head size 64 or 128 on a CPU with AVX512-BF16
+    (``bf16-avx512``) scores with the query rounded to bf16, so there against that query."""
     kernels = decode_kernels()
+    cache_dtype = torch.float32 if kind == "f32" else torch.bfloat16
+    before = kernels.attention_avx512(-1)
+    try:
+        if kernels.attention_avx512(int(kind == "bf16-avx512")) != (kind == "bf16-avx512"):
+            pytest.skip("this CPU (or compiler) has no AVX512-BF16")
+        attend_step_against_reference(kernels, interleaved, head_dim, n_heads, n_kv_heads, length, cache_dtype,
+                                      bf16_query=kind == "bf16-avx512" and head_dim in (64, 128))
+    finally:
+        kernels.attention_avx512(before)
+
+
+def attend_step_against_reference(kernels, interleaved, head_dim, n_heads, n_kv_heads, length, cache_dtype,
+                                  bf16_query):
     gen = torch.Generator().manual_seed(head_dim + length)
     rows, max_len = 3, 160
     positions = torch.tensor([length - 1, 0, length // 2])
@@ -273,7 +288,8 @@ def test_attend_step_kernel(interleaved, head_dim, n_heads, n_kv_heads, length, 
         want_keys[m, :, p], want_values[m, :, p] = k[m], v[m]  # (rounded to the cache's dtype as torch does)
         for h in range(n_heads):
             g = h // (n_heads // n_kv_heads)
-            scores = want_keys[m, g, :p + 1].float() @ q[m, h] / math.sqrt(head_dim)
+            query = q[m, h].bfloat16().float() if bf16_query else q[m, h]
+            scores = want_keys[m, g, :p + 1].float() @ query / math.sqrt(head_dim)
             want[m, h] = scores.softmax(-1) @ want_values[m, g, :p + 1].float()
     out = torch.empty(rows, n_heads * head_dim)
     kernels.attend_step(qkv.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), int(interleaved),

@@ -70,10 +70,13 @@ def _bind(library, name, argtypes, restype=None):
 def decode_kernels() -> Optional[SimpleNamespace]:
     """The kernels as ctypes functions (``decode_step``, ``argmax_rows``, the ``silu_mul`` and
     ``attend_step`` it runs, ``gemv_bf16``, ``gemv_int8``, ``gemv_q4``, and ``gemv_panels`` where
-    the panel library runs, else None), or None when they cannot be built here."""
+    the panel library runs, else None), or None when they cannot be built here.
+    ``attention_avx512(on)`` sets whether a bf16 cache's attention takes the AVX512-BF16 code
+    (-1: only asks; returns the setting in force): on where the bf16 products take the AVX512-BF16
+    library (``ACCESSORY_BF16_KERNEL=avx2`` keeps the AVX2 code for both)."""
     global _functions, _loaded
     if not _loaded:
-        ops, bf16, quant = load_library("decode_ops"), bf16_library()[1], quant_kernels()
+        (bf16_name, bf16), ops, quant = bf16_library(), load_library("decode_ops"), quant_kernels()
         if ops is not None:
             native, mirrors = native_layout(ops), layout_of_mirrors()
             if native != mirrors:
@@ -91,6 +94,8 @@ def decode_kernels() -> Optional[SimpleNamespace]:
                 gemv_int8=quant[0],
                 gemv_q4=quant[1],
                 gemv_panels=float32_product(),  # None where the panel library cannot run
+                attention_avx512=_bind(ops, "accessory_attention_avx512", [_INT], _INT),
             )
+            _functions.attention_avx512(int(bf16_name == "gemv_bf16_avx512"))
         _loaded = True
     return _functions

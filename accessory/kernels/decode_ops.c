@@ -158,6 +158,39 @@ static inline __attribute__((always_inline)) void weighted_values(const float *p
     }
 }
 
+/* One block of n scores (q.K[j]) into softmax weights: scaled, the running maximum raised to the
+ * block's when it is higher (what was summed so far, running_sum and out[0..hd), rescaled to it),
+ * then scores[j] = exp(score - max) added to running_sum. */
+static inline __attribute__((always_inline)) void softmax_block(float *scores, int64_t n, float scale,
+                                                                float *running_max, float *running_sum, float *out,
+                                                                int64_t hd) {
+    float block_max = -INFINITY;
+    int64_t j;
+    for (j = 0; j < n; ++j) {
+        scores[j] *= scale;
+        if (scores[j] > block_max) block_max = scores[j];
+    }
+    if (block_max > *running_max) {  /* rescale what was summed so far to the new maximum */
+        const float factor = expf(*running_max - block_max);
+        *running_sum *= factor;
+        for (int64_t d = 0; d < hd; ++d) out[d] *= factor;
+        *running_max = block_max;
+    }
+    /* the block's weights exp(score - max), eight at a time (a scalar expf was ~15 ns a key) */
+    const __m256 top = _mm256_set1_ps(*running_max);
+    __m256 sums = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n; j += 8) {
+        const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), top));
+        _mm256_storeu_ps(scores + j, p);
+        sums = _mm256_add_ps(sums, p);
+    }
+    *running_sum += hsum8(sums);
+    for (; j < n; ++j) {
+        scores[j] = expf(scores[j] - *running_max);
+        *running_sum += scores[j];
+    }
+}
+
 /* One query head over keys 0..n_keys-1 of one cache head: out = softmax(q.K^T * scale) V, by
  * blocks of keys with a running maximum (one pass over the cache). */
 static inline __attribute__((always_inline)) void attend_head_kv(const float *q, const void *K, const void *V,
@@ -175,30 +208,7 @@ static inline __attribute__((always_inline)) void attend_head_kv(const float *q,
         if (by4)
             for (; j + 4 <= n; j += 4) dot4(q, Kb + j * hd * size, hd, scores + j, BF16);
         for (; j < n; ++j) scores[j] = dot(q, Kb + j * hd * size, hd, BF16);
-        float block_max = -INFINITY;
-        for (j = 0; j < n; ++j) {
-            scores[j] *= scale;
-            if (scores[j] > block_max) block_max = scores[j];
-        }
-        if (block_max > running_max) {  /* rescale what was summed so far to the new maximum */
-            const float factor = expf(running_max - block_max);
-            running_sum *= factor;
-            for (int64_t d = 0; d < hd; ++d) out[d] *= factor;
-            running_max = block_max;
-        }
-        /* the block's weights exp(score - max), eight at a time (a scalar expf was ~15 ns a key) */
-        const __m256 top = _mm256_set1_ps(running_max);
-        __m256 sums = _mm256_setzero_ps();
-        for (j = 0; j + 8 <= n; j += 8) {
-            const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), top));
-            _mm256_storeu_ps(scores + j, p);
-            sums = _mm256_add_ps(sums, p);
-        }
-        running_sum += hsum8(sums);
-        for (; j < n; ++j) {
-            scores[j] = expf(scores[j] - running_max);
-            running_sum += scores[j];
-        }
+        softmax_block(scores, n, scale, &running_max, &running_sum, out, hd);
         if (hd == 64) weighted_values(scores, Vb, n, hd, out, 64, BF16);
         else if (hd == 128) weighted_values(scores, Vb, n, hd, out, 128, BF16);
         else weighted_values(scores, Vb, n, hd, out, 0, BF16);
@@ -207,9 +217,97 @@ static inline __attribute__((always_inline)) void attend_head_kv(const float *q,
     for (int64_t d = 0; d < hd; ++d) out[d] *= inv;
 }
 
+/* The same over a bf16 cache with AVX-512 (CPUs with AVX512-BF16; head sizes 64 and 128, as HD):
+ * the scores by VDPBF16PS on the query rounded to bf16 (to nearest even, as a bf16 model's
+ * projection returns it to torch; the products exact, their sums in float32), the weighted values
+ * 16 at a time (the same float32 multiply-adds in the same order as weighted_values). Over the
+ * AVX2 code's keys widened 8 at a time: XS's 16-row decode step 1.03-1.04x (benchmarks/README.md,
+ * session 16), the attention a sixth of it. */
+#if defined(__clang__) ? __clang_major__ >= 11 : (defined(__GNUC__) && __GNUC__ >= 10)
+#define HAVE_AVX512_ATTENTION 1
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+static inline __attribute__((always_inline)) BF16_TARGET __m512 widen16(const uint16_t *v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)v)), 16));
+}
+
+static inline __attribute__((always_inline)) BF16_TARGET void attend_head_avx512(
+        const float *q, const uint16_t *K, const uint16_t *V, int64_t n_keys, float scale, float *out, const int HD) {
+    __m512bh qb[HD / 32];
+    for (int c = 0; c < HD / 32; ++c)
+        qb[c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + 32 * c + 16), _mm512_loadu_ps(q + 32 * c));
+    __m512 acc[HD / 16];
+    for (int d = 0; d < HD / 16; ++d) acc[d] = _mm512_setzero_ps();
+    float running_max = -INFINITY, running_sum = 0.0f, scores[KEY_BLOCK], sums[HD];
+    for (int64_t j0 = 0; j0 < n_keys; j0 += KEY_BLOCK) {
+        const int64_t n = n_keys - j0 < KEY_BLOCK ? n_keys - j0 : KEY_BLOCK;
+        const uint16_t *Kb = K + j0 * HD, *Vb = V + j0 * HD;
+        int64_t j = 0;
+        for (; j + 4 <= n; j += 4) {  /* four keys' 16-lane sums, then one shared reduction */
+            __m512 a[4];
+            for (int t = 0; t < 4; ++t) {
+                a[t] = _mm512_setzero_ps();
+                for (int c = 0; c < HD / 32; ++c)
+                    a[t] = _mm512_dpbf16_ps(a[t], (__m512bh)_mm512_loadu_si512(Kb + (j + t) * HD + 32 * c), qb[c]);
+            }
+            __m256 h[4];
+            for (int t = 0; t < 4; ++t)
+                h[t] = _mm256_add_ps(_mm512_castps512_ps256(a[t]),
+                                     _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[t]), 1)));
+            const __m256 x = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+            _mm_storeu_ps(scores + j, _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1)));
+        }
+        for (; j < n; ++j) {
+            __m512 a = _mm512_setzero_ps();
+            for (int c = 0; c < HD / 32; ++c)
+                a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(Kb + j * HD + 32 * c), qb[c]);
+            scores[j] = _mm512_reduce_add_ps(a);
+        }
+        for (int d = 0; d < HD / 16; ++d) _mm512_storeu_ps(sums + 16 * d, acc[d]);
+        softmax_block(scores, n, scale, &running_max, &running_sum, sums, HD);
+        for (int d = 0; d < HD / 16; ++d) acc[d] = _mm512_loadu_ps(sums + 16 * d);
+        for (j = 0; j < n; ++j) {
+            const __m512 pj = _mm512_set1_ps(scores[j]);
+            for (int d = 0; d < HD / 16; ++d) acc[d] = _mm512_fmadd_ps(pj, widen16(Vb + j * HD + 16 * d), acc[d]);
+        }
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / running_sum);
+    for (int d = 0; d < HD / 16; ++d) _mm512_storeu_ps(out + 16 * d, _mm512_mul_ps(acc[d], inv));
+}
+
+BF16_TARGET static void attend_head_avx512_64(const float *q, const uint16_t *K, const uint16_t *V, int64_t n,
+                                              float scale, float *out) {
+    attend_head_avx512(q, K, V, n, scale, out, 64);
+}
+
+BF16_TARGET static void attend_head_avx512_128(const float *q, const uint16_t *K, const uint16_t *V, int64_t n,
+                                               float scale, float *out) {
+    attend_head_avx512(q, K, V, n, scale, out, 128);
+}
+#else  /* a compiler without AVX512-BF16 intrinsics: the AVX2 code only */
+#define HAVE_AVX512_ATTENTION 0
+#define attend_head_avx512_64(q, K, V, n, scale, out) attend_head_kv(q, K, V, n, 64, scale, out, 1)
+#define attend_head_avx512_128(q, K, V, n, scale, out) attend_head_kv(q, K, V, n, 128, scale, out, 1)
+#endif
+
+/* Whether bf16 caches of head size 64 / 128 take attend_head_avx512: -1 until first asked (then
+ * where the CPU has AVX512-BF16), else as accessory_attention_avx512 last set it. */
+static int attention_avx512 = -1;
+
+/* Set whether they do (0 / 1; 1 counts only where the CPU has AVX512-BF16), or with -1 only ask;
+ * returns the setting in force. kernels/decode.py sets it once (ACCESSORY_BF16_KERNEL=avx2 keeps
+ * the AVX2 code), the tests to compare both. */
+int accessory_attention_avx512(int on) {
+    if (attention_avx512 < 0 || on >= 0)
+        attention_avx512 = HAVE_AVX512_ATTENTION && (on != 0) && __builtin_cpu_supports("avx512bf16");
+    return attention_avx512;
+}
+
 static void attend_head(const float *q, const void *K, const void *V, int64_t n_keys, int64_t hd, float scale,
-                        float *out, int kv_bf16) {
-    if (kv_bf16) attend_head_kv(q, K, V, n_keys, hd, scale, out, 1);
+                        float *out, int kv_bf16, int avx512) {
+    if (kv_bf16 && avx512 && hd == 64) attend_head_avx512_64(q, K, V, n_keys, scale, out);
+    else if (kv_bf16 && avx512 && hd == 128) attend_head_avx512_128(q, K, V, n_keys, scale, out);
+    else if (kv_bf16) attend_head_kv(q, K, V, n_keys, hd, scale, out, 1);
     else attend_head_kv(q, K, V, n_keys, hd, scale, out, 0);
 }
 
@@ -252,12 +350,13 @@ void accessory_attend_step(float *qkv, const int64_t *positions, const float *co
      * against the former threshold of 65536 (alternating runs, benchmarks/README.md). */
     int64_t work = 0;
     for (int64_t m = 0; m < M; ++m) work += (positions[m] + 1) * H * hd;
+    const int avx512 = accessory_attention_avx512(-1);
 #pragma omp parallel for schedule(static) if (work > 4096)
     for (int64_t task = 0; task < M * H; ++task) {
         const int64_t m = task / H, h = task % H, g = h / n_rep;
         const int64_t base = (m * KV + g) * L * hd * size;
         attend_head(qkv + m * width + h * hd, (const char *)k_cache + base, (const char *)v_cache + base,
-                    positions[m] + 1, hd, scale, out + m * H * hd + h * hd, kv_bf16);
+                    positions[m] + 1, hd, scale, out + m * H * hd + h * hd, kv_bf16, avx512);
     }
 }
 
