@@ -110,6 +110,25 @@ def test_long_bf16_inputs_without_native_bf16_are_computed_in_float32(monkeypatc
     torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-4 * expected.abs().max().item())
 
 
+@needs_kernel
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 7, "beyond"])  # the kernel; beyond its rows, torch's product
+def test_float32_out_gives_the_sums_unrounded(bias, rows):
+    from accessory.kernels.linear import max_kernel_rows
+    rows = max_kernel_rows() + 1 if rows == "beyond" else rows
+    torch.manual_seed(rows)
+    x, weight = torch.randn(rows, 96).bfloat16(), torch.randn(40, 96).bfloat16()
+    b = torch.randn(40).bfloat16() if bias else None
+    sums = linear(x, weight, b, float32_out=True)
+    assert sums.dtype is torch.float32 and sums.shape == (rows, 40)
+    expected = x.double() @ weight.double().T + (0 if b is None else b.double())
+    if rows <= max_kernel_rows():  # the kernel's float32 sums, and its bf16 result their rounding
+        torch.testing.assert_close(sums.double(), expected, atol=1e-4, rtol=1e-5)
+        assert torch.equal(sums.bfloat16(), linear(x, weight, b))
+    else:
+        torch.testing.assert_close(sums.double(), expected, atol=0, rtol=2 ** -7)
+
+
 def test_env_switch_disables_native_kernels(monkeypatch):
     monkeypatch.setenv("ACCESSORY_NATIVE_KERNELS", "0")
     assert native_kernels_enabled() is False

@@ -115,8 +115,10 @@ def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Te
     return linear_in_float32_blocks(x, weight.shape[0], lambda start, stop: weight[start:stop].float(), bias)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
-    """``x @ weight.T + bias``, through the native kernel when it applies."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, float32_out: bool = False) -> torch.Tensor:
+    """``x @ weight.T + bias``, through the native kernel when it applies. ``float32_out``: bf16
+    inputs give their float32 sums unrounded (the kernel sums in float32 anyway; elsewhere torch's
+    bf16 result widened)."""
     if (x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and x.device.type == "cpu"
             and weight.device.type == "cpu" and weight.is_contiguous() and not x.requires_grad
             and not weight.requires_grad):
@@ -126,19 +128,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
             x2 = x.reshape(rows, x.shape[-1]).contiguous()
             out_features, in_features = weight.shape
             scratch = scratch_floats(scratch_floats_needed(rows, in_features))
-            if bias is None:
+            if bias is None and not float32_out:
                 y = torch.empty((rows, out_features), dtype=torch.bfloat16)
                 kernel(weight.data_ptr(), x2.data_ptr(), scratch.data_ptr(), y.data_ptr(), None, rows, out_features,
                        in_features)
-            else:  # the bias added in float32, the sum rounded once
+            else:  # the bias added in float32, the sum rounded once (or not at all)
                 y = torch.empty((rows, out_features), dtype=torch.float32)
                 kernel(weight.data_ptr(), x2.data_ptr(), scratch.data_ptr(), None, y.data_ptr(), rows, out_features,
                        in_features)
-                y = y.add_(bias).bfloat16()
+                if bias is not None:
+                    y = y.add_(bias)
+                if not float32_out:
+                    y = y.bfloat16()
             return y.view(*x.shape[:-1], out_features)
         if rows > MAX_ROWS and not cpu_has_native_bf16():
-            return widened_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+            y = widened_linear(x, weight, bias)
+            return y.float() if float32_out else y
+    y = F.linear(x, weight, bias)
+    return y.float() if float32_out else y
 
 
 class NativeLinear(torch.nn.Linear):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels.linear import NativeLinear, linear as native_linear
 from ..layers.attention import attend
 from ..layers.compiled_decode import compiled_decode_layers
 from ..layers.decoder import CausalDecoder
@@ -241,13 +242,17 @@ class Transformer(CLIPPrefixMixin, CausalDecoder):
         return self.tok_embeddings(tokens)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The head's logits; on the CPU a bf16 head's float32 sums, unrounded, as the native decode
+        step gives them. Rounded to bf16 they are 0.125 apart near 25, and greedy decoding then
+        settles near ties by token order (SmolLM2's first answer token flipped that way)."""
         normed = self.norm(h)
-        if type(self.output) is PanelLinear:
-            # float32 in, float32 out: the sums unrounded, as the native decode step gives them.
-            # Rounded to bf16 they are 0.125 apart near 25, and greedy decoding then settles near
-            # ties by token order (SmolLM2's first answer token flipped that way)
-            return self.output(normed.float())
-        return self.output(normed)
+        output = self.output
+        if type(output) is PanelLinear:
+            return output(normed.float())  # (float32 in, float32 out)
+        if type(output) is NativeLinear and normed.dtype is torch.bfloat16 and not output._forward_hooks and \
+                not output._forward_pre_hooks:
+            return native_linear(normed, output.weight, output.bias, float32_out=True)
+        return output(normed)
 
     def _reference_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight
