@@ -98,3 +98,70 @@ def test_use_panels_puts_a_models_panels_in_one_advised_allocation():
         expected = x.double() @ weights["1.weight"].double().T
         torch.testing.assert_close(model[1](x).double(), expected, atol=2 ** -6 * expected.abs().max().item(),
                                    rtol=0)
+
+
+@needs_huge_pages
+def test_rows_in_huge_pages_moves_plain_weights_and_fusing_views_them():
+    """What ``use_panels`` leaves in rows (CPUs without AVX512-BF16, ``ACCESSORY_PANELS=0``): one
+    advised allocation, q/k/v side by side, and fusing them then copies nothing."""
+    from accessory.kernels.linear import use_native_linear
+    from accessory.model.LLM.llama import Attention, ModelArgs
+    from accessory.model.layers.linear import rows_in_huge_pages, still_fused
+    torch.manual_seed(0)
+    attention = Attention(ModelArgs(dim=1024, n_heads=8, n_kv_heads=4)).bfloat16()  # 6 MiB of weights
+    use_native_linear(attention)
+    weights = {name: tensor.clone() for name, tensor in attention.state_dict().items()}
+    x = torch.randn(3, 1024).bfloat16()
+    with torch.inference_mode():
+        before = {name: getattr(attention, name)(x) for name in ("wq", "wk", "wv", "wo")}
+    assert rows_in_huge_pages(attention) == 4
+    wq, wk, wv = (getattr(attention, name).weight for name in ("wq", "wk", "wv"))
+    assert "hg" in vm_flags(wq.data_ptr()) and wq.untyped_storage().data_ptr() == attention.wo.weight.untyped_storage().data_ptr()
+    assert wk.data_ptr() == wq.data_ptr() + wq.numel() * 2 and wv.data_ptr() == wk.data_ptr() + wk.numel() * 2
+    state = attention.state_dict()
+    assert all(torch.equal(state[name], weights[name]) for name in weights)
+    attention.fuse()
+    fused = attention._wqkv
+    assert still_fused(fused) and fused.weight.data_ptr() == wq.data_ptr() and fused.weight.shape == (2048, 1024)
+    with torch.inference_mode():
+        assert torch.equal(torch.cat([before[n] for n in ("wq", "wk", "wv")], dim=-1), fused(x))
+        assert torch.equal(attention.wo(x), before["wo"])
+
+
+def test_rows_in_huge_pages_leaves_tied_weights_and_small_models(monkeypatch):
+    from accessory.model.layers.linear import rows_in_huge_pages
+    model = nn.Sequential(nn.Linear(1024, 1024, bias=False), nn.Linear(1024, 1024, bias=False)).bfloat16()
+    model[1].weight = model[0].weight  # tied: 2 MiB, one parameter of two modules
+    assert rows_in_huge_pages(model) == 0 and model[1].weight is model[0].weight
+    assert rows_in_huge_pages(nn.Sequential(nn.Linear(64, 64).bfloat16())) == 0  # below one page
+    monkeypatch.setenv("ACCESSORY_HUGE_PAGES", "0")
+    assert rows_in_huge_pages(nn.Sequential(nn.Linear(2048, 1024).bfloat16())) == 0
+
+
+@needs_huge_pages
+def test_a_model_loaded_in_rows_holds_its_weights_in_huge_pages(tiny_llama_dir, monkeypatch):
+    """``from_pretrained`` where weights stay in rows: in one advised allocation (the page-size
+    threshold lowered for the tiny checkpoint), the same state_dict and greedy text as in 4 KiB
+    pages."""
+    import accessory.model.layers.linear as linear_module
+    import accessory.quant.memory as memory
+    from accessory.model.meta import MetaModel
+
+    def load():
+        return MetaModel.from_pretrained(str(tiny_llama_dir), dtype=torch.bfloat16, device="cpu", max_seq_len=64,
+                                         progress=False)
+    monkeypatch.setenv("ACCESSORY_PANELS", "0")
+    monkeypatch.setattr(memory, "HUGE_PAGE", 4096)
+    monkeypatch.setattr(linear_module, "HUGE_PAGE", 4096)
+    model = load()
+    wq = model.llma.layers[0].attention.wq.weight
+    assert "hg" in vm_flags(wq.data_ptr())
+    assert model.llma.layers[0].attention._wqkv.weight.data_ptr() == wq.data_ptr()  # fused as a view
+    monkeypatch.setenv("ACCESSORY_HUGE_PAGES", "0")
+    small = load()
+    assert "hg" not in vm_flags(small.llma.layers[0].attention.wq.weight.data_ptr())
+    ours, theirs = model.state_dict(), small.state_dict()
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    prompts = ["Hello world", "A much longer prompt than that"]
+    assert model.generate(prompts, max_gen_len=12, temperature=0) == small.generate(prompts, max_gen_len=12,
+                                                                                    temperature=0)

@@ -34,6 +34,7 @@ from ..generation.sampling import SamplingParams
 from ..quant import Quantizer, eligible_linears, make_shells, resolve_scheme
 from ..quant.checkpoint import read_quantization
 from .LLM import load_llama_type
+from .layers.linear import rows_in_huge_pages
 from .layers.multimodal import encode_for, image_offsets, insert_images
 from .layers.panel_linear import use_panels
 from .layers.tensor_parallel import add_collectives, check_supported, model_parallel_of, shard_meta_model
@@ -296,6 +297,7 @@ class MetaModel(nn.Module):
         if device.type == "cpu":
             use_native_linear(model)
             use_panels(model)
+            rows_in_huge_pages(model)  # (what use_panels left in rows)
         if hasattr(model.llma, "fuse_projections"):
             model.llma.fuse_projections()
         model.eval()
