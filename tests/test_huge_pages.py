@@ -50,12 +50,19 @@ def test_the_tensor_keeps_its_mapping_alive():
 
 
 def test_small_tensors_and_the_setting_give_ordinary_zeros(monkeypatch):
+    """``torch.zeros``: no mapping of its own (where the C heap then puts the memory is its affair:
+    once, late in a full run, a 4 MiB block from it sat in a range whose flags read ``hg``)."""
+    import mmap
+
+    def no_mapping(*args, **kwargs):
+        raise AssertionError("zeros_in_huge_pages mapped memory of its own")
+    monkeypatch.setattr(mmap, "mmap", no_mapping)
     small = zeros_in_huge_pages(1000, torch.float32)
-    assert small.shape == (1000,) and not small.any() and "hg" not in vm_flags(small.data_ptr())
+    assert small.shape == (1000,) and small.dtype is torch.float32 and not small.any()
     monkeypatch.setenv("ACCESSORY_HUGE_PAGES", "0")
     assert not huge_pages_available()
     large = zeros_in_huge_pages(HUGE_PAGE, torch.bfloat16)
-    assert large.shape == (HUGE_PAGE,) and not large.any() and "hg" not in vm_flags(large.data_ptr())
+    assert large.shape == (HUGE_PAGE,) and large.dtype is torch.bfloat16 and not large.any()
 
 
 @needs_huge_pages
@@ -159,7 +166,6 @@ def test_a_model_loaded_in_rows_holds_its_weights_in_huge_pages(tiny_llama_dir, 
     assert model.llma.layers[0].attention._wqkv.weight.data_ptr() == wq.data_ptr()  # fused as a view
     monkeypatch.setenv("ACCESSORY_HUGE_PAGES", "0")
     small = load()
-    assert "hg" not in vm_flags(small.llma.layers[0].attention.wq.weight.data_ptr())
     ours, theirs = model.state_dict(), small.state_dict()
     assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
     prompts = ["Hello world", "A much longer prompt than that"]
