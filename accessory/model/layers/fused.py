@@ -1,7 +1,7 @@
 """What a fused product (one matrix product for several linears sharing one input) relies on."""
 
 import copy
-from typing import Sequence
+from typing import Callable, List, Sequence
 
 from torch import nn
 
@@ -49,3 +49,27 @@ class FusedViews:
             if parameter is None or parameter.data_ptr() != address:
                 return False
         return True
+
+
+def tied_parameters(model: nn.Module) -> set:
+    """ids of ``model``'s parameters that more than one module holds (tied weights)."""
+    seen, tied = set(), set()
+    for _, parameter in model.named_parameters(remove_duplicate=False):
+        (tied if id(parameter) in seen else seen).add(id(parameter))
+    return tied
+
+
+def side_by_side(model: nn.Module, fits: Callable[[nn.Module], bool],
+                 group_fits: Callable[[List[nn.Module]], bool] = lambda children: True) -> List[nn.Module]:
+    """The modules of ``model`` that ``fits``, in the order to lay their weights out in one
+    allocation: the children each module names in ``fused_children`` together (when every one of
+    them fits and ``group_fits`` them), so fusing them later takes a view, then the others."""
+    order, placed = [], set()
+    for parent in list(model.modules()):
+        children = [parent._modules.get(name) for name in getattr(parent, "fused_children", ())]
+        if children and all(child is not None and fits(child) and id(child) not in placed for child in children) \
+                and group_fits(children):
+            order.extend(children)
+            placed.update(id(child) for child in children)
+    order.extend(module for module in model.modules() if fits(module) and id(module) not in placed)
+    return order

@@ -13,7 +13,7 @@ from ...kernels.linear import NativeLinear
 from ...kernels.linear import linear as fast_linear
 from ...quant.linear import fuse_quant_linears
 from ...quant.memory import HUGE_PAGE, huge_pages_available, release_file_pages, zeros_in_huge_pages
-from .fused import FusedViews
+from .fused import FusedViews, side_by_side, tied_parameters
 from .panel_linear import fuse_panel_linears
 
 _FUSABLE = (nn.Linear, NativeLinear)
@@ -130,21 +130,13 @@ def rows_in_huge_pages(model: nn.Module) -> int:
     matrix from memory: 1.28x (AVX-512 kernel) and 1.20x (AVX2) in 2 MiB pages; 1.1B's
     1.01-1.02x (benchmarks/README.md, session 16). Weights in panels get the same from
     ``panel_linear.use_panels``."""
-    uses = {}
-    for _, parameter in model.named_parameters(remove_duplicate=False):
-        uses[id(parameter)] = uses.get(id(parameter), 0) + 1
+    tied = tied_parameters(model)
 
     def movable(module) -> bool:
         weight = module._parameters.get("weight") if type(module) in _FUSABLE else None
         return weight is not None and weight.dtype is torch.bfloat16 and weight.device.type == "cpu" and \
-            weight.dim() == 2 and weight.numel() > 0 and uses.get(id(weight)) == 1
-    order, grouped = [], set()  # each fused group's members side by side, then the rest
-    for parent in list(model.modules()):
-        children = [parent._modules.get(name) for name in getattr(parent, "fused_children", ())]
-        if children and all(child is not None and movable(child) and id(child) not in grouped for child in children):
-            order.extend(children)
-            grouped.update(id(child) for child in children)
-    order.extend(module for module in model.modules() if movable(module) and id(module) not in grouped)
+            weight.dim() == 2 and weight.numel() > 0 and id(weight) not in tied
+    order = side_by_side(model, movable)
     total = sum(module.weight.numel() for module in order)
     if total * 2 < HUGE_PAGE or not huge_pages_available():
         return 0

@@ -32,7 +32,7 @@ from ...kernels import cpu_flags, switched_off
 from ...kernels.linear import NativeLinear
 from ...kernels.panels import PANEL_ROWS, pack, panel_elements, panel_linear, panels_available, unpack
 from ...quant.memory import release_file_pages, zeros_in_huge_pages
-from .fused import FusedViews
+from .fused import FusedViews, side_by_side, tied_parameters
 
 log = logging.getLogger(__name__)
 _CONVERTIBLE = (nn.Linear, NativeLinear)
@@ -172,21 +172,12 @@ def use_panels(model: nn.Module) -> int:
     the 2-core Zen 4, against 0.5-0.7 s in rows, where only the fused matrices are copied)."""
     if not panels_wanted():
         return 0
-    uses = {}
-    for _, parameter in model.named_parameters(remove_duplicate=False):
-        uses[id(parameter)] = uses.get(id(parameter), 0) + 1
+    tied = tied_parameters(model)
 
     def convertible(module) -> bool:
-        return _convertible(module) and uses.get(id(module._parameters["weight"])) == 1
-    order, grouped = [], set()  # the modules to convert, each fused group's members side by side
-    for parent in list(model.modules()):
-        children = [parent._modules.get(name) for name in getattr(parent, "fused_children", ())]
-        if children and all(child is not None and convertible(child) and child.bias is None and
-                            id(child) not in grouped for child in children) and \
-                _one_run([tuple(child._parameters["weight"].shape) for child in children]):
-            order.extend(children)
-            grouped.update(id(child) for child in children)
-    order.extend(module for module in model.modules() if convertible(module) and id(module) not in grouped)
+        return _convertible(module) and id(module._parameters["weight"]) not in tied
+    order = side_by_side(model, convertible, lambda children: all(child.bias is None for child in children) and
+                         _one_run([tuple(child._parameters["weight"].shape) for child in children]))
     sizes = [panel_elements(*module._parameters["weight"].shape) for module in order]
     # one allocation for all of them, in 2 MiB pages where the system gives them
     # (quant/memory.py); a group's members side by side, so each group is one run
