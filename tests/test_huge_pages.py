@@ -150,7 +150,6 @@ def test_a_model_loaded_in_rows_holds_its_weights_in_huge_pages(tiny_llama_dir, 
     """``from_pretrained`` where weights stay in rows: in one advised allocation (the page-size
     threshold lowered for the tiny checkpoint), the same state_dict and greedy text as in 4 KiB
     pages."""
-    import accessory.model.layers.linear as linear_module
     import accessory.quant.memory as memory
     from accessory.model.meta import MetaModel
 
@@ -159,7 +158,6 @@ def test_a_model_loaded_in_rows_holds_its_weights_in_huge_pages(tiny_llama_dir, 
                                          progress=False)
     monkeypatch.setenv("ACCESSORY_PANELS", "0")
     monkeypatch.setattr(memory, "HUGE_PAGE", 4096)
-    monkeypatch.setattr(linear_module, "HUGE_PAGE", 4096)
     model = load()
     wq = model.llma.layers[0].attention.wq.weight
     assert "hg" in vm_flags(wq.data_ptr())

@@ -99,9 +99,15 @@ def huge_pages_available() -> bool:
         return False
 
 
+def in_huge_pages(size: int) -> bool:
+    """Whether :func:`zeros_in_huge_pages` puts ``size`` bytes in 2 MiB pages: at least one page's
+    worth, where :func:`huge_pages_available`."""
+    return size >= HUGE_PAGE and huge_pages_available()
+
+
 def zeros_in_huge_pages(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """A 1-D CPU tensor of ``numel`` zeros whose memory the kernel backs with 2 MiB pages where it
-    can (:func:`huge_pages_available`, at least one page's worth), else ``torch.zeros``.
+    can (:func:`in_huge_pages`), else ``torch.zeros``.
 
     Memory read once per decode step, the weights and the KV cache, is read far beyond what the
     TLB covers in 4 KiB pages (3072 entries: 12 MiB); each new page is a page-table walk. Both in
@@ -110,8 +116,8 @@ def zeros_in_huge_pages(numel: int, dtype: torch.dtype) -> torch.Tensor:
     aligned to 2 MiB (a C heap block is neither aligned nor necessarily fresh, and pages already
     touched stay small): its unaligned head is never touched, so never resident; the rest is made
     resident at once. The tensor keeps the mapping alive; it goes with the last tensor viewing it."""
-    size = numel * torch.empty(0, dtype=dtype).element_size()
-    if size < HUGE_PAGE or not huge_pages_available():
+    size = numel * dtype.itemsize
+    if not in_huge_pages(size):
         return torch.zeros(numel, dtype=dtype)
     span = -(-size // HUGE_PAGE) * HUGE_PAGE
     mapping = mmap.mmap(-1, span + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

@@ -1,8 +1,9 @@
 """What a fused product (one matrix product for several linears sharing one input) relies on."""
 
 import copy
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
+import torch
 from torch import nn
 
 
@@ -49,6 +50,17 @@ class FusedViews:
             if parameter is None or parameter.data_ptr() != address:
                 return False
         return True
+
+
+def one_run(parts: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A flat view of ``parts`` when they already lie one after another in one storage (each
+    contiguous: laid out so by ``side_by_side``), so fusing them copies nothing; else None."""
+    if not all(part.is_contiguous() for part in parts) or not all(
+            b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr() and
+            b.data_ptr() == a.data_ptr() + a.numel() * a.element_size() for a, b in zip(parts, parts[1:])):
+        return None
+    first = parts[0].detach()
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (sum(p.numel() for p in parts),))
 
 
 def tied_parameters(model: nn.Module) -> set:

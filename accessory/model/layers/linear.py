@@ -12,8 +12,8 @@ from torch import nn
 from ...kernels.linear import NativeLinear
 from ...kernels.linear import linear as fast_linear
 from ...quant.linear import fuse_quant_linears
-from ...quant.memory import HUGE_PAGE, huge_pages_available, release_file_pages, zeros_in_huge_pages
-from .fused import FusedViews, side_by_side, tied_parameters
+from ...quant.memory import in_huge_pages, release_file_pages, zeros_in_huge_pages
+from .fused import FusedViews, one_run, side_by_side, tied_parameters
 from .panel_linear import fuse_panel_linears
 
 _FUSABLE = (nn.Linear, NativeLinear)
@@ -99,14 +99,9 @@ def fuse_linears(*linears: nn.Module):
     weights = [m.weight for m in linears]
     if len({(w.shape[1], w.dtype, w.device) for w in weights}) != 1 or any(w.is_meta for w in weights):
         return None
-    if all(w.is_contiguous() for w in weights) and all(
-            b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr() and
-            b.data_ptr() == a.data_ptr() + a.numel() * a.element_size() for a, b in zip(weights, weights[1:])):
-        # already one run (rows_in_huge_pages put them side by side): its view, no copy
-        first = weights[0].detach()
-        fused = first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(),
-                                        (sum(w.shape[0] for w in weights), first.shape[1]))
-        return FusedLinear(fused, linears)
+    run = one_run(weights)
+    if run is not None:  # already one run (rows_in_huge_pages put them side by side): its view, no copy
+        return FusedLinear(run.view(-1, weights[0].shape[1]), linears)
     fused = torch.cat([w.detach() for w in weights], dim=0)
     start = 0
     for module, weight in zip(linears, weights):
@@ -138,7 +133,7 @@ def rows_in_huge_pages(model: nn.Module) -> int:
             weight.dim() == 2 and weight.numel() > 0 and id(weight) not in tied
     order = side_by_side(model, movable)
     total = sum(module.weight.numel() for module in order)
-    if total * 2 < HUGE_PAGE or not huge_pages_available():
+    if not in_huge_pages(total * 2):  # (a copy into ordinary memory would gain nothing)
         return 0
     arena = zeros_in_huge_pages(total, torch.bfloat16)
     start = 0

@@ -32,7 +32,7 @@ from ...kernels import cpu_flags, switched_off
 from ...kernels.linear import NativeLinear
 from ...kernels.panels import PANEL_ROWS, pack, panel_elements, panel_linear, panels_available, unpack
 from ...quant.memory import release_file_pages, zeros_in_huge_pages
-from .fused import FusedViews, side_by_side, tied_parameters
+from .fused import FusedViews, one_run, side_by_side, tied_parameters
 
 log = logging.getLogger(__name__)
 _CONVERTIBLE = (nn.Linear, NativeLinear)
@@ -194,18 +194,13 @@ class FusedPanelLinear(FusedViews):
     run (each module's ``panels`` becomes a view of its part): one product for all of them."""
 
     def __init__(self, modules: Sequence[PanelLinear]):
-        self.modules = list(modules)
         self.in_features = modules[0].panel_shape[1]
         self.sizes = [m.panel_shape[0] for m in modules]
         self.out_features = sum(self.sizes)
         self.panel_shape = (self.out_features, self.in_features)  # as a PanelLinear's
         parts = [m.panels.detach() for m in modules]
-        if all(b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr() and
-               b.data_ptr() == a.data_ptr() + a.numel() * a.element_size() for a, b in zip(parts, parts[1:])):
-            # already one run (use_panels packed them so): its view, no copy
-            self.panels = torch.empty(0, dtype=torch.bfloat16).set_(
-                parts[0].untyped_storage(), parts[0].storage_offset(), (sum(p.numel() for p in parts),))
-        else:
+        self.panels = one_run(parts)  # already one run (use_panels packed them so): its view, no copy
+        if self.panels is None:
             self.panels = torch.cat(parts)
             start = 0
             for module in modules:
@@ -215,8 +210,8 @@ class FusedPanelLinear(FusedViews):
         self.watch_views(modules, "panels")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not _panels_multiply(x, self.modules[0].panels):  # (the modules' parameters carry requires_grad)
-            return torch.cat([module(x) for module in self.modules], dim=-1)
+        if not _panels_multiply(x, self.fused_modules[0].panels):  # (the modules' parameters carry requires_grad)
+            return torch.cat([module(x) for module in self.fused_modules], dim=-1)
         return panel_linear(x, self.panels, self.out_features)
 
 
