@@ -324,14 +324,28 @@ void accessory_attend_step(float *qkv, const int64_t *positions, const float *co
                            int interleaved, void *k_cache, void *v_cache, int kv_bf16, float *out,
                            int64_t M, int64_t H, int64_t KV, int64_t hd, int64_t L, float scale) {
     const int64_t width = (H + 2 * KV) * hd, half = hd / 2, n_rep = H / KV, size = kv_bf16 ? 2 : 4;
-    for (int64_t m = 0; m < M; ++m) {
-        float *row = qkv + m * width;
-        const int64_t p = positions[m];
-        const float *c = cos_table + p * half, *s = sin_table + p * half;
-        for (int64_t h = 0; h < H + KV; ++h) rotate(row + h * hd, c, s, hd, interleaved);
-        for (int64_t g = 0; g < KV; ++g) {
-            const int64_t slot = ((m * KV + g) * L + p) * hd;
-            const float *k = row + (H + g) * hd, *v = row + (H + KV + g) * hd;
+    /* Threads from a few thousand multiply-adds: in a decode step this cache has not been read
+     * since the last token (the weights streamed since have evicted it), so even one stream's
+     * short context is a cold read worth splitting; XS, one stream, 48 keys: 1.04-1.06x a step
+     * against the former threshold of 65536 (alternating runs, benchmarks/README.md). */
+    int64_t work = 0;
+    for (int64_t m = 0; m < M; ++m) work += (positions[m] + 1) * H * hd;
+    const int avx512 = accessory_attention_avx512(-1);
+#pragma omp parallel if (work > 4096)
+    {
+        /* each query and key head rotated, and each key head's key and value written to the cache,
+         * shared out too (every head is whole at the barrier ending this loop). One thread did it
+         * before: 0.23 ms of a 10.5 ms XS step at 16 rows, its cache writes cold misses one after
+         * another; shared, that attention alone from a cold cache 1.05-1.2x, the whole 16-row
+         * step 0.99-1.04x (median 1.015x of five alternating runs, benchmarks/README.md). */
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < M * (H + KV); ++task) {
+            const int64_t m = task / (H + KV), h = task % (H + KV), p = positions[m];
+            float *row = qkv + m * width;
+            rotate(row + h * hd, cos_table + p * half, sin_table + p * half, hd, interleaved);
+            if (h < H) continue;
+            const int64_t g = h - H, slot = ((m * KV + g) * L + p) * hd;
+            const float *k = row + h * hd, *v = row + (H + KV + g) * hd;
             if (kv_bf16) {
                 uint16_t *ks = (uint16_t *)k_cache + slot, *vs = (uint16_t *)v_cache + slot;
                 for (int64_t d = 0; d < hd; ++d) {
@@ -343,20 +357,13 @@ void accessory_attend_step(float *qkv, const int64_t *positions, const float *co
                 memcpy((float *)v_cache + slot, v, hd * sizeof(float));
             }
         }
-    }
-    /* Threads from a few thousand multiply-adds: in a decode step this cache has not been read
-     * since the last token (the weights streamed since have evicted it), so even one stream's
-     * short context is a cold read worth splitting; XS, one stream, 48 keys: 1.04-1.06x a step
-     * against the former threshold of 65536 (alternating runs, benchmarks/README.md). */
-    int64_t work = 0;
-    for (int64_t m = 0; m < M; ++m) work += (positions[m] + 1) * H * hd;
-    const int avx512 = accessory_attention_avx512(-1);
-#pragma omp parallel for schedule(static) if (work > 4096)
-    for (int64_t task = 0; task < M * H; ++task) {
-        const int64_t m = task / H, h = task % H, g = h / n_rep;
-        const int64_t base = (m * KV + g) * L * hd * size;
-        attend_head(qkv + m * width + h * hd, (const char *)k_cache + base, (const char *)v_cache + base,
-                    positions[m] + 1, hd, scale, out + m * H * hd + h * hd, kv_bf16, avx512);
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < M * H; ++task) {
+            const int64_t m = task / H, h = task % H, g = h / n_rep;
+            const int64_t base = (m * KV + g) * L * hd * size;
+            attend_head(qkv + m * width + h * hd, (const char *)k_cache + base, (const char *)v_cache + base,
+                        positions[m] + 1, hd, scale, out + m * H * hd + h * hd, kv_bf16, avx512);
+        }
     }
 }
 
