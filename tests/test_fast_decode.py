@@ -86,12 +86,19 @@ def uses_fast_path(model) -> bool:
     return uses_fast_decode(model)
 
 
-def count_native_steps(monkeypatch) -> list:
-    """A list that grows by one for every native decode step run from now on."""
+def count_native_steps(monkeypatch, prefill: bool = False) -> list:
+    """A list that grows by one for every native decode step run from now on (one token a row);
+    with ``prefill``, by the rows of every native call of a prompt's tokens (``cache_rows`` set)
+    instead."""
     kernels = fast_decode.decode_kernels()
     counting = SimpleNamespace(**vars(kernels))
     calls = []
-    counting.decode_step = lambda step: calls.append(1) or kernels.decode_step(step)
+
+    def counted(step):
+        if (step.cache_rows is not None) == prefill:
+            calls.append(step.rows if prefill else 1)
+        return kernels.decode_step(step)
+    counting.decode_step = counted
     monkeypatch.setattr(fast_decode, "decode_kernels", lambda: counting)
     return calls
 
@@ -253,9 +260,12 @@ def rotate_reference(x, cos, sin, interleaved):
 @pytest.mark.parametrize("head_dim,n_heads,n_kv_heads,length",  # each path: 64, 128, other multiples of 8, 20
                          [(16, 4, 2, 10), (20, 6, 1, 150), (24, 3, 3, 67), (64, 8, 8, 70), (128, 4, 2, 133)])
 @pytest.mark.parametrize("kind", ["f32", "bf16", "bf16-avx512"])
-def test_attend_step_kernel(interleaved, head_dim, n_heads, n_kv_heads, length, kind):
+@pytest.mark.parametrize("one_row", [False, True])
+def test_attend_step_kernel(interleaved, head_dim, n_heads, n_kv_heads, length, kind, one_row):
     """Against float32 attention; a bf16 cache with head size 64 or 128 on a CPU with AVX512-BF16
-    (``bf16-avx512``) scores with the query rounded to bf16, so there against that query."""
+    (``bf16-avx512``) scores with the query rounded to bf16, so there against that query.
+    ``one_row``: the queries are a prompt's tokens in one cache row (``cache_rows``, as a native
+    prefill runs them), each seeing the keys the others wrote at its earlier positions."""
     kernels = decode_kernels()
     cache_dtype = torch.float32 if kind == "f32" else torch.bfloat16
     before = kernels.attention_avx512(-1)
@@ -263,16 +273,19 @@ def test_attend_step_kernel(interleaved, head_dim, n_heads, n_kv_heads, length, 
         if kernels.attention_avx512(int(kind == "bf16-avx512")) != (kind == "bf16-avx512"):
             pytest.skip("this CPU (or compiler) has no AVX512-BF16")
         attend_step_against_reference(kernels, interleaved, head_dim, n_heads, n_kv_heads, length, cache_dtype,
-                                      bf16_query=kind == "bf16-avx512" and head_dim in (64, 128))
+                                      bf16_query=kind == "bf16-avx512" and head_dim in (64, 128), one_row=one_row)
     finally:
         kernels.attention_avx512(before)
 
 
 def attend_step_against_reference(kernels, interleaved, head_dim, n_heads, n_kv_heads, length, cache_dtype,
-                                  bf16_query):
+                                  bf16_query, one_row=False):
     gen = torch.Generator().manual_seed(head_dim + length)
     rows, max_len = 3, 160
-    positions = torch.tensor([length - 1, 0, length // 2])
+    if one_row:  # the last three tokens of a prompt, all in cache row 1
+        positions, cache_rows = torch.tensor([length - 3, length - 2, length - 1]), torch.ones(rows, dtype=torch.long)
+    else:
+        positions, cache_rows = torch.tensor([length - 1, 0, length // 2]), torch.arange(rows)
     angles = torch.randn(max_len, head_dim // 2, generator=gen)
     cos, sin = angles.cos().contiguous(), angles.sin().contiguous()
     keys = torch.randn(rows + 1, n_kv_heads, max_len, head_dim, generator=gen).to(cache_dtype)
@@ -283,18 +296,21 @@ def attend_step_against_reference(kernels, interleaved, head_dim, n_heads, n_kv_
     c, s = cos[positions][:, None], sin[positions][:, None]
     q, k = rotate_reference(q, c, s, interleaved), rotate_reference(k, c, s, interleaved)
     want = torch.empty(rows, n_heads, head_dim)
+    for m in range(rows):  # every key and value written before any query attends
+        r, p = int(cache_rows[m]), int(positions[m])
+        want_keys[r, :, p], want_values[r, :, p] = k[m], v[m]  # (rounded to the cache's dtype as torch does)
     for m in range(rows):
-        p = int(positions[m])
-        want_keys[m, :, p], want_values[m, :, p] = k[m], v[m]  # (rounded to the cache's dtype as torch does)
+        r, p = int(cache_rows[m]), int(positions[m])
         for h in range(n_heads):
             g = h // (n_heads // n_kv_heads)
             query = q[m, h].bfloat16().float() if bf16_query else q[m, h]
-            scores = want_keys[m, g, :p + 1].float() @ query / math.sqrt(head_dim)
-            want[m, h] = scores.softmax(-1) @ want_values[m, g, :p + 1].float()
+            scores = want_keys[r, g, :p + 1].float() @ query / math.sqrt(head_dim)
+            want[m, h] = scores.softmax(-1) @ want_values[r, g, :p + 1].float()
     out = torch.empty(rows, n_heads * head_dim)
     kernels.attend_step(qkv.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), int(interleaved),
                         keys.data_ptr(), values.data_ptr(), int(cache_dtype is torch.bfloat16), out.data_ptr(),
-                        rows, n_heads, n_kv_heads, head_dim, max_len, 1 / math.sqrt(head_dim))
+                        rows, n_heads, n_kv_heads, head_dim, max_len, 1 / math.sqrt(head_dim),
+                        cache_rows.data_ptr() if one_row else None)
     # bf16: the rotated key rounded to nearest, as torch rounds it (up to one step where the two
     # float32 rotations differ in their last bit at a rounding boundary)
     close = dict(atol=0, rtol=2 ** -8) if cache_dtype is torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
@@ -599,3 +615,103 @@ def test_how_many_rows_a_native_step_takes(monkeypatch):
     monkeypatch.setattr(fast_decode, "max_kernel_rows", lambda: 32)
     assert fast_decode.max_step_rows([plan("int4", "int4", "int4", "int4")], head("bf16")) == 32
     assert fast_decode.max_step_rows([plan("int4", "int4", "int4", "int4")]) == 64  # (no ends: the layers only)
+
+
+def prefill(model, prompt_lens, fast=True, monkeypatch=None, start=0):
+    """Rows of different lengths prefilled at once (padded to the longest, each row at positions
+    ``start``...): (every position's float32 logits, the cache)."""
+    monkeypatch.setenv("ACCESSORY_FAST_DECODE", "1" if fast else "0")
+    gen = torch.Generator().manual_seed(2)
+    rows, longest = len(prompt_lens), max(prompt_lens)
+    tokens = torch.randint(0, ARGS["vocab_size"], (rows, start + longest), generator=gen)
+    cache = model.new_kv_cache(rows, 64)
+    with torch.inference_mode():
+        if start:  # an earlier part of the prompt already in the cache (the engine's kept prefixes)
+            model.forward_tokens(tokens[:, :start], torch.arange(start).expand(rows, start).clone(), cache)
+        positions = torch.arange(start, start + longest).expand(rows, longest).clone()
+        logits = model.forward_tokens(tokens[:, start:], positions, cache).float()
+    return logits, cache
+
+
+# 3 rows of up to 40 tokens: 120 tokens, two native calls of up to 64 rows
+@pytest.mark.parametrize("prompt_lens,start", [((40, 23, 37), 0), ((9,), 0), ((12, 30), 17)])
+def test_native_prefill_is_as_close_to_float32_as_the_torch_path(monkeypatch, prompt_lens, start):
+    """A prompt's tokens through the native step (weights in panels): every position's logits as
+    close to the float32 model's as the torch path's, the cache as close, in ceil(tokens / 64)
+    native calls."""
+    model = tiny(layout="panels", **PANEL_ARGS)
+    reference, reference_cache = prefill(copy.deepcopy(model).float(), prompt_lens, False, monkeypatch, start)
+    torch_bf16, torch_cache = prefill(model, prompt_lens, False, monkeypatch, start)
+    calls = count_native_steps(monkeypatch, prefill=True)
+    native, native_cache = prefill(model, prompt_lens, True, monkeypatch, start)
+    calls_of = lambda tokens: [64] * (tokens // 64) + [tokens % 64] * (tokens % 64 > 0)  # noqa: E731
+    assert calls == calls_of(len(prompt_lens) * start) + calls_of(len(prompt_lens) * max(prompt_lens))
+    for row, length in enumerate(prompt_lens):  # (a padded row's positions past its prompt: not compared)
+        native_error = (native[row, :length] - reference[row, :length]).abs().max().item()
+        torch_error = (torch_bf16[row, :length] - reference[row, :length]).abs().max().item()
+        assert native_error <= max(torch_error, 1e-3) * 1.5, (row, native_error, torch_error)
+        for name in ("keys", "values"):
+            for ours, bf16, want in zip(getattr(native_cache, name), getattr(torch_cache, name),
+                                        getattr(reference_cache, name)):
+                end = start + length
+                native_error = (ours[row, :, :end].float() - want[row, :, :end]).abs().max().item()
+                torch_error = (bf16[row, :, :end].float() - want[row, :, :end]).abs().max().item()
+                assert native_error <= max(torch_error, 1e-2) * 1.5, (name, row, native_error, torch_error)
+    assert not torch.equal(native, torch_bf16)  # (it did run apart from the torch path)
+
+
+def test_decode_after_a_native_prefill_picks_the_float32_best_tokens(monkeypatch):
+    model = tiny(seed=3, layout="panels", **PANEL_ARGS)
+    reference = decode_logits(copy.deepcopy(model).float(), prompt_lens=(30, 12, 21), fast=False,
+                              monkeypatch=monkeypatch)
+    calls = count_native_steps(monkeypatch, prefill=True)
+    native = decode_logits(model, prompt_lens=(30, 12, 21), fast=True, monkeypatch=monkeypatch)
+    assert sum(calls) == 3 * 30
+    top2 = reference.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 0.05
+    assert clear.sum() > 5
+    assert torch.equal(native.argmax(-1)[clear], reference.argmax(-1)[clear])
+
+
+@pytest.mark.parametrize("case", ["setting off", "rows layout", "positions not increasing", "long prompt"])
+def test_prompts_the_native_prefill_does_not_take_run_the_torch_path(monkeypatch, case):
+    model = tiny(layout="rows" if case == "rows layout" else "panels", **PANEL_ARGS)
+    if case == "setting off":
+        monkeypatch.setenv("ACCESSORY_NATIVE_PREFILL", "0")
+    if case == "long prompt":  # a query's attention past that share of its layer's products
+        first = fast_decode._plans(model, PLAIN_BLOCK_TYPES)[0]
+        products = sum(p.out_features * p.in_features for p in (first.qkv, first.wo, first.w13, first.w2))
+        monkeypatch.setattr(fast_decode, "PREFILL_ATTENTION_SHARE", 19 * first.n_heads * first.head_dim * 2 / products)
+    tokens = torch.randint(0, ARGS["vocab_size"], (2, 20))
+    positions = torch.arange(20).expand(2, 20).clone()
+    if case == "positions not increasing":
+        positions[1] = positions[1].flip(0)
+    cache = model.new_kv_cache(2, 32)
+    monkeypatch.setenv("ACCESSORY_FAST_DECODE", "0")
+    with torch.inference_mode():
+        want = model.forward_tokens(tokens, positions, model.new_kv_cache(2, 32))
+    monkeypatch.setenv("ACCESSORY_FAST_DECODE", "1")
+    calls = count_native_steps(monkeypatch, prefill=True)
+    with torch.inference_mode():
+        got = model.forward_tokens(tokens, positions, cache)
+    assert calls == []
+    assert torch.equal(got, want)
+    if case == "long prompt":  # one token fewer: native
+        monkeypatch.setattr(fast_decode, "PREFILL_ATTENTION_SHARE", fast_decode.PREFILL_ATTENTION_SHARE * 1.01)
+        with torch.inference_mode():
+            model.forward_tokens(tokens[:, :19], positions[:, :19].clone(), model.new_kv_cache(2, 32))
+        assert calls == [38]
+
+
+def test_a_native_prefill_checks_the_cache_holds_its_rows(monkeypatch):
+    """The step's buffers remember a cache they checked; a prompt of more rows than that cache
+    holds must not reach the kernels through them."""
+    model = tiny(layout="panels", **PANEL_ARGS)
+    calls = count_native_steps(monkeypatch, prefill=True)
+    cache = model.new_kv_cache(1, 32)
+    with torch.inference_mode():
+        model.forward_tokens(torch.randint(0, 300, (1, 8)), torch.arange(8)[None].clone(), cache)
+        assert calls == [8]
+        with pytest.raises((IndexError, RuntimeError, ValueError)):  # the torch path's error
+            model.forward_tokens(torch.randint(0, 300, (2, 8)), torch.arange(8, 16).expand(2, 8).clone(), cache)
+    assert calls == [8]

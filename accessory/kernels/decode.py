@@ -45,18 +45,18 @@ class DecodeStep(ctypes.Structure):
                 ("scale", _D), ("gemv_bf16", _P), ("gemv_int8", _P), ("gemv_q4", _P), ("gemv_panels", _P),
                 ("embedding", _P), ("embedding_bf16", _I64), ("vocab_size", _I64), ("tokens", _P),
                 ("final_norm", _P), ("final_norm_bf16", _I64), ("final_norm_eps", _D), ("head", StepProduct),
-                ("logits", _P)]
+                ("logits", _P), ("cache_rows", _P)]
 
 
 def layout_of_mirrors() -> list:
     """What ``accessory_step_layout`` reports, as the ctypes mirrors above lay the structs out."""
     return [ctypes.sizeof(StepProduct), ctypes.sizeof(StepLayer), ctypes.sizeof(DecodeStep),
             StepLayer.ffn_norm_eps.offset, DecodeStep.scale.offset, DecodeStep.head.offset,
-            DecodeStep.logits.offset]
+            DecodeStep.logits.offset, DecodeStep.cache_rows.offset]
 
 
 def native_layout(library) -> list:
-    out = (ctypes.c_int64 * 7)()
+    out = (ctypes.c_int64 * 8)()
     _bind(library, "accessory_step_layout", [_P])(out)
     return list(out)
 
@@ -87,7 +87,7 @@ def decode_kernels() -> Optional[SimpleNamespace]:
             _functions = SimpleNamespace(
                 silu_mul=_bind(ops, "accessory_silu_mul", [_P, _P, _I64, _I64]),
                 attend_step=_bind(ops, "accessory_attend_step",
-                                  [_P, _P, _P, _P, _INT, _P, _P, _INT, _P] + [_I64] * 5 + [_F]),
+                                  [_P, _P, _P, _P, _INT, _P, _P, _INT, _P] + [_I64] * 5 + [_F, _P]),
                 decode_step=_bind(ops, "accessory_decode_step", [ctypes.POINTER(DecodeStep)], ctypes.c_int),
                 argmax_rows=_bind(ops, "accessory_argmax_rows", [_P, _I64, _I64, _P]),
                 gemv_bf16=_bind(bf16, "accessory_gemv_bf16_f32", [_P, _P, _P, _P, _I64, _I64, _I64]),

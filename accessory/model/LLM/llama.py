@@ -221,8 +221,8 @@ class Transformer(CLIPPrefixMixin, CausalDecoder):
     def run_layers(self, h: torch.Tensor, positions: torch.Tensor, kv_cache: Optional[KVCache],
                    causal_from_zero: bool, **extra) -> torch.Tensor:
         """The blocks over ``h``; a decode step of plain blocks runs in native kernels on a CPU
-        (``layers/fast_decode.py``) and compiled on a GPU (``layers/compiled_decode.py``),
-        anything else through the modules."""
+        (``layers/fast_decode.py``; a prompt's tokens too, where its ``prefill_layers`` takes them)
+        and compiled on a GPU (``layers/compiled_decode.py``), anything else through the modules."""
         if kv_cache is not None and not extra:
             out = decode_layers(self, h, positions, kv_cache, PLAIN_BLOCK_TYPES)
             if out is None:

@@ -11,6 +11,10 @@ allocated once per batch size:
 
 :func:`decode_logits` also does the model's ends in that call: the token embedding before the
 layers, the final norm and the output head after them (:func:`decode_layers` only the layers).
+A prompt's tokens take the same step too (:func:`prefill_layers`, through ``decode_layers``):
+each token a row of the step with its own position in its prompt's cache row, up to 64 tokens a
+call, where the weights are in panels and the prompt is not so long that the torch path's
+attention would be the faster; XS 1.34x and S 1.12x a 128-token prompt over the torch path.
 It is one call rather than ten per layer from Python because the products stream megabytes of
 weights through the caches: between two of them the interpreter's code and data are evicted, and
 each Python-side call cost tens of microseconds instead of one or two.
@@ -382,12 +386,13 @@ def _ends(model) -> Optional[SimpleNamespace]:
 def _cache_pointers(buffers: SimpleNamespace, kv_cache, plans: List[SimpleNamespace],
                     rows: int) -> Optional[SimpleNamespace]:
     """Layer by layer, the cache's key and value pointers as arrays for the step, or None when
-    the cache is not one the kernels read. Checked and made once per set of cache tensors (a new
-    cache, or ``select_rows``), then found again by their identity (through weak references: a
-    finished generation's cache is not kept alive)."""
+    the cache is not one the kernels read or holds fewer than ``rows`` rows. Checked and made once
+    per set of cache tensors (a new cache, or ``select_rows``), then found again by their identity
+    (through weak references: a finished generation's cache is not kept alive)."""
     keys, values = kv_cache.keys, kv_cache.values
     known = buffers.cache
-    if known is not None and len(keys) == len(known.key_refs) and len(values) == len(known.value_refs) and \
+    if known is not None and rows <= known.batch and len(keys) == len(known.key_refs) and \
+            len(values) == len(known.value_refs) and \
             all(map(operator.is_, keys, map(weakref.ref.__call__, known.key_refs))) and \
             all(map(operator.is_, values, map(weakref.ref.__call__, known.value_refs))):
         return known
@@ -401,7 +406,7 @@ def _cache_pointers(buffers: SimpleNamespace, kv_cache, plans: List[SimpleNamesp
     n_layers = len(plans)
     buffers.cache = SimpleNamespace(
         key_refs=[weakref.ref(t) for t in keys], value_refs=[weakref.ref(t) for t in values],
-        bf16=int(keys[0].dtype is torch.bfloat16),
+        bf16=int(keys[0].dtype is torch.bfloat16), batch=keys[0].shape[0],
         keys=(ctypes.c_void_p * n_layers)(*[keys[plan.layer_id].data_ptr() for plan in plans]),
         values=(ctypes.c_void_p * n_layers)(*[values[plan.layer_id].data_ptr() for plan in plans]))
     return buffers.cache
@@ -422,6 +427,18 @@ def _step(model, rows: int, positions: torch.Tensor, kv_cache, block_types,
     plans = _plans(model, block_types)
     if plans is None or (rows > MIN_ROWS_LIMIT and rows > max_step_rows(plans, ends)):
         return None
+    buffers = _step_buffers(model, rows, rows, kv_cache, plans, ends, kernels)
+    if buffers is not None:
+        buffers.positions = positions.contiguous()  # (kept alive through the call)
+        buffers.step.positions = buffers.positions.data_ptr()
+    return buffers
+
+
+def _step_buffers(model, rows: int, batch: int, kv_cache, plans: List[SimpleNamespace],
+                  ends: Optional[SimpleNamespace], kernels) -> Optional[SimpleNamespace]:
+    """The buffers of steps of up to ``rows`` rows over ``kv_cache`` (at least ``batch`` rows),
+    their ``DecodeStep`` set for ``rows`` rows, one a cache row (``cache_rows`` NULL), and for the
+    cache and the rotary tables; None when the cache is not one the kernels read."""
     state = _state(model)
     if state.table is None or state.table[0] is not plans:
         state.table = (plans, _layer_table(plans))
@@ -430,14 +447,13 @@ def _step(model, rows: int, positions: torch.Tensor, kv_cache, block_types,
     if not hasattr(local, "buffers"):
         local.buffers = {}
     buffers = _buffers(local.buffers, rows, plans, state.table[1], ends, kernels)
-    cache = _cache_pointers(buffers, kv_cache, plans, rows)
+    cache = _cache_pointers(buffers, kv_cache, plans, batch)
     if cache is None:
         return None
     rotary = model.rotary  # its tables are float32 and its style one the kernel knows (rotary.py)
     step = buffers.step
     step.keys, step.values, step.kv_bf16, step.max_len = cache.keys, cache.values, cache.bf16, kv_cache.max_len
-    buffers.positions = positions.contiguous()  # (kept alive through the call)
-    step.positions = buffers.positions.data_ptr()
+    step.rows, step.cache_rows = rows, None
     step.cos_table, step.sin_table, step.n_rotary = rotary.cos.data_ptr(), rotary.sin.data_ptr(), rotary.n_positions
     step.interleaved = int(rotary.style == "interleaved")
     return buffers
@@ -445,10 +461,13 @@ def _step(model, rows: int, positions: torch.Tensor, kv_cache, block_types,
 
 def decode_layers(model, h: torch.Tensor, positions: torch.Tensor, kv_cache, block_types) -> Optional[torch.Tensor]:
     """Run ``model.layers`` for one decode step of ``h`` (rows, 1, dim) at ``positions`` (rows, 1)
-    through the native kernels; the hidden states after the last layer, or None when the step
+    through the native kernels, or for a prompt's tokens (rows, seq, dim) at ``positions`` (rows,
+    seq) (:func:`prefill_layers`); the hidden states after the last layer, or None when the step
     must take the torch path (see the module docstring)."""
-    if h.dim() != 3 or h.shape[1] != 1 or h.device.type != "cpu":
+    if h.dim() != 3 or h.device.type != "cpu":
         return None
+    if h.shape[1] != 1:
+        return prefill_layers(model, h, positions, kv_cache, block_types)
     rows, dim = h.shape[0], h.shape[2]
     buffers = _step(model, rows, positions, kv_cache, block_types, None)
     if buffers is None or buffers.h.shape[1] != dim:  # (a model whose layers are not its width)
@@ -457,6 +476,75 @@ def decode_layers(model, h: torch.Tensor, positions: torch.Tensor, kv_cache, blo
     if decode_kernels().decode_step(buffers.step) != 0:
         return None
     return buffers.h.view(rows, 1, dim).to(h.dtype)
+
+
+#: A native prefill's limit on a query's attention (multiply-adds over every key up to the
+#: highest position) as a share of its layer's products: past it the torch path's attention, which
+#: reads the cache in blocks shared by many queries (a native query reads its own keys), is the
+#: faster. Measured (benchmarks/README.md, session 17), native against torch, one prompt: XS (its
+#: attention a third of its products at 1536 positions) 128 tokens 1.34x, 1020 1.10x, 2000 1.03x,
+#: 3000 0.88x; S (a third at 3580) 128 1.12x, 1000 1.18x, 2000 1.09x.
+PREFILL_ATTENTION_SHARE = 1 / 3
+
+
+def prefill_enabled() -> bool:
+    return os.environ.get("ACCESSORY_NATIVE_PREFILL", "1") not in ("0", "false", "no")
+
+
+def prefill_layers(model, h: torch.Tensor, positions: torch.Tensor, kv_cache,
+                   block_types) -> Optional[torch.Tensor]:
+    """``model.layers`` over a prompt's tokens, ``h`` (rows, seq, dim) at ``positions`` (rows, seq),
+    through the native step: the rows * seq tokens go as one flat batch, in chunks of up to
+    ``max_step_rows`` tokens, each token a row of the step reading and writing its own cache row
+    (``cache_rows``) at its position. Each chunk writes all its keys and values before its queries
+    attend, and the chunks go in order, so every query sees the keys at its row's earlier positions
+    as the torch path's causal attention over the cache does. The hidden states after the last
+    layer (the residual stream kept in float32 through them, as in a decode step), or None for
+    the torch path: weights not all in panels (what was measured), positions that do not increase
+    along each row or fall outside the cache or the rotary table, a prompt long enough that its
+    last query's attention passes ``PREFILL_ATTENTION_SHARE`` of the products, or
+    ``ACCESSORY_NATIVE_PREFILL=0``."""
+    batch, seqlen, dim = h.shape
+    if seqlen < 2 or torch.is_grad_enabled() or kv_cache is None or not fast_decode_enabled() or \
+            not prefill_enabled():
+        return None
+    if positions.dtype is not torch.int64 or positions.shape != (batch, seqlen) or positions.device.type != "cpu":
+        return None
+    kernels = decode_kernels()
+    if kernels is None:
+        return None
+    plans = _plans(model, block_types)
+    if plans is None or any(p.kind != "panels" for plan in plans for p in (plan.qkv, plan.wo, plan.w13, plan.w2)):
+        return None
+    first = plans[0]
+    highest = int(positions.max())
+    products = sum(p.out_features * p.in_features for p in (first.qkv, first.wo, first.w13, first.w2))
+    if int(positions.min()) < 0 or highest >= min(kv_cache.max_len, model.rotary.n_positions) or \
+            not bool((positions[:, 1:] > positions[:, :-1]).all()) or \
+            (highest + 1) * first.n_heads * first.head_dim * 2 > PREFILL_ATTENTION_SHARE * products:
+        return None
+    total, chunk = batch * seqlen, max_step_rows(plans)
+    # (the buffers of a full chunk, also for a shorter prompt: one set whatever the prompt's length)
+    buffers = _step_buffers(model, chunk, batch, kv_cache, plans, None, kernels)
+    if buffers is None or buffers.h.shape[1] != dim:
+        return None
+    flat_positions = positions.reshape(total).contiguous()
+    cache_rows = torch.arange(batch).repeat_interleave(seqlen)
+    inputs, out = h.reshape(total, dim), torch.empty(total, dim)
+    step = buffers.step
+    try:
+        for start in range(0, total, chunk):
+            n = min(chunk, total - start)
+            step.rows = n
+            step.positions = flat_positions[start:].data_ptr()
+            step.cache_rows = cache_rows[start:].data_ptr()
+            buffers.h[:n].copy_(inputs[start:start + n])
+            if kernels.decode_step(step) != 0:  # (the positions were checked above)
+                raise RuntimeError(f"the native prefill refused positions {start}..{start + n - 1}")
+            out[start:start + n].copy_(buffers.h[:n])
+    finally:
+        step.rows, step.cache_rows = chunk, None
+    return out.view(batch, seqlen, dim).to(h.dtype)
 
 
 def decode_logits(model, tokens: torch.Tensor, positions: torch.Tensor, kv_cache, block_types) -> Optional[torch.Tensor]:
