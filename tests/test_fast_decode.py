@@ -633,13 +633,20 @@ def prefill(model, prompt_lens, fast=True, monkeypatch=None, start=0):
     return logits, cache
 
 
+def needs_avx512_kind(kind: str) -> None:
+    if kind not in decode_kernels().avx512_kinds:
+        pytest.skip(f"a native prefill takes {kind} products only from an AVX-512 library, not built here")
+
+
 # 3 rows of up to 40 tokens: 120 tokens, two native calls of up to 64 rows
 @pytest.mark.parametrize("prompt_lens,start", [((40, 23, 37), 0), ((9,), 0), ((12, 30), 17)])
-def test_native_prefill_is_as_close_to_float32_as_the_torch_path(monkeypatch, prompt_lens, start):
-    """A prompt's tokens through the native step (weights in panels): every position's logits as
-    close to the float32 model's as the torch path's, the cache as close, in ceil(tokens / 64)
-    native calls."""
-    model = tiny(layout="panels", **PANEL_ARGS)
+@pytest.mark.parametrize("layout", ["panels", "rows"])
+def test_native_prefill_is_as_close_to_float32_as_the_torch_path(monkeypatch, prompt_lens, start, layout):
+    """A prompt's tokens through the native step (bf16 weights in panels, or in rows with the
+    AVX512-BF16 kernel): every position's logits as close to the float32 model's as the torch
+    path's, the cache as close, in ceil(tokens / 64) native calls."""
+    needs_avx512_kind("panels" if layout == "panels" else "bf16")
+    model = tiny(layout=layout, **PANEL_ARGS)
     reference, reference_cache = prefill(copy.deepcopy(model).float(), prompt_lens, False, monkeypatch, start)
     torch_bf16, torch_cache = prefill(model, prompt_lens, False, monkeypatch, start)
     calls = count_native_steps(monkeypatch, prefill=True)
@@ -673,9 +680,30 @@ def test_decode_after_a_native_prefill_picks_the_float32_best_tokens(monkeypatch
     assert torch.equal(native.argmax(-1)[clear], reference.argmax(-1)[clear])
 
 
-@pytest.mark.parametrize("case", ["setting off", "rows layout", "positions not increasing", "long prompt"])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_native_quantized_prefill_matches_the_torch_path(scheme, monkeypatch):
+    """int8 / int4 weights (VNNI products): the prompt's logits within the activations' rounding of
+    the torch path's, which reads the same packed weights."""
+    needs_avx512_kind(scheme)
+    model = quantize(tiny(dim=128, multiple_of=64), scheme)
+    torch_path, _ = prefill(model, (40, 23, 37), False, monkeypatch)
+    calls = count_native_steps(monkeypatch, prefill=True)
+    native, _ = prefill(model, (40, 23, 37), True, monkeypatch)
+    assert calls == [64, 56]
+    for row, length in enumerate((40, 23, 37)):
+        torch.testing.assert_close(native[row, :length], torch_path[row, :length],
+                                   atol=0.04 * torch_path.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("case", ["setting off", "nf4", "no AVX-512 library", "16-row step", "positions not increasing",
+                                  "long prompt"])
 def test_prompts_the_native_prefill_does_not_take_run_the_torch_path(monkeypatch, case):
-    model = tiny(layout="rows" if case == "rows layout" else "panels", **PANEL_ARGS)
+    if case == "nf4":
+        model = quantize(tiny(dim=128, multiple_of=64), "nf4")
+    else:
+        model = tiny(layout="rows" if case == "16-row step" else "panels", **PANEL_ARGS)
+    if case == "16-row step":  # (as with AMX, whose bf16 kernel takes 16 rows)
+        monkeypatch.setattr(fast_decode, "max_kernel_rows", lambda: 16)
     if case == "setting off":
         monkeypatch.setenv("ACCESSORY_NATIVE_PREFILL", "0")
     if case == "long prompt":  # a query's attention past that share of its layer's products
@@ -692,6 +720,8 @@ def test_prompts_the_native_prefill_does_not_take_run_the_torch_path(monkeypatch
         want = model.forward_tokens(tokens, positions, model.new_kv_cache(2, 32))
     monkeypatch.setenv("ACCESSORY_FAST_DECODE", "1")
     calls = count_native_steps(monkeypatch, prefill=True)
+    if case == "no AVX-512 library":  # (the product kinds the step's libraries run with AVX-512)
+        fast_decode.decode_kernels().avx512_kinds = frozenset()
     with torch.inference_mode():
         got = model.forward_tokens(tokens, positions, cache)
     assert calls == []

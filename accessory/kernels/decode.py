@@ -11,7 +11,7 @@ from typing import Optional
 
 from . import bf16_library, load_library
 from .panels import float32_product
-from .quant import _kernels as quant_kernels
+from .quant import _kernels as quant_kernels, library_name as quant_library_name
 
 _P, _I64, _INT, _F, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_double
 log = logging.getLogger(__name__)
@@ -73,7 +73,9 @@ def decode_kernels() -> Optional[SimpleNamespace]:
     the panel library runs, else None), or None when they cannot be built here.
     ``attention_avx512(on)`` sets whether a bf16 cache's attention takes the AVX512-BF16 code
     (-1: only asks; returns the setting in force): on where the bf16 products take the AVX512-BF16
-    library (``ACCESSORY_BF16_KERNEL=avx2`` keeps the AVX2 code for both)."""
+    library (``ACCESSORY_BF16_KERNEL=avx2`` keeps the AVX2 code for both). ``avx512_kinds``: the
+    product kinds (``panels``, ``bf16``, ``int8``, ``int4``, ``nf4``) whose products run in an
+    AVX-512 library (AVX512-BF16, or VNNI for the packed kinds)."""
     global _functions, _loaded
     if not _loaded:
         (bf16_name, bf16), ops, quant = bf16_library(), load_library("decode_ops"), quant_kernels()
@@ -95,6 +97,10 @@ def decode_kernels() -> Optional[SimpleNamespace]:
                 gemv_q4=quant[1],
                 gemv_panels=float32_product(),  # None where the panel library cannot run
                 attention_avx512=_bind(ops, "accessory_attention_avx512", [_INT], _INT),
+                # the product kinds the step runs with AVX-512 libraries (AVX512-BF16 / VNNI)
+                avx512_kinds=frozenset({"panels"} if float32_product() else set())
+                | ({"bf16"} if bf16_name == "gemv_bf16_avx512" else set())
+                | ({"int8", "int4", "nf4"} if quant_library_name() == "gemv_quant_avx512" else set()),
             )
             _functions.attention_avx512(int(bf16_name == "gemv_bf16_avx512"))
         _loaded = True

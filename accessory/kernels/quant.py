@@ -59,6 +59,12 @@ def native_quant_available() -> bool:
     return _kernels() is not None
 
 
+def library_name() -> Optional[str]:
+    """The name of the int8 / int4 / nf4 products' library in use (``gemv_quant_avx512`` or
+    ``gemv_quant``), None where none can be built."""
+    return _library_name if _kernels() is not None else None
+
+
 def max_rows(scheme_name: str) -> int:
     """The most activation rows the native product of ``scheme_name`` takes, with the library in use."""
     if _kernels() is not None and _library_name == "gemv_quant_avx512":

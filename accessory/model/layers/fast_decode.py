@@ -13,8 +13,9 @@ allocated once per batch size:
 layers, the final norm and the output head after them (:func:`decode_layers` only the layers).
 A prompt's tokens take the same step too (:func:`prefill_layers`, through ``decode_layers``):
 each token a row of the step with its own position in its prompt's cache row, up to 64 tokens a
-call, where the weights are in panels and the prompt is not so long that the torch path's
-attention would be the faster; XS 1.34x and S 1.12x a 128-token prompt over the torch path.
+call, where AVX-512 libraries run the products (bf16 in panels or rows, int8, int4) and the
+prompt is not so long that the torch path's attention would be the faster; a 128-token prompt
+1.06-1.34x faster than through the torch path (``PREFILL_KINDS``).
 It is one call rather than ten per layer from Python because the products stream megabytes of
 weights through the caches: between two of them the interpreter's code and data are evicted, and
 each Python-side call cost tens of microseconds instead of one or two.
@@ -483,8 +484,15 @@ def decode_layers(model, h: torch.Tensor, positions: torch.Tensor, kv_cache, blo
 #: reads the cache in blocks shared by many queries (a native query reads its own keys), is the
 #: faster. Measured (benchmarks/README.md, session 17), native against torch, one prompt: XS (its
 #: attention a third of its products at 1536 positions) 128 tokens 1.34x, 1020 1.10x, 2000 1.03x,
-#: 3000 0.88x; S (a third at 3580) 128 1.12x, 1000 1.18x, 2000 1.09x.
+#: 3000 0.88x; S (a third at 3669) 128 1.12x, 1000 1.18x, 2000 1.09x.
 PREFILL_ATTENTION_SHARE = 1 / 3
+#: The product kinds a native prefill takes, each only where an AVX-512 library runs it and the
+#: step takes MAX_ROWS rows, as measured against the torch path (128 tokens, XS / S): panels
+#: 1.34x / 1.12x, bf16 rows (AVX512-BF16 kernel) 1.28x / 1.13x, int8 1.11x / 1.15x, int4 1.27x /
+#: 1.06x (VNNI). Not nf4 (16-row calls: 0.54x), nor the AVX2 libraries (0.61-0.76x here, where the
+#: torch path's 128-row products were oneDNN's AVX512-BF16 ones; not measured on an AVX2-only CPU),
+#: nor AMX (the bf16 kernel's 16 rows against oneDNN's tiles).
+PREFILL_KINDS = frozenset({"panels", "bf16", "int8", "int4"})
 
 
 def prefill_enabled() -> bool:
@@ -500,7 +508,8 @@ def prefill_layers(model, h: torch.Tensor, positions: torch.Tensor, kv_cache,
     attend, and the chunks go in order, so every query sees the keys at its row's earlier positions
     as the torch path's causal attention over the cache does. The hidden states after the last
     layer (the residual stream kept in float32 through them, as in a decode step), or None for
-    the torch path: weights not all in panels (what was measured), positions that do not increase
+    the torch path: products of a kind not in ``PREFILL_KINDS``, or not run by an AVX-512 library,
+    or a step of fewer than MAX_ROWS rows (what was measured), positions that do not increase
     along each row or fall outside the cache or the rotary table, a prompt long enough that its
     last query's attention passes ``PREFILL_ATTENTION_SHARE`` of the products, or
     ``ACCESSORY_NATIVE_PREFILL=0``."""
@@ -514,7 +523,9 @@ def prefill_layers(model, h: torch.Tensor, positions: torch.Tensor, kv_cache,
     if kernels is None:
         return None
     plans = _plans(model, block_types)
-    if plans is None or any(p.kind != "panels" for plan in plans for p in (plan.qkv, plan.wo, plan.w13, plan.w2)):
+    if plans is None or max_step_rows(plans) < MAX_ROWS or \
+            any(p.kind not in PREFILL_KINDS or p.kind not in kernels.avx512_kinds
+                for plan in plans for p in (plan.qkv, plan.wo, plan.w13, plan.w2)):
         return None
     first = plans[0]
     highest = int(positions.max())
