@@ -500,3 +500,34 @@ def test_unknown_config_field_names_field_and_architecture(tmp_path, llama_type,
     with pytest.raises(ConfigError) as info:
         load(directory)
     assert extra in str(info.value) and repr(llama_type) in str(info.value)
+
+
+@pytest.mark.parametrize("architecture", ["internlm", "falcon"])
+@pytest.mark.parametrize("layout", ["panels", "rows"])
+def test_a_bf16_model_gives_unrounded_float32_logits(architecture, layout, tmp_path, monkeypatch):
+    """As llama's: loaded in bf16 on the CPU, the head (in panels, or a native bf16 linear in rows)
+    returns its float32 sums, not rounded to bf16, within bf16 error of the float32 model's."""
+    from accessory.model.layers.panel_linear import PanelLinear, panels_wanted
+    from accessory.kernels.linear import NativeLinear
+    if layout == "panels" and not panels_wanted():
+        pytest.skip("weights are held in panels only on CPUs with AVX512-BF16 (and no AMX)")
+    monkeypatch.setenv("ACCESSORY_PANELS", "1" if layout == "panels" else "0")
+    if architecture == "internlm":
+        cfg = internlm_full_config(INTERNLM_CONFIGS["rmsnorm"])
+        state = random_state(internlm_shapes(cfg), seed=5)
+        directory = write_original_checkpoint(tmp_path, state, cfg, "internlm", "llama-spm", internlm_split_dim)
+    else:
+        cfg = falcon_full_config(FALCON_CONFIGS["7b_multi_query_parallel"])
+        state = random_state(falcon_shapes(cfg), seed=5)
+        directory = write_original_checkpoint(tmp_path, state, cfg, "falcon", "falcon", falcon_split_dim(cfg))
+    bf16 = MetaModel.from_pretrained(str(directory), dtype=torch.bfloat16, device="cpu", max_seq_len=64,
+                                     progress=False)
+    head = bf16.llma.head if architecture == "internlm" else bf16.llma.output
+    assert type(head) is (PanelLinear if layout == "panels" else NativeLinear)
+    ids = torch.tensor([bf16.tokenizer.encode(TEXTS[0], bos=bf16.tokenizer.add_bos, eos=False)])
+    with torch.inference_mode():
+        got = bf16.llma.forward_tokens(ids)
+        want = load(directory).llma.forward_tokens(ids)
+    assert got.dtype is torch.float32
+    assert (got != got.bfloat16().float()).any()  # not rounded to bf16
+    torch.testing.assert_close(got, want, atol=0.05 * want.abs().max().item(), rtol=0)

@@ -35,6 +35,7 @@ from torch import nn
 from ..layers.attention import attend
 from ..layers.decoder import CausalDecoder
 from ..layers.kv_cache import KVCache
+from ..layers.panel_linear import head_logits
 from ..layers.parallel import COLUMN, REPLICATED, ROW, SplitPlan
 from ..layers.rotary import RotaryEmbedding
 
@@ -220,7 +221,7 @@ class Transformer(CausalDecoder):
         return self.word_embeddings(tokens)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.output(self.ln_f(h))
+        return head_logits(self.output, self.ln_f(h))
 
     def _reference_weight(self) -> torch.Tensor:
         return self.word_embeddings.weight

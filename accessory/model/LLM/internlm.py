@@ -26,6 +26,7 @@ from ..layers.attention import attend
 from ..layers.decoder import CausalDecoder
 from ..layers.kv_cache import KVCache
 from ..layers.norm import RMSNorm
+from ..layers.panel_linear import head_logits
 from ..layers.parallel import COLUMN, ROW, GroupSlices, Relayout, SplitPlan
 from ..layers.rotary import RotaryEmbedding
 
@@ -171,7 +172,7 @@ class Transformer(CausalDecoder):
         return self.embedding(tokens)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(h))
+        return head_logits(self.head, self.norm(h))
 
     def _reference_weight(self) -> torch.Tensor:
         return self.embedding.weight

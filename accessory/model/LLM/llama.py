@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...kernels.linear import NativeLinear, linear as native_linear
 from ..layers.attention import attend
 from ..layers.compiled_decode import compiled_decode_layers
 from ..layers.decoder import CausalDecoder
@@ -20,7 +19,7 @@ from ..layers.fast_decode import decode_layers, decode_logits, native_step_fits
 from ..layers.kv_cache import KVCache
 from ..layers.linear import fuse_children, make_linear, still_fused
 from ..layers.norm import RMSNorm
-from ..layers.panel_linear import PanelLinear
+from ..layers.panel_linear import head_logits
 from ..layers.parallel import COLUMN, ROW, SplitPlan
 from ..layers.rotary import RotaryEmbedding
 from ._clip_prefix import CLIPPrefixMixin
@@ -242,17 +241,8 @@ class Transformer(CLIPPrefixMixin, CausalDecoder):
         return self.tok_embeddings(tokens)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The head's logits; on the CPU a bf16 head's float32 sums, unrounded, as the native decode
-        step gives them. Rounded to bf16 they are 0.125 apart near 25, and greedy decoding then
-        settles near ties by token order (SmolLM2's first answer token flipped that way)."""
-        normed = self.norm(h)
-        output = self.output
-        if type(output) is PanelLinear:
-            return output(normed.float())  # (float32 in, float32 out)
-        if type(output) is NativeLinear and normed.dtype is torch.bfloat16 and not output._forward_hooks and \
-                not output._forward_pre_hooks:
-            return native_linear(normed, output.weight, output.bias, float32_out=True)
-        return output(normed)
+        """The head's logits (float32 sums of a bf16 head on the CPU: ``head_logits``)."""
+        return head_logits(self.output, self.norm(h))
 
     def _reference_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ...kernels import cpu_flags, switched_off
-from ...kernels.linear import NativeLinear
+from ...kernels.linear import NativeLinear, linear as native_linear
 from ...kernels.panels import PANEL_ROWS, pack, panel_elements, panel_linear, panels_available, unpack
 from ...quant.memory import release_file_pages, zeros_in_huge_pages
 from .fused import FusedViews, one_run, side_by_side, tied_parameters
@@ -108,6 +108,20 @@ class PanelLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight in 16-row panels"
+
+
+def head_logits(output: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``output(x)`` for a model's output head, except that on the CPU a bf16 head in panels, or a
+    bf16 ``NativeLinear`` without hooks, returns its float32 sums unrounded, as the native decode
+    step gives them: rounded to bf16, logits near 25 are 0.125 apart, and greedy decoding then
+    settles near ties by token order (SmolLM2's first answer token flipped that way). Every
+    architecture's ``logits`` goes through here."""
+    if type(output) is PanelLinear:
+        return output(x.float())  # (float32 in, float32 out)
+    if type(output) is NativeLinear and x.dtype is torch.bfloat16 and not output._forward_hooks and \
+            not output._forward_pre_hooks:
+        return native_linear(x, output.weight, output.bias, float32_out=True)
+    return output(x)
 
 
 def _panels_multiply(x: torch.Tensor, panels: torch.Tensor) -> bool:
