@@ -403,8 +403,9 @@ typedef struct {
 
 /* Everything one decode step reads and writes. The buffers are float32, rows (M) by: h, x, out
  * dim; qkv (H + 2 KV) hd; attn H hd; gate_up 2 F; act F; scratch as large as the largest product
- * asks. keys[l], values[l]: layer l's cache, (B >= M, KV, L, hd). positions[m] must be below
- * both L and n_rotary, the rows of the rotary tables.
+ * asks. keys[l], values[l]: layer l's cache, (B, KV, L, hd), B above every row's cache row (M
+ * rows, or the highest of cache_rows, a prompt's tokens sharing one: accessory_attend_step).
+ * positions[m] must be below both L and n_rotary, the rows of the rotary tables.
  * Both ends are optional. With embedding (vocab_size rows of dim, bf16 when embedding_bf16, else
  * float32), h starts as the rows of tokens[0..M) instead of holding the inputs. With logits
  * (M, head.out_features), the last h is normed by final_norm and multiplied by head into it. */
