@@ -169,3 +169,91 @@ def test_a_model_loaded_in_rows_holds_its_weights_in_huge_pages(tiny_llama_dir, 
     prompts = ["Hello world", "A much longer prompt than that"]
     assert model.generate(prompts, max_gen_len=12, temperature=0) == small.generate(prompts, max_gen_len=12,
                                                                                     temperature=0)
+
+
+def quantized_attention(scheme_name: str, dim: int = 1536):
+    """An attention whose four linears are packed (1536 wide: 7 MiB of int8 codes, 3.5 of int4)."""
+    from accessory.model.LLM.llama import Attention, ModelArgs
+    from accessory.quant import resolve_scheme
+    from accessory.quant.linear import QuantLinear
+    torch.manual_seed(0)
+    attention = Attention(ModelArgs(dim=dim, n_heads=dim // 128, n_kv_heads=dim // 256)).bfloat16()
+    scheme = resolve_scheme(scheme_name, "cpu")
+    for name in ("wq", "wk", "wv", "wo"):
+        setattr(attention, name, QuantLinear.from_linear(getattr(attention, name), scheme))
+    return attention
+
+
+@needs_huge_pages
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_packed_in_huge_pages_moves_packed_tensors_and_fusing_views_them(scheme):
+    """A quantized model's codes (the scales too where they fill a page): one advised allocation per
+    dtype, q/k/v side by side, so fusing them copies nothing; the state_dict, what torch.save
+    writes of it, and the outputs unchanged."""
+    import io
+    from accessory.quant.linear import FusedQuantLinear, packed_in_huge_pages
+    attention = quantized_attention(scheme)
+    state = {name: tensor.clone() for name, tensor in attention.state_dict().items()}
+    x = torch.randn(3, 1536).bfloat16()
+    with torch.inference_mode():
+        before = {name: getattr(attention, name)(x) for name in ("wq", "wk", "wv", "wo")}
+    scales = attention.wq.scales
+    assert packed_in_huge_pages(attention) == 4  # the four codes; the scales fill no page here
+    q, k, v = (getattr(attention, name) for name in ("wq", "wk", "wv"))
+    a, b, c = q.qweight, k.qweight, v.qweight
+    assert "hg" in vm_flags(a.data_ptr()) and not a.requires_grad
+    assert a.untyped_storage().data_ptr() == attention.wo.qweight.untyped_storage().data_ptr()
+    assert b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()
+    assert c.data_ptr() == b.data_ptr() + b.numel() * b.element_size()
+    assert q.scales is scales  # (left where it was)
+    after = attention.state_dict()
+    assert list(after) == list(state) and all(torch.equal(after[n], state[n]) and after[n].dtype == state[n].dtype
+                                              for n in state)
+    saved = io.BytesIO()
+    torch.save(after, saved)  # (one storage seen as two dtypes is refused)
+    saved.seek(0)
+    assert all(torch.equal(t, state[n]) for n, t in torch.load(saved).items())
+    placed = q.qweight.data_ptr()
+    attention.fuse()
+    fused = attention._wqkv
+    assert type(fused) is FusedQuantLinear
+    assert fused.packed["qweight"].data_ptr() == placed  # a view, not a copy
+    with torch.inference_mode():
+        assert torch.equal(torch.cat([before[n] for n in ("wq", "wk", "wv")], dim=-1), fused(x))
+        assert torch.equal(attention.wo(x), before["wo"])
+
+
+def test_packed_in_huge_pages_leaves_small_models_and_the_setting(monkeypatch):
+    from accessory.quant.linear import packed_in_huge_pages
+    small = quantized_attention("int8", dim=512)  # (1 MiB of codes: below a page)
+    before = small.wo.qweight
+    assert packed_in_huge_pages(small) == 0 and small.wo.qweight is before
+    monkeypatch.setenv("ACCESSORY_HUGE_PAGES", "0")
+    attention = quantized_attention("int8")
+    before = attention.wq.qweight
+    assert packed_in_huge_pages(attention) == 0 and attention.wq.qweight is before
+
+
+@needs_huge_pages
+def test_a_quantized_model_holds_its_packed_weights_in_huge_pages(tiny_llama_dir, monkeypatch):
+    """``from_pretrained(quant="int8")``: the packed tensors in one advised allocation (the
+    page-size threshold lowered for the tiny checkpoint), q/k/v fused as a view, the same
+    state_dict and greedy text as in 4 KiB pages."""
+    import accessory.quant.memory as memory
+    from accessory.model.meta import MetaModel
+
+    def load():
+        return MetaModel.from_pretrained(str(tiny_llama_dir), dtype=torch.bfloat16, device="cpu", max_seq_len=64,
+                                         quant="int8", progress=False)
+    monkeypatch.setattr(memory, "HUGE_PAGE", 4096)
+    model = load()
+    wq = model.llma.layers[0].attention.wq.qweight
+    assert "hg" in vm_flags(wq.data_ptr())
+    assert model.llma.layers[0].attention._wqkv.packed["qweight"].data_ptr() == wq.data_ptr()
+    monkeypatch.setenv("ACCESSORY_HUGE_PAGES", "0")
+    small = load()
+    ours, theirs = model.state_dict(), small.state_dict()
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    prompts = ["Hello world", "A much longer prompt than that"]
+    assert model.generate(prompts, max_gen_len=12, temperature=0) == small.generate(prompts, max_gen_len=12,
+                                                                                    temperature=0)

@@ -33,6 +33,7 @@ from ..kernels.linear import use_native_linear
 from ..generation.sampling import SamplingParams
 from ..quant import Quantizer, eligible_linears, make_shells, resolve_scheme
 from ..quant.checkpoint import read_quantization
+from ..quant.linear import packed_in_huge_pages
 from .LLM import load_llama_type
 from .layers.linear import rows_in_huge_pages
 from .layers.multimodal import encode_for, image_offsets, insert_images
@@ -298,6 +299,7 @@ class MetaModel(nn.Module):
             use_native_linear(model)
             use_panels(model)
             rows_in_huge_pages(model)  # (what use_panels left in rows)
+            packed_in_huge_pages(model)  # (int8 / int4 / nf4 layers)
         if hasattr(model.llma, "fuse_projections"):
             model.llma.fuse_projections()
         model.eval()

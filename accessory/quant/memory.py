@@ -105,7 +105,7 @@ def in_huge_pages(size: int) -> bool:
     return size >= HUGE_PAGE and huge_pages_available()
 
 
-def zeros_in_huge_pages(numel: int, dtype: torch.dtype) -> torch.Tensor:
+def zeros_in_huge_pages(numel: int, dtype: torch.dtype, populate: bool = True) -> torch.Tensor:
     """A 1-D CPU tensor of ``numel`` zeros whose memory the kernel backs with 2 MiB pages where it
     can (:func:`in_huge_pages`), else ``torch.zeros``.
 
@@ -115,7 +115,9 @@ def zeros_in_huge_pages(numel: int, dtype: torch.dtype) -> torch.Tensor:
     1.06-1.13x at 16 (benchmarks/README.md, session 16). The memory is a private anonymous mapping
     aligned to 2 MiB (a C heap block is neither aligned nor necessarily fresh, and pages already
     touched stay small): its unaligned head is never touched, so never resident; the rest is made
-    resident at once. The tensor keeps the mapping alive; it goes with the last tensor viewing it."""
+    resident at once, or with ``populate=False`` page by page as it is first written (for a copy
+    that frees its source as it goes, so that both are never whole at once). The tensor keeps the
+    mapping alive; it goes with the last tensor viewing it."""
     size = numel * dtype.itemsize
     if not in_huge_pages(size):
         return torch.zeros(numel, dtype=dtype)
@@ -130,7 +132,8 @@ def zeros_in_huge_pages(numel: int, dtype: torch.dtype) -> torch.Tensor:
     try:
         # resident now rather than page by page later, while a prompt's forward writes the cache:
         # its faults there made XS's 128-token prefill 3-7% slower (engine runs, alternating)
-        mapping.madvise(_MADV_POPULATE_WRITE, start, span)
+        if populate:
+            mapping.madvise(_MADV_POPULATE_WRITE, start, span)
     except OSError:  # before Linux 5.14: faulted in on first use instead
         pass
     return whole[start:start + size].view(dtype)
