@@ -145,6 +145,17 @@ def test_rows_in_huge_pages_leaves_tied_weights_and_small_models(monkeypatch):
     assert rows_in_huge_pages(nn.Sequential(nn.Linear(2048, 1024).bfloat16())) == 0
 
 
+def assert_as_in_small_pages(model, load, monkeypatch) -> None:
+    """``model`` has the state_dict and greedy text of ``load()`` with ``ACCESSORY_HUGE_PAGES=0``."""
+    monkeypatch.setenv("ACCESSORY_HUGE_PAGES", "0")
+    small = load()
+    ours, theirs = model.state_dict(), small.state_dict()
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    prompts = ["Hello world", "A much longer prompt than that"]
+    assert model.generate(prompts, max_gen_len=12, temperature=0) == small.generate(prompts, max_gen_len=12,
+                                                                                    temperature=0)
+
+
 @needs_huge_pages
 def test_a_model_loaded_in_rows_holds_its_weights_in_huge_pages(tiny_llama_dir, monkeypatch):
     """``from_pretrained`` where weights stay in rows: in one advised allocation (the page-size
@@ -162,13 +173,7 @@ def test_a_model_loaded_in_rows_holds_its_weights_in_huge_pages(tiny_llama_dir, 
     wq = model.llma.layers[0].attention.wq.weight
     assert "hg" in vm_flags(wq.data_ptr())
     assert model.llma.layers[0].attention._wqkv.weight.data_ptr() == wq.data_ptr()  # fused as a view
-    monkeypatch.setenv("ACCESSORY_HUGE_PAGES", "0")
-    small = load()
-    ours, theirs = model.state_dict(), small.state_dict()
-    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
-    prompts = ["Hello world", "A much longer prompt than that"]
-    assert model.generate(prompts, max_gen_len=12, temperature=0) == small.generate(prompts, max_gen_len=12,
-                                                                                    temperature=0)
+    assert_as_in_small_pages(model, load, monkeypatch)
 
 
 def quantized_attention(scheme_name: str, dim: int = 1536):
@@ -250,10 +255,4 @@ def test_a_quantized_model_holds_its_packed_weights_in_huge_pages(tiny_llama_dir
     wq = model.llma.layers[0].attention.wq.qweight
     assert "hg" in vm_flags(wq.data_ptr())
     assert model.llma.layers[0].attention._wqkv.packed["qweight"].data_ptr() == wq.data_ptr()
-    monkeypatch.setenv("ACCESSORY_HUGE_PAGES", "0")
-    small = load()
-    ours, theirs = model.state_dict(), small.state_dict()
-    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
-    prompts = ["Hello world", "A much longer prompt than that"]
-    assert model.generate(prompts, max_gen_len=12, temperature=0) == small.generate(prompts, max_gen_len=12,
-                                                                                    temperature=0)
+    assert_as_in_small_pages(model, load, monkeypatch)
