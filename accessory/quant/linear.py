@@ -213,7 +213,7 @@ def packed_in_huge_pages(model: nn.Module) -> int:
     for dtype, (places, (size,)) in arenas.items():
         if not in_huge_pages(size):  # (a copy into ordinary memory would gain nothing)
             continue
-        arena = zeros_in_huge_pages(size // dtype.itemsize + 1, dtype, populate=False)
+        arena = zeros_in_huge_pages(size // dtype.itemsize, dtype, populate=False)  # (size: whole elements)
         for module, name, start in places:
             tensor = module._parameters[name]
             first = start // dtype.itemsize
