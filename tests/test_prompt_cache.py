@@ -325,3 +325,23 @@ def test_serve_flags_bound_the_prompt_cache(checkpoint):
                               prompt_cache_slots=2, prompt_cache_mb=1.5)
     engine = load_chat_model(args).engine
     assert (engine.prompt_cache_slots, engine.prompt_cache_bytes) == (2, 3 * 2 ** 19)
+
+
+def test_a_deep_copy_has_its_own_weights_and_generation_state(checkpoint, monkeypatch):
+    """``copy.deepcopy(MetaModel)`` (it used to fail on a lock): the copy generates as the original,
+    with its own engine and prompt caches; an edit to the copy's weights changes its text only."""
+    import copy
+    monkeypatch.setenv("ACCESSORY_PROMPT_CACHE", "1")
+    original = _load(checkpoint, dtype=torch.bfloat16)
+    prompt = "Once upon a time"
+    first = original.generate([prompt], max_gen_len=8, temperature=0)
+    assert original._engine is not None  # (its kept caches and locks now exist)
+    twin = copy.deepcopy(original)
+    assert twin._engine is None and twin._image_memo_lock is not original._image_memo_lock
+    assert twin.generate([prompt], max_gen_len=8, temperature=0) == first
+    with torch.no_grad():
+        for layer in twin.llma.layers:
+            layer.attention.wo.weight.mul_(-1)
+    edited = twin.generate([prompt], max_gen_len=8, temperature=0)
+    assert edited != first
+    assert original.generate([prompt], max_gen_len=8, temperature=0) == first

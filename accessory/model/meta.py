@@ -13,6 +13,7 @@ missing weights are an error unless ``strict=False``; BOS follows the tokenizer'
 """
 
 import collections
+import copy
 import dataclasses
 import json
 import logging
@@ -196,6 +197,24 @@ class MetaModel(nn.Module):
         self._engine = None
         self._image_memo = collections.OrderedDict()  # see _encode_images
         self._image_memo_lock = threading.Lock()
+
+    # Generation state of one model object: its engine (with the prompt caches it keeps) and the
+    # image encodings it remembers, each behind a lock, which a copy starts without.
+    _PER_OBJECT = ("_engine", "_image_memo", "_image_memo_lock")
+
+    def __deepcopy__(self, memo) -> "MetaModel":
+        """A copy with its own weights (as ``nn.Module`` copies) and fresh generation state: no
+        engine, kept prompt caches or image memo of the original's (locks cannot be copied, and
+        caches of the original's weights would not describe the copy's once they are edited)."""
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        for key, value in self.__dict__.items():
+            if key not in self._PER_OBJECT:
+                copied.__dict__[key] = copy.deepcopy(value, memo)
+        copied._engine = None
+        copied._image_memo = collections.OrderedDict()
+        copied._image_memo_lock = threading.Lock()
+        return copied
 
     # ------------------------------------------------------------------ loading
     @classmethod
