@@ -199,28 +199,30 @@ def packed_in_huge_pages(model: nn.Module) -> int:
             t.device.type == "cpu" and t.is_contiguous() and id(t) not in tied for t in module.packed.values())
     order = side_by_side(model, movable, lambda children: len({child.scheme for child in children}) == 1)
     names = list(dict.fromkeys(name for module in order for name in module.scheme.tensor_names()))
-    arenas = {}  # dtype -> [(module, name, byte offset)], its size
+    places, sizes = {}, {}  # per dtype: [(module, tensor name, byte offset)], and the bytes so far
     for name in names:
         for module in order:
             tensor = module._parameters.get(name)
-            if tensor is not None:
-                places, size = arenas.setdefault(tensor.dtype, ([], [0]))
-                if not places or places[-1][1] != name:
-                    size[0] = -(-size[0] // 64) * 64  # (each name's run starts on a cache line)
-                places.append((module, name, size[0]))
-                size[0] += tensor.numel() * tensor.element_size()
+            if tensor is None:
+                continue
+            dtype, at = tensor.dtype, sizes.get(tensor.dtype, 0)
+            if not places.get(dtype) or places[dtype][-1][1] != name:
+                at = -(-at // 64) * 64  # (each name's run starts on a cache line)
+            places.setdefault(dtype, []).append((module, name, at))
+            sizes[dtype] = at + tensor.numel() * tensor.element_size()
     moved = 0
-    for dtype, (places, (size,)) in arenas.items():
+    for dtype, size in sizes.items():
         if not in_huge_pages(size):  # (a copy into ordinary memory would gain nothing)
             continue
-        arena = zeros_in_huge_pages(size // dtype.itemsize, dtype, populate=False)  # (size: whole elements)
-        for module, name, start in places:
+        # (every offset and size a whole number of this dtype's elements)
+        arena = zeros_in_huge_pages(size // dtype.itemsize, dtype, populate=False)
+        for module, name, at in places[dtype]:
             tensor = module._parameters[name]
-            first = start // dtype.itemsize
+            first = at // dtype.itemsize
             part = arena[first:first + tensor.numel()].view(tensor.shape)
             part.copy_(tensor.detach())
             module._parameters[name] = _frozen(part, keep_dtype=getattr(tensor, "keep_dtype", True))
-            del tensor
+            del tensor  # (the old tensor's last reference)
             moved += 1
             if moved % 16 == 0:
                 return_freed_heap()  # (the old tensors freed so far, back to the system as the copy goes)
