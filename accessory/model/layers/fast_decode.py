@@ -534,8 +534,9 @@ def prefill_layers(model, h: torch.Tensor, positions: torch.Tensor, kv_cache,
             not bool((positions[:, 1:] > positions[:, :-1]).all()) or \
             (highest + 1) * first.n_heads * first.head_dim * 2 > PREFILL_ATTENTION_SHARE * products:
         return None
-    total, chunk = batch * seqlen, max_step_rows(plans)
-    # (the buffers of a full chunk, also for a shorter prompt: one set whatever the prompt's length)
+    total, chunk = batch * seqlen, MAX_ROWS  # (what every product takes here, checked above)
+    # (the buffers of a full chunk, also for a shorter prompt: one set whatever the prompt's length;
+    # every step sets its rows and cache rows on them, so a decode step after this finds its own)
     buffers = _step_buffers(model, chunk, batch, kv_cache, plans, None, kernels)
     if buffers is None or buffers.h.shape[1] != dim:
         return None
@@ -543,18 +544,15 @@ def prefill_layers(model, h: torch.Tensor, positions: torch.Tensor, kv_cache,
     cache_rows = torch.arange(batch).repeat_interleave(seqlen)
     inputs, out = h.reshape(total, dim), torch.empty(total, dim)
     step = buffers.step
-    try:
-        for start in range(0, total, chunk):
-            n = min(chunk, total - start)
-            step.rows = n
-            step.positions = flat_positions[start:].data_ptr()
-            step.cache_rows = cache_rows[start:].data_ptr()
-            buffers.h[:n].copy_(inputs[start:start + n])
-            if kernels.decode_step(step) != 0:  # (the positions were checked above)
-                raise RuntimeError(f"the native prefill refused positions {start}..{start + n - 1}")
-            out[start:start + n].copy_(buffers.h[:n])
-    finally:
-        step.rows, step.cache_rows = chunk, None
+    for start in range(0, total, chunk):
+        n = min(chunk, total - start)
+        step.rows = n
+        step.positions = flat_positions[start:].data_ptr()
+        step.cache_rows = cache_rows[start:].data_ptr()
+        buffers.h[:n].copy_(inputs[start:start + n])
+        if kernels.decode_step(step) != 0:  # (the positions were checked above)
+            raise RuntimeError(f"the native prefill refused positions {start}..{start + n - 1}")
+        out[start:start + n].copy_(buffers.h[:n])
     return out.view(batch, seqlen, dim).to(h.dtype)
 
 
