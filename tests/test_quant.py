@@ -95,8 +95,10 @@ needs_kernels = pytest.mark.skipif(not kq.native_quant_available(), reason="nati
 @pytest.fixture(params=["avx2", "avx512"])
 def quant_kernel(request, monkeypatch):
     """Each library of the quantized products in turn: gemv_quant.c (AVX2) and, where the CPU has
-    AVX512-VNNI, gemv_quant_avx512.c."""
+    AVX512-VNNI, gemv_quant_avx512.c; the expansion for many rows (AVX512-BF16) held off, so that
+    these integer kernels take every count of rows they can."""
     from accessory import kernels
+    monkeypatch.setattr(kq, "EXPAND_FROM", {})
     if request.param == "avx512" and not (kernels.cpu_supports_avx512_vnni() and kernels.native_kernels_enabled()):
         pytest.skip("this CPU has no AVX512-VNNI (or native kernels are off)")
     monkeypatch.setenv("ACCESSORY_QUANT_KERNEL", request.param)
@@ -189,6 +191,59 @@ def test_kernel_declines_what_it_does_not_handle(scheme, quant_kernel):
                           atol=1e-5)
 
 
+needs_expansion = pytest.mark.skipif(not kq.expand_from("int8"), reason="the panel library's expansion runs only "
+                                     "on CPUs with AVX512-BF16 (and a C compiler)")
+
+
+@needs_expansion
+@pytest.mark.parametrize("scheme,in_features", [
+    (QuantScheme("int8"), 200), (QuantScheme("int8"), 256), (QuantScheme("int4"), 256), (QuantScheme("int4", 64), 320),
+    (QuantScheme("int4", 96), 480), (QuantScheme("nf4"), 256), (QuantScheme("nf4", 32), 96)],
+    ids=lambda v: v if isinstance(v, int) else _ids(v))
+@pytest.mark.parametrize("rows", ["first", 33, 64, 130, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_expansion_computes_the_bf16_product_of_the_formats_weights(scheme, in_features, rows, dtype):
+    """From expand_from rows on, any number of them (past one chunk of 128 rows, odd counts), each
+    16-row panel is expanded to bf16: the product is the bf16-rounded activations times the
+    format's weights rounded to bf16 (int8: its exact codes, the row's scale on the sums), summed
+    in float32, for int8 inputs with a tail past the last block of 32, 4-bit groups of 32-96 (96:
+    one the integer kernels cannot take), and 37 outputs (a partial last panel). The integer
+    kernels (int8 activations) or float32 products would miss this reference by far more."""
+    rows = kq.expand_from(scheme.name) if rows == "first" else rows
+    gen = torch.Generator().manual_seed(rows + in_features)
+    out_features = 37
+    w = torch.randn(out_features, in_features, generator=gen) * 0.05
+    w[4, 7:40] *= 20  # an outlier group
+    packed = quantize(w, scheme)
+    x = torch.randn(rows, in_features, generator=gen).to(dtype)
+    y = kq.quant_gemv(x, packed, scheme, out_features, in_features)
+    assert y is not None and y.dtype == dtype and y.shape == (rows, out_features)
+    activations = x.float().bfloat16().double()
+    if scheme.name == "int8":
+        reference = (activations @ packed["qweight"].double().T) * packed["scales"].double()
+    else:
+        reference = activations @ dequantize(packed, scheme, torch.float32).bfloat16().double().T
+    error = (y.double() - reference).abs().max() / reference.abs().max()
+    assert error < (2e-6 if dtype == torch.float32 else 8e-3)  # (float32 sums; bf16 / fp16 outputs rounded)
+    if dtype == torch.float32:  # (the float32 product of the same inputs is further off than the sums' order)
+        exact = x.double() @ dequantize(packed, scheme, torch.float64).T
+        assert (y.double() - exact).abs().max() / exact.abs().max() > 4 * error
+
+
+@needs_expansion
+def test_expansion_takes_over_from_its_row_count(monkeypatch):
+    """Below expand_from rows the integer kernels run (int8 activations), from it the expansion."""
+    scheme = QuantScheme("int8")
+    packed = quantize(torch.randn(48, 256) * 0.05, scheme)
+    first = kq.expand_from("int8")
+    expanded = []
+    real = kq._expanded_product
+    monkeypatch.setattr(kq, "_expanded_product", lambda *a: expanded.append(a[3]) or real(*a))
+    for rows in (1, first - 1, first, first + 100):
+        assert kq.quant_gemv(torch.randn(rows, 256), packed, scheme, 48, 256) is not None
+    assert expanded == [first, first + 100]
+
+
 @pytest.mark.parametrize("group_size", [96, 160])
 def test_int4_groups_the_kernels_cannot_spread_take_the_expansion(group_size, quant_kernel):
     """formats.py allows any multiple of 32 as a group; the int4 kernels spread a group's scale
@@ -242,6 +297,7 @@ def test_bf16_prefill_expands_rows_natively(monkeypatch, native_bf16):
     in bf16 with it (the expanded rows rounded to bf16, as torch's bf16 product needs them)."""
     import accessory.quant.linear as ql
     monkeypatch.setattr(ql, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(kq, "EXPAND_FROM", {})  # (where the panel library's expansion does not run)
     calls = []
     monkeypatch.setattr(ql, "dequantize_rows", lambda *a: calls.append(1) or kq.dequantize_rows(*a))
     scheme = QuantScheme("nf4")
@@ -262,6 +318,7 @@ def test_bf16_prefill_products_on_cpus_with_and_without_native_bf16(monkeypatch,
     lacks native bf16 (what this path is for), in bf16 otherwise; both near the float64 product."""
     import accessory.quant.linear as ql
     monkeypatch.setattr(ql, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(kq, "EXPAND_FROM", {})  # (where the panel library's expansion does not run)
     scheme = QuantScheme("int4", 32)
     gen = torch.Generator().manual_seed(5)
     packed = quantize(torch.randn(9000, 128, generator=gen) * 0.05, scheme)  # several blocks of rows
@@ -293,17 +350,20 @@ LONG = "Once upon a time, in a land far away, there lived a king who had three d
 
 
 def _logits(model, text=" ".join([LONG] * 3)):
-    """Whole-prompt logits through the expansion path: more tokens than the kernels take (the
-    AVX512-VNNI library's longer reach held to the AVX2 one's while they run)."""
+    """Whole-prompt logits through the float32 expansion path: more tokens than the kernels take
+    (the AVX512-VNNI library's longer reach held to the AVX2 one's while they run, and the panel
+    library's expansion, which rounds the activations to bf16, held off)."""
     tokens = torch.tensor([model.tokenizer.encode(text, bos=True, eos=False)])
     assert tokens.shape[1] > max(kq.MAX_ROWS.values())
-    vnni = dict(kq.MAX_ROWS_VNNI)
+    vnni, expand_from = dict(kq.MAX_ROWS_VNNI), kq.EXPAND_FROM
     kq.MAX_ROWS_VNNI.update(kq.MAX_ROWS)
+    kq.EXPAND_FROM = {}
     try:
         with torch.inference_mode():
             return model.llma.forward_tokens(tokens).float()
     finally:
         kq.MAX_ROWS_VNNI.update(vnni)
+        kq.EXPAND_FROM = expand_from
 
 
 def _decode_logits(model, text=PROMPTS[1]):

@@ -37,7 +37,8 @@ def _kernels() -> Optional[ctypes.CDLL]:
                     ("accessory_pack_bf16", [_P, _P, _I64, _I64], None),
                     ("accessory_unpack_bf16", [_P, _P, _I64, _I64], None),
                     ("accessory_packed_bf16", [_P] * 4 + [_I64] * 3, None),
-                    ("accessory_packed_bf16_f32", [_P] * 4 + [_I64] * 3, None)):
+                    ("accessory_packed_bf16_f32", [_P] * 4 + [_I64] * 3, None),
+                    ("accessory_quant_panels", [ctypes.c_int] + [_P] * 7 + [_I64] * 4, ctypes.c_int)):
                 function = getattr(library, name)
                 function.argtypes, function.restype = argtypes, restype
         _library, _loaded = library, True
@@ -149,3 +150,12 @@ def float32_product():
     out_features, in_features), as the native decode step calls it, or None."""
     library = _kernels()
     return library.accessory_packed_bf16_f32 if library is not None else None
+
+
+def quant_product():
+    """The library's ``accessory_quant_panels`` (kind: 0 int8, 1 int4, 2 nf4; codes, scales,
+    offsets, float32 x or bf16 x (the other None), scratch as for ``scratch_floats_needed``,
+    float32 y, rows, out_features, in_features, group size; 0, or -1 with y unwritten when out of
+    memory): packed weights expanded to bf16 a 16-row panel at a time, or None."""
+    library = _kernels()
+    return library.accessory_quant_panels if library is not None else None

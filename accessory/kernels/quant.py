@@ -1,9 +1,14 @@
 """ctypes bindings of gemv_quant.c (gemv_quant_avx512.c on CPUs with AVX512-VNNI,
-``kernels.quant_library``): products of a few activation rows with packed weights.
+``kernels.quant_library``): products of a few activation rows with packed weights; and, on CPUs
+with AVX512-BF16, gemv_bf16_panels.c's expansion for many rows.
 
 ``quant_gemv(x, tensors, scheme)`` returns ``x @ W.T`` for the quantized ``W`` without ever
-expanding it in memory, or None when the native kernel does not apply (not on the CPU, more than
-``max_rows(scheme)`` rows, kernels disabled or not buildable); callers then use their fallback.
+expanding it whole in memory, or None when no native kernel applies (not on the CPU, more than
+``max_rows(scheme)`` rows where the expansion does not run, kernels disabled or not buildable);
+callers then use their fallback. From ``expand_from(scheme)`` rows on (any number of them) the
+expansion runs instead of the integer kernels: each 16-row panel of W expanded to bf16 in a
+buffer that stays in cache while every row meets it through the bf16 panel products, so its cost
+is shared by all the rows, where the integer kernels scale each block's sums for each row.
 """
 
 import ctypes
@@ -29,6 +34,14 @@ MAX_ROWS = {"int8": 64, "int4": 64, "nf4": 16}
 #: XS 0.97-1.02x; int8 S 1.03x, XS 0.86x (expanding int8 costs little), so int8 keeps 64.
 MAX_ROWS_VNNI = {"int8": 64, "int4": 192, "nf4": 16}
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+#: The fewest activation rows whose product goes through the expansion where it runs (AVX512-BF16).
+#: Measured on the Zen 4 of benchmarks/README.md against gemv_quant_avx512.c, every layer's
+#: matrices from memory, 2 threads (session 18): int8 XS 0.79x at 16 rows, 0.99x at 24, 1.04x at
+#: 32, 1.27x at 64; S 0.85x / 0.98x / 1.02x / 1.14x; int4 XS 0.83x / 1.13x / 1.24x / 1.46x, S 0.76x
+#: / 0.81x / 0.95x / 1.13x; nf4 (whose integer-free kernel is slower) XS 0.86x at 4 rows, 1.66x at 8,
+#: S 0.79x / 1.52x.
+EXPAND_FROM = {"int8": 32, "int4": 32, "nf4": 8}
+_EXPAND_KINDS = {"int8": 0, "int4": 1, "nf4": 2}
 
 _functions = None
 _loaded = False
@@ -65,8 +78,16 @@ def library_name() -> Optional[str]:
     return _library_name if _kernels() is not None else None
 
 
+def expand_from(scheme_name: str) -> int:
+    """The fewest activation rows from which ``scheme_name``'s products go through the expansion
+    (:data:`EXPAND_FROM`), 0 where it does not run here (no AVX512-BF16 library)."""
+    from .panels import quant_product
+    return EXPAND_FROM.get(scheme_name, 0) if quant_product() is not None else 0
+
+
 def max_rows(scheme_name: str) -> int:
-    """The most activation rows the native product of ``scheme_name`` takes, with the library in use."""
+    """The most activation rows the integer kernels of ``scheme_name`` take, with the library in use
+    (from :func:`expand_from` rows on, where it is not 0, the expansion takes any number)."""
     if _kernels() is not None and _library_name == "gemv_quant_avx512":
         return MAX_ROWS_VNNI.get(scheme_name, 0)
     return MAX_ROWS.get(scheme_name, 0)
@@ -92,11 +113,17 @@ def scratch_floats_needed(scheme_name: str, rows: int, in_features: int, group_s
 
 def quant_gemv(x: torch.Tensor, tensors: Dict[str, torch.Tensor], scheme, out_features: int,
                in_features: int) -> Optional[torch.Tensor]:
-    """``x (..., in) @ W.T`` for the quantized W in ``tensors``; None when the kernel does not apply."""
+    """``x (..., in) @ W.T`` for the quantized W in ``tensors``; None when no kernel applies."""
     if x.device.type != "cpu" or x.dtype not in _DTYPE_CODES or x.requires_grad:
         return None
     rows = x.numel() // in_features if x.dim() else 0
-    if not 0 < rows <= max_rows(scheme.name) or not takes_scheme(scheme):
+    if rows <= 0:
+        return None
+    if 0 < expand_from(scheme.name) <= rows:
+        y = _expanded_product(x, tensors, scheme, rows, out_features, in_features)
+        if y is not None:
+            return y
+    if rows > max_rows(scheme.name) or not takes_scheme(scheme):
         return None
     kernels = _kernels()
     if kernels is None:
@@ -115,6 +142,32 @@ def quant_gemv(x: torch.Tensor, tensors: Dict[str, torch.Tensor], scheme, out_fe
                    int(scheme.name == "nf4"), x2.data_ptr(), y.data_ptr(), code, scratch,
                    rows, out_features, in_features, scheme.group_size)
     return y.view(*x.shape[:-1], out_features)
+
+
+def _expanded_product(x: torch.Tensor, tensors: Dict[str, torch.Tensor], scheme, rows: int, out_features: int,
+                      in_features: int) -> Optional[torch.Tensor]:
+    """``quant_gemv`` through the expansion (float32 sums of the bf16-rounded activations, returned
+    in x's dtype), or None where the tensors are not as the format lays them out or memory ran out."""
+    from .panels import quant_product, scratch_floats_needed as panel_scratch_floats
+    if set(tensors) != set(scheme.tensor_names()):
+        return None
+    dtypes, shapes = scheme.dtypes(), scheme.shapes(out_features, in_features)
+    if any(t.device.type != "cpu" or not t.is_contiguous() or t.dtype is not dtypes[name] or t.shape != shapes[name]
+           for name, t in tensors.items()):
+        return None
+    x2 = x.reshape(rows, in_features)
+    x2 = x2.contiguous() if x.dtype in (torch.float32, torch.bfloat16) else x2.float()
+    y = torch.empty((rows, out_features), dtype=torch.float32)
+    offsets = tensors.get("offsets")
+    scratch = scratch_floats(panel_scratch_floats(rows, in_features))
+    bf16 = x2.dtype is torch.bfloat16
+    status = quant_product()(_EXPAND_KINDS[scheme.name], tensors["qweight"].data_ptr(), tensors["scales"].data_ptr(),
+                             None if offsets is None else offsets.data_ptr(), None if bf16 else x2.data_ptr(),
+                             x2.data_ptr() if bf16 else None, scratch.data_ptr(), y.data_ptr(), rows, out_features,
+                             in_features, scheme.group_size or 0)
+    if status != 0:
+        return None
+    return y.to(x.dtype).view(*x.shape[:-1], out_features)
 
 
 _KIND_CODES = {"int8": 0, "int4": 1, "nf4": 2}
