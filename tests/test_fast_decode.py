@@ -7,12 +7,14 @@ against a plain re-statement of the math for both rotary pairings and grouped KV
 """
 
 import copy
+import ctypes
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+import accessory.kernels.quant as kq
 from accessory.kernels.decode import decode_kernels
 from accessory.model.LLM.llama import PLAIN_BLOCK_TYPES, ModelArgs, Transformer
 from accessory.model.layers import fast_decode
@@ -600,7 +602,8 @@ def test_two_threads_decode_one_model_at_once(monkeypatch):
 def test_how_many_rows_a_native_step_takes(monkeypatch):
     """16 rows always; beyond, up to MAX_ROWS as far as every product's kind allows: bf16 as far as
     kernels.linear gives its kernel rows (64 with AVX512-BF16, 256 on AVX2-only CPUs, 16 with AMX),
-    int8 / int4 64 and nf4 16 (kernels.quant.max_rows; the step itself stops at MAX_ROWS)."""
+    int8 / int4 64 and nf4 16 (kernels.quant.max_rows; the step itself stops at MAX_ROWS), or any
+    number where the panel library's expansion runs the packed kinds (kernels.quant.expand_from)."""
     def plan(*kinds):
         return SimpleNamespace(**{name: SimpleNamespace(kind=kind) for name, kind in zip(("qkv", "wo", "w13", "w2"), kinds)})
     bf16 = [plan("bf16", "bf16", "bf16", "bf16")] * 2
@@ -610,7 +613,10 @@ def test_how_many_rows_a_native_step_takes(monkeypatch):
         assert fast_decode.max_step_rows(bf16, head("bf16")) == expected, kernel_rows
     monkeypatch.setattr(fast_decode, "max_kernel_rows", lambda: 64)
     assert fast_decode.max_step_rows([plan("int8", "int8", "int8", "int8")], head("int8")) == 64
+    monkeypatch.setattr(fast_decode, "expand_from", lambda kind: 0)  # (no AVX512-BF16 library)
     assert fast_decode.max_step_rows([plan("nf4", "nf4", "nf4", "nf4")], head("int8")) == 16
+    monkeypatch.setattr(fast_decode, "expand_from", lambda kind: {"int8": 32, "int4": 32, "nf4": 8}[kind])
+    assert fast_decode.max_step_rows([plan("nf4", "nf4", "nf4", "nf4")], head("int8")) == 64
     assert fast_decode.max_step_rows([plan("int4", "int4", "int4", "int4")], head("bf16")) == 64
     monkeypatch.setattr(fast_decode, "max_kernel_rows", lambda: 32)
     assert fast_decode.max_step_rows([plan("int4", "int4", "int4", "int4")], head("bf16")) == 32
@@ -680,10 +686,11 @@ def test_decode_after_a_native_prefill_picks_the_float32_best_tokens(monkeypatch
     assert torch.equal(native.argmax(-1)[clear], reference.argmax(-1)[clear])
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
 def test_native_quantized_prefill_matches_the_torch_path(scheme, monkeypatch):
-    """int8 / int4 weights (VNNI products): the prompt's logits within the activations' rounding of
-    the torch path's, which reads the same packed weights."""
+    """int8 / int4 / nf4 weights (expanded to bf16 from kernels.quant.expand_from rows, else VNNI
+    products): the prompt's logits within the activations' rounding of the torch path's, which
+    reads the same packed weights."""
     needs_avx512_kind(scheme)
     model = quantize(tiny(dim=128, multiple_of=64), scheme)
     torch_path, _ = prefill(model, (40, 23, 37), False, monkeypatch)
@@ -695,10 +702,37 @@ def test_native_quantized_prefill_matches_the_torch_path(scheme, monkeypatch):
                                    atol=0.04 * torch_path.abs().max().item(), rtol=0)
 
 
-@pytest.mark.parametrize("case", ["setting off", "nf4", "no AVX-512 library", "16-row step", "positions not increasing",
-                                  "long prompt"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
+def test_packed_products_of_many_rows_go_through_the_expansion(scheme, monkeypatch):
+    """In a native step, a packed matrix's product goes through the panel library's expansion from
+    kernels.quant.expand_from rows on (int8 / int4 32, nf4 8), through the integer kernels below:
+    two prompts padded to 40 tokens run as calls of 64 and 16 rows, then come 2-row decode steps.
+    Counted through the function the step calls, which still does the work (the logits unchanged)."""
+    if not kq.expand_from(scheme):
+        pytest.skip("the expansion runs only on CPUs with AVX512-BF16")
+    model = quantize(tiny(dim=128, multiple_of=64), scheme)
+    want = decode_logits(copy.deepcopy(model), prompt_lens=(40, 33), steps=2, monkeypatch=monkeypatch)
+    kernels = fast_decode.decode_kernels()
+    rows = []
+
+    @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, *[ctypes.c_void_p] * 7, *[ctypes.c_int64] * 4)
+    def counted(kind, *arguments):
+        rows.append(arguments[7])
+        return kernels.quant_panels(kind, *arguments)
+    monkeypatch.setattr(fast_decode, "decode_kernels", lambda: SimpleNamespace(**{**vars(kernels), "quant_panels": counted}))
+    got = decode_logits(model, prompt_lens=(40, 33), steps=2, monkeypatch=monkeypatch)
+    assert uses_fast_path(model)
+    per_call = 4 * model.n_layers  # (q/k/v, o, w1/w3 and w2 packed; the head is not)
+    assert rows == [64] * per_call + ([16] * per_call if kq.expand_from(scheme) <= 16 else [])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["setting off", "nf4 without the expansion", "no AVX-512 library", "16-row step",
+                                  "positions not increasing", "long prompt"])
 def test_prompts_the_native_prefill_does_not_take_run_the_torch_path(monkeypatch, case):
-    if case == "nf4":
+    if case == "nf4 without the expansion":  # (its integer-free kernel takes 16 rows)
+        monkeypatch.setattr(fast_decode, "expand_from", lambda kind: 0)
+        monkeypatch.setattr(kq, "EXPAND_FROM", {})
         model = quantize(tiny(dim=128, multiple_of=64), "nf4")
     else:
         model = tiny(layout="rows" if case == "16-row step" else "panels", **PANEL_ARGS)

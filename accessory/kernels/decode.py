@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from typing import Optional
 
 from . import bf16_library, load_library
-from .panels import float32_product
+from .panels import float32_product, quant_product
 from .quant import _kernels as quant_kernels, library_name as quant_library_name
 
 _P, _I64, _INT, _F, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_double
@@ -22,7 +22,7 @@ _loaded = False
 class StepProduct(ctypes.Structure):
     """decode_ops.c's ``step_product``: one weight matrix. ``kind``: PRODUCT_KINDS."""
     _fields_ = [("kind", _I64), ("out_features", _I64), ("in_features", _I64), ("group_size", _I64),
-                ("weight", _P), ("scales", _P), ("offsets", _P)]
+                ("weight", _P), ("scales", _P), ("offsets", _P), ("expand_from", _I64)]
 
 
 PRODUCT_KINDS = {"bf16": 0, "int8": 1, "int4": 2, "nf4": 3, "panels": 4}
@@ -45,18 +45,19 @@ class DecodeStep(ctypes.Structure):
                 ("scale", _D), ("gemv_bf16", _P), ("gemv_int8", _P), ("gemv_q4", _P), ("gemv_panels", _P),
                 ("embedding", _P), ("embedding_bf16", _I64), ("vocab_size", _I64), ("tokens", _P),
                 ("final_norm", _P), ("final_norm_bf16", _I64), ("final_norm_eps", _D), ("head", StepProduct),
-                ("logits", _P), ("cache_rows", _P)]
+                ("logits", _P), ("cache_rows", _P), ("quant_panels", _P)]
 
 
 def layout_of_mirrors() -> list:
     """What ``accessory_step_layout`` reports, as the ctypes mirrors above lay the structs out."""
     return [ctypes.sizeof(StepProduct), ctypes.sizeof(StepLayer), ctypes.sizeof(DecodeStep),
             StepLayer.ffn_norm_eps.offset, DecodeStep.scale.offset, DecodeStep.head.offset,
-            DecodeStep.logits.offset, DecodeStep.cache_rows.offset]
+            DecodeStep.logits.offset, DecodeStep.cache_rows.offset, DecodeStep.quant_panels.offset,
+            StepProduct.expand_from.offset]
 
 
 def native_layout(library) -> list:
-    out = (ctypes.c_int64 * 8)()
+    out = (ctypes.c_int64 * 10)()
     _bind(library, "accessory_step_layout", [_P])(out)
     return list(out)
 
@@ -69,13 +70,14 @@ def _bind(library, name, argtypes, restype=None):
 
 def decode_kernels() -> Optional[SimpleNamespace]:
     """The kernels as ctypes functions (``decode_step``, ``argmax_rows``, the ``silu_mul`` and
-    ``attend_step`` it runs, ``gemv_bf16``, ``gemv_int8``, ``gemv_q4``, and ``gemv_panels`` where
-    the panel library runs, else None), or None when they cannot be built here.
+    ``attend_step`` it runs, ``gemv_bf16``, ``gemv_int8``, ``gemv_q4``, and ``gemv_panels`` and
+    ``quant_panels`` where the panel library runs, else None), or None when they cannot be built here.
     ``attention_avx512(on)`` sets whether a bf16 cache's attention takes the AVX512-BF16 code
     (-1: only asks; returns the setting in force): on where the bf16 products take the AVX512-BF16
     library (``ACCESSORY_BF16_KERNEL=avx2`` keeps the AVX2 code for both). ``avx512_kinds``: the
     product kinds (``panels``, ``bf16``, ``int8``, ``int4``, ``nf4``) whose products run in an
-    AVX-512 library (AVX512-BF16, or VNNI for the packed kinds)."""
+    AVX-512 library (AVX512-BF16; for the packed kinds VNNI, or the panel library's expansion from
+    ``kernels.quant.expand_from`` rows on)."""
     global _functions, _loaded
     if not _loaded:
         (bf16_name, bf16), ops, quant = bf16_library(), load_library("decode_ops"), quant_kernels()
@@ -96,11 +98,12 @@ def decode_kernels() -> Optional[SimpleNamespace]:
                 gemv_int8=quant[0],
                 gemv_q4=quant[1],
                 gemv_panels=float32_product(),  # None where the panel library cannot run
+                quant_panels=quant_product(),  # (the same)
                 attention_avx512=_bind(ops, "accessory_attention_avx512", [_INT], _INT),
                 # the product kinds the step runs with AVX-512 libraries (AVX512-BF16 / VNNI)
                 avx512_kinds=frozenset({"panels"} if float32_product() else set())
                 | ({"bf16"} if bf16_name == "gemv_bf16_avx512" else set())
-                | ({"int8", "int4", "nf4"} if quant_library_name() == "gemv_quant_avx512" else set()),
+                | ({"int8", "int4", "nf4"} if quant_library_name() == "gemv_quant_avx512" or quant_product() else set()),
             )
             _functions.attention_avx512(int(bf16_name == "gemv_bf16_avx512"))
         _loaded = True

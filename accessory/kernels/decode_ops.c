@@ -383,14 +383,21 @@ typedef void (*gemv_int8_fn)(const void *W, const void *scale, const void *x, vo
                              int64_t M, int64_t O, int64_t I);
 typedef void (*gemv_q4_fn)(const void *P, const void *scale, const void *offset, int nf4, const void *x, void *y,
                            int dtype, float *scratch, int64_t M, int64_t O, int64_t I, int64_t G);
+/* gemv_bf16_panels.c's accessory_quant_panels: packed weights expanded panel by panel for bf16
+ * products (0, or -1 with nothing written). */
+typedef int (*quant_panels_fn)(int kind, const void *W, const void *scale, const void *offset, const float *xf,
+                               const uint16_t *xb, float *scratch, float *y, int64_t M, int64_t O, int64_t I,
+                               int64_t G);
 
 enum { PRODUCT_BF16 = 0, PRODUCT_INT8 = 1, PRODUCT_INT4 = 2, PRODUCT_NF4 = 3, PRODUCT_PANELS = 4 };
 
 /* One weight matrix (O, I): bf16 weight (in rows, or in 16-row panels: gemv_bf16_panels.c), or
- * packed codes with their scales (and int4 offsets). */
+ * packed codes with their scales (and int4 offsets). Packed codes go through the step's
+ * quant_panels from expand_from rows on (0: never), else through gemv_int8 / gemv_q4. */
 typedef struct {
     int64_t kind, out_features, in_features, group_size;
     const void *weight, *scales, *offsets;
+    int64_t expand_from;
 } step_product;
 
 /* One llama block: its four products and two RMS norms (float32 or bf16 weights). */
@@ -434,6 +441,7 @@ typedef struct {
     step_product head;
     float *logits;
     const int64_t *cache_rows; /* row m's cache row (a prompt's tokens share one), or NULL for row m */
+    quant_panels_fn quant_panels; /* NULL where the panel library does not run */
 } decode_step;
 
 /* The sizes and a few offsets of the structs above, for the Python side to check its ctypes
@@ -447,6 +455,16 @@ void accessory_step_layout(int64_t *out) {
     out[5] = offsetof(decode_step, head);
     out[6] = offsetof(decode_step, logits);
     out[7] = offsetof(decode_step, cache_rows);
+    out[8] = offsetof(decode_step, quant_panels);
+    out[9] = offsetof(step_product, expand_from);
+}
+
+/* Whether packed product p ran through quant_panels (from p->expand_from rows on, where it runs). */
+static int expanded(const decode_step *s, const step_product *p, const float *x, float *y) {
+    if (s->quant_panels == NULL || p->expand_from <= 0 || s->rows < p->expand_from) return 0;
+    const int kind = p->kind == PRODUCT_INT8 ? 0 : (p->kind == PRODUCT_INT4 ? 1 : 2);
+    return s->quant_panels(kind, p->weight, p->scales, p->offsets, x, NULL, s->scratch, y, s->rows, p->out_features,
+                           p->in_features, p->group_size) == 0;
 }
 
 static void step_product_run(const decode_step *s, const step_product *p, const float *x, float *y) {
@@ -458,9 +476,11 @@ static void step_product_run(const decode_step *s, const step_product *p, const 
         s->gemv_panels(p->weight, x, s->scratch, y, s->rows, p->out_features, p->in_features);
         break;
     case PRODUCT_INT8:
+        if (expanded(s, p, x, y)) break;
         s->gemv_int8(p->weight, p->scales, x, y, 0, s->scratch, s->rows, p->out_features, p->in_features);
         break;
     default:
+        if (expanded(s, p, x, y)) break;
         s->gemv_q4(p->weight, p->scales, p->offsets, p->kind == PRODUCT_NF4, x, y, 0, s->scratch, s->rows,
                    p->out_features, p->in_features, p->group_size);
     }

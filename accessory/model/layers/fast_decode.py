@@ -13,7 +13,7 @@ allocated once per batch size:
 layers, the final norm and the output head after them (:func:`decode_layers` only the layers).
 A prompt's tokens take the same step too (:func:`prefill_layers`, through ``decode_layers``):
 each token a row of the step with its own position in its prompt's cache row, up to 64 tokens a
-call, where AVX-512 libraries run the products (bf16 in panels or rows, int8, int4) and the
+call, where AVX-512 libraries run the products (bf16 in panels or rows, int8, int4, nf4) and the
 prompt is not so long that the torch path's attention would be the faster; a 128-token prompt
 1.06-1.34x faster than through the torch path (``PREFILL_KINDS``).
 It is one call rather than ten per layer from Python because the products stream megabytes of
@@ -47,7 +47,7 @@ from torch.utils.hooks import RemovableHandle
 from ...kernels.decode import PRODUCT_KINDS, DecodeStep, StepLayer, StepProduct, decode_kernels
 from ...kernels.linear import NativeLinear, max_kernel_rows, scratch_floats_needed as bf16_scratch_floats_needed
 from ...kernels.panels import float32_product, scratch_floats_needed as panels_scratch_floats_needed
-from ...kernels.quant import max_rows as quant_max_rows, scratch_floats_needed, takes_scheme
+from ...kernels.quant import expand_from, max_rows as quant_max_rows, scratch_floats_needed, takes_scheme
 from ...quant.linear import FusedQuantLinear, QuantLinear
 from .decoder import hooked, plain_block
 from .linear import FusedLinear
@@ -65,11 +65,12 @@ def _kind_rows(kind: str) -> int:
     """The most rows a step's product of this kind runs natively at least as fast as the torch path
     would: bf16 as far as ``kernels.linear`` gives its kernel rows (the torch path multiplies such
     rows with the same kernel, with 40 torch operations a layer around it), the quantized schemes
-    as far as ``kernels.quant.max_rows`` (the module path's limit too)."""
+    as far as ``kernels.quant.max_rows`` (the module path's limit too), or every count where
+    ``kernels.quant.expand_from`` says the expansion runs."""
     if kind == "bf16":
         return max_kernel_rows()
-    if kind == "panels":  # faster than the row-major kernel at every row count up to MAX_ROWS
-        return MAX_ROWS
+    if kind == "panels" or expand_from(kind):  # (panels: faster than the row-major kernel at every
+        return MAX_ROWS                        # row count up to MAX_ROWS)
     return quant_max_rows(kind)
 
 
@@ -139,13 +140,14 @@ class _Product:
             return bf16_scratch_floats_needed(rows, self.in_features)
         if self.kind == "panels":
             return panels_scratch_floats_needed(rows, self.in_features)
-        return scratch_floats_needed(self.kind, rows, self.in_features, self.group_size)
+        integer = scratch_floats_needed(self.kind, rows, self.in_features, self.group_size)
+        return max(integer, panels_scratch_floats_needed(rows, self.in_features)) if expand_from(self.kind) else integer
 
     def struct(self) -> StepProduct:
         """As decode_ops.c's ``step_product``."""
         weight, scales, offsets = (*self.pointers, None, None)[:3]
         return StepProduct(PRODUCT_KINDS[self.kind], self.out_features, self.in_features, self.group_size,
-                           weight, scales, offsets)
+                           weight, scales, offsets, expand_from(self.kind))
 
 
 def _norm_weight(norm: nn.Module):
@@ -328,6 +330,7 @@ def _buffers(cache: Dict[int, SimpleNamespace], rows: int, plans: List[SimpleNam
         scale=1.0 / math.sqrt(first.head_dim), layers=table, n_layers=len(plans),
         gemv_bf16=_address(kernels.gemv_bf16), gemv_int8=_address(kernels.gemv_int8),
         gemv_q4=_address(kernels.gemv_q4), gemv_panels=_address(kernels.gemv_panels) if kernels.gemv_panels else None,
+        quant_panels=_address(kernels.quant_panels) if kernels.quant_panels else None,
         **{name: getattr(buffers, name).data_ptr() for name in (*widths, "scratch")})
     if ends is not None:
         step.embedding, step.embedding_bf16, step.vocab_size = ends.embedding, ends.embedding_bf16, ends.vocab_size
@@ -489,10 +492,13 @@ PREFILL_ATTENTION_SHARE = 1 / 3
 #: The product kinds a native prefill takes, each only where an AVX-512 library runs it and the
 #: step takes MAX_ROWS rows, as measured against the torch path (128 tokens, XS / S): panels
 #: 1.34x / 1.12x, bf16 rows (AVX512-BF16 kernel) 1.28x / 1.13x, int8 1.11x / 1.15x, int4 1.27x /
-#: 1.06x (VNNI). Not nf4 (16-row calls: 0.54x), nor the AVX2 libraries (0.61-0.76x here, where the
-#: torch path's 128-row products were oneDNN's AVX512-BF16 ones; not measured on an AVX2-only CPU),
-#: nor AMX (the bf16 kernel's 16 rows against oneDNN's tiles).
-PREFILL_KINDS = frozenset({"panels", "bf16", "int8", "int4"})
+#: 1.06x (VNNI); the packed kinds since through the panel library's expansion, against VNNI's
+#: products in the same step, int8 1.20x / 1.16x, int4 1.51x / 1.12x, and nf4 (whose 16-row
+#: integer-free kernel kept it on the torch path, 0.54x) 1.27x / 1.07x over that path with the
+#: expansion too, 1.9-2.0x over it before (session 18). Not the AVX2 libraries (0.61-0.76x
+#: here, where the torch path's 128-row products were oneDNN's AVX512-BF16 ones; not measured on
+#: an AVX2-only CPU), nor AMX (the bf16 kernel's 16 rows against oneDNN's tiles).
+PREFILL_KINDS = frozenset({"panels", "bf16", "int8", "int4", "nf4"})
 
 
 def prefill_enabled() -> bool:
