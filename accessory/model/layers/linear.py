@@ -135,7 +135,7 @@ def rows_in_huge_pages(model: nn.Module) -> int:
     total = sum(module.weight.numel() for module in order)
     if not in_huge_pages(total * 2):  # (a copy into ordinary memory would gain nothing)
         return 0
-    arena = zeros_in_huge_pages(total, torch.bfloat16)
+    arena = zeros_in_huge_pages(total, torch.bfloat16, populate=False)  # (faulted in as the copy goes)
     start = 0
     for module in order:
         weight = module._parameters["weight"]
@@ -144,6 +144,7 @@ def rows_in_huge_pages(model: nn.Module) -> int:
         module.weight = nn.Parameter(part, requires_grad=weight.requires_grad)
         release_file_pages(weight)  # a weight used in place from the memory-mapped checkpoint
         start += weight.numel()
+        del weight  # (the old weight's last reference)
     return len(order)
 
 

@@ -194,8 +194,10 @@ def use_panels(model: nn.Module) -> int:
                          _one_run([tuple(child._parameters["weight"].shape) for child in children]))
     sizes = [panel_elements(*module._parameters["weight"].shape) for module in order]
     # one allocation for all of them, in 2 MiB pages where the system gives them
-    # (quant/memory.py); a group's members side by side, so each group is one run
-    arena = zeros_in_huge_pages(sum(sizes), torch.bfloat16)
+    # (quant/memory.py); a group's members side by side, so each group is one run. Its pages are
+    # faulted in as the packing writes them and each row-major weight goes once packed, so the two
+    # are never both whole (weights converted on load are not the checkpoint's mapped pages)
+    arena = zeros_in_huge_pages(sum(sizes), torch.bfloat16, populate=False)
     start = count = 0
     for module, size in zip(order, sizes):
         count += to_panels(module, into=arena[start:start + size])
