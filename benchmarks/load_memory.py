@@ -2,6 +2,8 @@
 
 Compares, each in a fresh process:
   * accessory: ``MetaModel.from_pretrained(dtype=bf16)`` (meta-device build, mmap'd safe load)
+  * accessory fp16: the same weights from an fp16 checkpoint (each tensor converted to bf16 as it is
+    read, so none is used in place from the file)
   * original-style: what LLaMA2-Accessory does - build the model with real (fp32 default) storage,
     ``torch.load`` the whole file, ``load_state_dict``, then cast to bf16.
 and prints peak RSS / file size for each, after loading and after one forward pass (which touches
@@ -80,6 +82,22 @@ print(json.dumps({"base_mb": base, "after_load_mb": after_load, "after_forward_m
 """
 
 
+def fp16_copy(directory: Path) -> Path:
+    """The checkpoint in ``directory`` written again with fp16 tensors, beside it (made once)."""
+    import shutil
+
+    import torch
+    target = directory.with_name(directory.name + "-fp16")
+    shard = target / "consolidated.00-of-01.model.pth"
+    if not shard.exists():
+        target.mkdir(parents=True, exist_ok=True)
+        state = torch.load(directory / shard.name, map_location="cpu", mmap=True, weights_only=True)["model"]
+        torch.save({"model": {k: v.to(torch.float16) for k, v in state.items()}}, shard)
+        for name in ("config.json", "meta.json", "tokenizer.model"):
+            shutil.copy(directory / name, target / name)
+    return target
+
+
 def measure(mode: str, directory: Path) -> dict:
     out = subprocess.run([sys.executable, "-c", CHILD, mode, str(directory)], capture_output=True, text=True,
                          check=True)
@@ -96,8 +114,8 @@ def main() -> None:
     file_mb = shard.stat().st_size / 2**20
     print(f"checkpoint {shard} ({file_mb:.0f} MiB, made in {time.perf_counter() - t0:.0f} s)")
     print(f"{'loader':<16}{'load s':>8}{'peak after load':>18}{'ratio':>7}{'peak after fwd':>17}{'ratio':>7}")
-    for mode in ("accessory", "original-style"):
-        r = measure(mode, directory)
+    for mode in ("accessory", "accessory fp16", "original-style"):
+        r = measure(mode.split()[0], fp16_copy(directory) if mode.endswith("fp16") else directory)
         print(f"{mode:<16}{r['load_s']:>8.1f}{r['after_load_mb']:>15.0f} MiB{r['after_load_mb'] / file_mb:>7.2f}"
               f"{r['after_forward_mb']:>14.0f} MiB{r['after_forward_mb'] / file_mb:>7.2f}")
     print("ratio = peak resident memory of the whole process / checkpoint file size (target <= 1.3 for accessory)")
