@@ -327,14 +327,17 @@ void accessory_packed_bf16(const uint16_t *P, const uint16_t *x, float *scratch,
  * Products of many activation rows (a prompt's tokens, a large batch) with weights stored packed
  * as quant/formats.py lays them out (int8: codes (O, I) and one float32 scale per row; int4: two
  * codes a byte per block of 32 inputs, fp16 scale and offset per group of G; nf4: the same codes,
- * fp16 absmax scale per group). Each thread expands one panel of 16 weight rows at a time into
- * bf16 pairs (the panel layout above) in a buffer of its own, which stays in L1/L2 while every
- * activation group meets it through panel_rows: the expansion (~11 operations per line) is shared
- * by all the rows, where gemv_quant_avx512.c's integer products pay their per-block scaling for
- * each row. The values are quant/formats.py's dequantize, rounded to bf16 as torch's bf16 product
- * of the expanded matrix rounds them (int4: q * scale + offset, a multiply then an add in float32;
- * nf4: level * scale); int8 codes are exact in bf16 and their row scale multiplies the float32
- * sums instead. */
+ * fp16 absmax scale per group). Each thread expands 16 weight rows at a time to bf16, row-major,
+ * into a buffer of its own, which stays in L1/L2 while every activation group (grouped as for the
+ * panel products: 16 rows' pairs a 64-byte line) meets it: the activation line is the vector and
+ * each weight row's pair a broadcast (VDPBF16PS's memory operand), 16 accumulators of 16 activation
+ * rows each, one per weight row, transposed once at the end. So the expansion (~7 operations per
+ * 32 inputs of a row) is shared by all the rows, where gemv_quant_avx512.c's integer products pay
+ * their per-block scaling for each row. (Expanding into the panel layout instead, weights the
+ * vector, cost a 16 x 16 transpose per 16 lines: 1.06-1.30x slower at 32 and 64 rows.) The values
+ * are quant/formats.py's dequantize, rounded to bf16 as torch's bf16 product of the expanded matrix
+ * rounds them (int4: q * scale + offset, a multiply then an add in float32; nf4: level * scale);
+ * int8 codes are exact in bf16 and their row scale multiplies the float32 sums instead. */
 
 #include <pthread.h>
 #include <stdlib.h>
@@ -348,25 +351,25 @@ static const float NF4_TABLE[16] = {
     0.7229568362236023f, 1.0f};
 
 /* Each thread's expansion buffer, grown as needed and freed when the thread ends. */
-static pthread_key_t panel_key;
-static pthread_once_t panel_key_once = PTHREAD_ONCE_INIT;
-typedef struct { uint16_t *data; int64_t capacity; } panel_buffer;
+static pthread_key_t buffer_key;
+static pthread_once_t buffer_key_once = PTHREAD_ONCE_INIT;
+typedef struct { uint16_t *data; int64_t capacity; } expansion_buffer;
 
-static void free_panel_buffer(void *p) {
-    panel_buffer *b = (panel_buffer *)p;
+static void free_expansion_buffer(void *p) {
+    expansion_buffer *b = (expansion_buffer *)p;
     free(b->data);
     free(b);
 }
 
-static void make_panel_key(void) { pthread_key_create(&panel_key, free_panel_buffer); }
+static void make_buffer_key(void) { pthread_key_create(&buffer_key, free_expansion_buffer); }
 
 /* This thread's buffer of at least `elements` bf16 (64-byte aligned), or NULL without memory. */
-static uint16_t *thread_panel(int64_t elements) {
-    pthread_once(&panel_key_once, make_panel_key);
-    panel_buffer *b = (panel_buffer *)pthread_getspecific(panel_key);
+static uint16_t *thread_buffer(int64_t elements) {
+    pthread_once(&buffer_key_once, make_buffer_key);
+    expansion_buffer *b = (expansion_buffer *)pthread_getspecific(buffer_key);
     if (b == NULL) {
-        b = (panel_buffer *)calloc(1, sizeof(panel_buffer));
-        if (b == NULL || pthread_setspecific(panel_key, b) != 0) {
+        b = (expansion_buffer *)calloc(1, sizeof(expansion_buffer));
+        if (b == NULL || pthread_setspecific(buffer_key, b) != 0) {
             free(b);
             return NULL;
         }
@@ -385,11 +388,11 @@ static uint16_t *thread_panel(int64_t elements) {
 /* 32 floats (lo: inputs 0-15, hi: 16-31) as 32 bf16, 32-bit lane p the pair 2p, 2p + 1. */
 static inline __m512i bf16_of(__m512 lo, __m512 hi) { return (__m512i)_mm512_cvtne2ps_pbh(hi, lo); }
 
-/* Inputs i0 .. i0 + 31 of weight row o expanded to bf16 (zeros past I); 4-bit: its group's scale
- * and offset at s16[g], z16[g] (I a multiple of G, G of 32: whole blocks of 16 bytes). */
+/* Inputs i0 .. i0 + 31 of weight row o expanded to bf16 (zeros past I); 4-bit: its group's fp16
+ * scale and offset at *s16, *z16 (I a multiple of G, G of 32: whole blocks of 16 bytes). */
 static inline __attribute__((always_inline)) __m512i expand_block(const int kind, const void *W, const uint16_t *s16,
                                                                    const uint16_t *z16, int64_t o, int64_t I,
-                                                                   int64_t i0, int64_t g, __m512 levels) {
+                                                                   int64_t i0, __m512 levels) {
     if (kind == QUANT_INT8) {
         const int8_t *q = (const int8_t *)W + o * I + i0;
         const int64_t n = I - i0;
@@ -400,58 +403,81 @@ static inline __attribute__((always_inline)) __m512i expand_block(const int kind
         return bf16_of(lo, hi);
     }
     /* 4-bit: the group's 16 values as bf16 (a table), then each code looks its value up */
-    const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)((const uint8_t *)W + o * (I / 2) + i0 / 2)));
+    const uint8_t *packed = (const uint8_t *)W + o * (I / 2) + i0 / 2;
+    const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)packed));
     const __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(bytes, _mm256_set1_epi16(15))),
                                              _mm256_srli_epi16(bytes, 4), 1); /* word k: input k's code */
-    const __m512 s = _mm512_set1_ps(_cvtsh_ss(s16[g]));
-    const __m512 values = kind == QUANT_INT4 ? _mm512_add_ps(_mm512_mul_ps(levels, s), _mm512_set1_ps(_cvtsh_ss(z16[g])))
+    const __m512 s = _mm512_set1_ps(_cvtsh_ss(*s16));
+    const __m512 values = kind == QUANT_INT4 ? _mm512_add_ps(_mm512_mul_ps(levels, s), _mm512_set1_ps(_cvtsh_ss(*z16)))
                                              : _mm512_mul_ps(levels, s);
     const __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(values));
     return _mm512_permutexvar_epi16(codes, table);
 }
 
-/* Panel b of the packed matrix expanded into `panel` (panel_size(I2) bf16, the layout above), for
- * a compile-time `kind`. */
-static inline __attribute__((always_inline)) void expand_panel_of(const int kind, const void *W, const void *scales,
-                                                                   const void *offsets, uint16_t *panel, int64_t b,
-                                                                   int64_t O, int64_t I, int64_t G) {
-    const int64_t I2 = pairs_of(I), o0 = b * PANEL, rows = O - o0 < PANEL ? O - o0 : PANEL;
-    const int64_t n_groups = kind == QUANT_INT8 ? 0 : I / G;
+/* Rows 16b .. 16b + 15 of the packed matrix expanded to bf16 into `buf`, row r at buf + r * stride
+ * (stride: I rounded up to 32, and a cache line more, see accessory_quant_panels), for a
+ * compile-time `kind`; rows past O zeros. */
+static inline __attribute__((always_inline)) void expand_rows_of(const int kind, const void *W, const void *scales,
+                                                                  const void *offsets, uint16_t *buf, int64_t stride,
+                                                                  int64_t b, int64_t O, int64_t I, int64_t G) {
+    const int64_t o0 = b * PANEL, rows = O - o0 < PANEL ? O - o0 : PANEL;
+    const int64_t n_groups = kind == QUANT_INT8 ? 1 : I / G, span = kind == QUANT_INT8 ? I : G;
     /* the codes' values before their scale: nf4's levels, int4's 0..15 */
     const __m512 levels = kind == QUANT_NF4 ? _mm512_loadu_ps(NF4_TABLE)
                                             : _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    for (int64_t p0 = 0; p0 < I2; p0 += PANEL) {
-        const int64_t i0 = 2 * p0, g = kind == QUANT_INT8 ? 0 : i0 / G;
-        __m512i v[PANEL];
-        for (int r = 0; r < PANEL; ++r) {
-            const int64_t o = o0 + (r < rows ? r : 0), at = o * n_groups + g;
-            v[r] = expand_block(kind, W, (const uint16_t *)scales + at, (const uint16_t *)offsets + at, o, I, i0, 0,
-                                levels);
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t o = o0 + r;
+        uint16_t *dst = buf + r * stride;
+        for (int64_t g = 0; g < n_groups; ++g) {
+            const int64_t at = o * n_groups + g;
+            for (int64_t i0 = g * span; i0 < (g + 1) * span; i0 += 32)
+                _mm512_store_si512((void *)(dst + i0), expand_block(kind, W, (const uint16_t *)scales + at,
+                                                                    (const uint16_t *)offsets + at, o, I, i0, levels));
         }
-        if (rows < PANEL)
-            for (int r = (int)rows; r < PANEL; ++r) v[r] = _mm512_setzero_si512();
-        transpose16x16_epi32(v);
-        if (I2 - p0 >= PANEL)
-            for (int j = 0; j < PANEL; ++j) _mm512_store_si512((void *)(panel + (p0 + j) * 2 * PANEL), v[j]);
-        else
-            for (int j = 0; j < I2 - p0; ++j) _mm512_store_si512((void *)(panel + (p0 + j) * 2 * PANEL), v[j]);
     }
+    for (int64_t r = rows; r < PANEL; ++r) memset(buf + r * stride, 0, (size_t)stride * sizeof(uint16_t));
 }
 
-static void expand_panel(int kind, const void *W, const void *scales, const void *offsets, uint16_t *panel,
-                         int64_t b, int64_t O, int64_t I, int64_t G) {
+static void expand_rows(int kind, const void *W, const void *scales, const void *offsets, uint16_t *buf,
+                        int64_t stride, int64_t b, int64_t O, int64_t I, int64_t G) {
     switch (kind) {
-    case QUANT_INT8: expand_panel_of(QUANT_INT8, W, scales, offsets, panel, b, O, I, G); break;
-    case QUANT_INT4: expand_panel_of(QUANT_INT4, W, scales, offsets, panel, b, O, I, G); break;
-    default: expand_panel_of(QUANT_NF4, W, scales, offsets, panel, b, O, I, G); break;
+    case QUANT_INT8: expand_rows_of(QUANT_INT8, W, scales, offsets, buf, stride, b, O, I, G); break;
+    case QUANT_INT4: expand_rows_of(QUANT_INT4, W, scales, offsets, buf, stride, b, O, I, G); break;
+    default: expand_rows_of(QUANT_NF4, W, scales, offsets, buf, stride, b, O, I, G); break;
     }
 }
 
-/* Panel b's codes (one contiguous run of rows) and 4-bit scales and offsets fetched into L2: issued
- * before the products of the panel before it, they arrive while those run (every layer's matrices
+/* The 16 expanded weight rows in `buf` against `rows` (a compile-time constant) activation rows of
+ * group g: out[m * ldo + r] = the sum for activation row m and weight row r (times row_scale[r]
+ * when given), the first o_count of r stored. */
+static inline __attribute__((always_inline)) void expanded_rows(const uint16_t *buf, int64_t stride, const uint16_t *g,
+                                                                 int64_t I2, const int rows, float *out, int64_t ldo,
+                                                                 int64_t o_count, const float *row_scale) {
+    __m512 acc[PANEL];
+    for (int r = 0; r < PANEL; ++r) acc[r] = _mm512_setzero_ps();
+    const uint32_t *gp = (const uint32_t *)g, *wp = (const uint32_t *)buf;
+    const int64_t pairs_per_row = stride / 2;
+    for (int64_t p = 0; p < I2; ++p) {
+        const __m512bh line = rows == PANEL ? (__m512bh)_mm512_loadu_si512((const void *)(gp + p * PANEL))
+                                            : (__m512bh)_mm512_maskz_loadu_epi32(first_dwords(rows), gp + p * rows);
+        for (int r = 0; r < PANEL; ++r) DPBF16_BROADCAST(acc[r], line, wp + r * pairs_per_row + p);
+    }
+    __m512i sums[PANEL]; /* acc[r] lane m -> sums[m] lane r */
+    for (int r = 0; r < PANEL; ++r) sums[r] = _mm512_castps_si512(acc[r]);
+    transpose16x16_epi32(sums);
+    const __mmask16 keep = first_dwords(o_count);
+    const __m512 scale = row_scale ? _mm512_maskz_loadu_ps(keep, row_scale) : _mm512_set1_ps(1.0f);
+    for (int m = 0; m < rows; ++m)
+        _mm512_mask_storeu_ps(out + m * ldo, keep, _mm512_mul_ps(_mm512_castsi512_ps(sums[m]), scale));
+}
+
+#define EXPANDED_CASE(n) case n: expanded_rows(buf, stride, g, I2, n, out, O, o_count, row_scale); break;
+
+/* The codes of rows 16b .. 16b + 15 (one contiguous run) and their 4-bit scales and offsets fetched
+ * into L2: issued before the products of the 16 rows before them, they arrive while those run (every layer's matrices
  * from memory, against none: int8 at 32 rows 1.07x S, 1.10x XS; 64 rows and the 4-bit kinds
  * 0.97-1.03x). */
-static void fetch_panel(int kind, const void *W, const void *scales, const void *offsets, int64_t b, int64_t O,
+static void fetch_rows(int kind, const void *W, const void *scales, const void *offsets, int64_t b, int64_t O,
                         int64_t I, int64_t G) {
     const int64_t o0 = b * PANEL, rows = O - o0 < PANEL ? O - o0 : PANEL;
     if (rows <= 0) return;
@@ -469,7 +495,8 @@ static void fetch_panel(int kind, const void *W, const void *scales, const void 
 
 /* y_f32 (M, O) = x (M, I) @ W^T for packed W (kind: QUANT_*; G the 4-bit group size), x float32
  * (xf, rounded to bf16) or bf16 (xb), the other NULL. scratch: accessory_packed_bf16_scratch_floats(M,
- * I) floats. The rows go GROUPS_PER_CHUNK groups at a time, each panel expanded once per chunk.
+ * I) floats. The rows go GROUPS_PER_CHUNK groups at a time, each 16 weight rows expanded once per
+ * chunk.
  * Returns 0, or -1 with y unwritten where a thread's expansion buffer cannot be allocated (the
  * caller then takes its other kernel). */
 int accessory_quant_panels(int kind, const void *W, const void *scales, const void *offsets, const float *xf,
@@ -477,11 +504,14 @@ int accessory_quant_panels(int kind, const void *W, const void *scales, const vo
     uint16_t *groups = (uint16_t *)scratch;
     const int64_t I2 = pairs_of(I), n_groups = (M + PANEL - 1) / PANEL, group_elements = panel_size(I2);
     const int64_t blocks = (I2 + PANEL - 1) / PANEL, panels = (O + PANEL - 1) / PANEL;
+    /* each expanded row a cache line longer than its inputs: at a multiple of 4 KiB (S's 2048
+     * inputs) the 16 rows' pairs fell in one L1 set, and the products ran 0.52-0.65x as fast */
+    const int64_t stride = (I + 31) / 32 * 32 + 32;
     int failed = 0;
 #pragma omp parallel
     {
-        uint16_t *panel = thread_panel(panel_size(I2));
-        if (panel == NULL) {
+        uint16_t *buf = thread_buffer(PANEL * stride);
+        if (buf == NULL) {
 #pragma omp atomic write
             failed = 1;
         }
@@ -498,26 +528,18 @@ int accessory_quant_panels(int kind, const void *W, const void *scales, const vo
             const int64_t q1 = q0 + GROUPS_PER_CHUNK < n_groups ? q0 + GROUPS_PER_CHUNK : n_groups;
 #pragma omp for schedule(static)
             for (int64_t b = 0; b < panels; ++b) {
-                const uint16_t *w = panel;
-                expand_panel(kind, W, scales, offsets, panel, b, O, I, G);
-                fetch_panel(kind, W, scales, offsets, b + 1, O, I, G);
+                expand_rows(kind, W, scales, offsets, buf, stride, b, O, I, G);
+                fetch_rows(kind, W, scales, offsets, b + 1, O, I, G);
                 const int64_t o_count = O - b * PANEL < PANEL ? O - b * PANEL : PANEL;
-                const uintptr_t end = (uintptr_t)w; /* (in cache: nothing to fetch ahead) */
+                const float *row_scale = kind == QUANT_INT8 ? (const float *)scales + b * PANEL : NULL;
                 for (int64_t q = q0; q < q1; ++q) {
                     const uint16_t *g = groups + q * group_elements;
                     float *out = y + q * PANEL * O + b * PANEL;
-                    const int64_t rows = M - q * PANEL < PANEL ? M - q * PANEL : PANEL;
-                    switch (rows) {
-                        PANEL_CASE(1) PANEL_CASE(2) PANEL_CASE(3) PANEL_CASE(4) PANEL_CASE(5) PANEL_CASE(6)
-                        PANEL_CASE(7) PANEL_CASE(8) PANEL_CASE(9) PANEL_CASE(10) PANEL_CASE(11) PANEL_CASE(12)
-                        PANEL_CASE(13) PANEL_CASE(14) PANEL_CASE(15)
-                        default: panel_rows(w, g, I2, 16, end, out, O, o_count); break;
-                    }
-                    if (kind == QUANT_INT8) {
-                        const __mmask16 keep = (__mmask16)(o_count >= PANEL ? 0xffff : (1u << o_count) - 1);
-                        const __m512 s = _mm512_maskz_loadu_ps(keep, (const float *)scales + b * PANEL);
-                        for (int64_t a = 0; a < rows; ++a)
-                            _mm512_mask_storeu_ps(out + a * O, keep, _mm512_mul_ps(_mm512_maskz_loadu_ps(keep, out + a * O), s));
+                    switch (M - q * PANEL < PANEL ? M - q * PANEL : PANEL) {
+                        EXPANDED_CASE(1) EXPANDED_CASE(2) EXPANDED_CASE(3) EXPANDED_CASE(4) EXPANDED_CASE(5)
+                        EXPANDED_CASE(6) EXPANDED_CASE(7) EXPANDED_CASE(8) EXPANDED_CASE(9) EXPANDED_CASE(10)
+                        EXPANDED_CASE(11) EXPANDED_CASE(12) EXPANDED_CASE(13) EXPANDED_CASE(14) EXPANDED_CASE(15)
+                        default: expanded_rows(buf, stride, g, I2, PANEL, out, O, o_count, row_scale); break;
                     }
                 }
             }

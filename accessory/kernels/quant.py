@@ -36,10 +36,9 @@ MAX_ROWS_VNNI = {"int8": 64, "int4": 192, "nf4": 16}
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 #: The fewest activation rows whose product goes through the expansion where it runs (AVX512-BF16).
 #: Measured on the Zen 4 of benchmarks/README.md against gemv_quant_avx512.c, every layer's
-#: matrices from memory, 2 threads (session 18): int8 XS 0.79x at 16 rows, 0.99x at 24, 1.04x at
-#: 32, 1.27x at 64; S 0.85x / 0.98x / 1.02x / 1.14x; int4 XS 0.83x / 1.13x / 1.24x / 1.46x, S 0.76x
-#: / 0.81x / 0.95x / 1.13x; nf4 (whose integer-free kernel is slower) XS 0.86x at 4 rows, 1.66x at 8,
-#: S 0.79x / 1.52x.
+#: matrices from memory, 2 threads (session 18): int8 XS 1.02x at 16 rows, 1.04x at 24, 1.19x at
+#: 32; S 0.80x / 0.81x / 1.05x; int4 XS 1.19x / 1.08x / 1.31x, S 0.91x / 0.98x / 1.21x; nf4 (whose
+#: integer-free kernel is slower) S 0.87x at 4 rows, 1.61x at 8.
 EXPAND_FROM = {"int8": 32, "int4": 32, "nf4": 8}
 _EXPAND_KINDS = {"int8": 0, "int4": 1, "nf4": 2}
 

@@ -493,9 +493,9 @@ PREFILL_ATTENTION_SHARE = 1 / 3
 #: step takes MAX_ROWS rows, as measured against the torch path (128 tokens, XS / S): panels
 #: 1.34x / 1.12x, bf16 rows (AVX512-BF16 kernel) 1.28x / 1.13x, int8 1.11x / 1.15x, int4 1.27x /
 #: 1.06x (VNNI); the packed kinds since through the panel library's expansion, against VNNI's
-#: products in the same step, int8 1.20x / 1.16x, int4 1.51x / 1.12x, and nf4 (whose 16-row
-#: integer-free kernel kept it on the torch path, 0.54x) 1.27x / 1.07x over that path with the
-#: expansion too, 1.9-2.0x over it before (session 18). Not the AVX2 libraries (0.61-0.76x
+#: products in the same step, int8 1.34x / 1.20x, int4 1.56x / 1.21x, and nf4 (whose 16-row
+#: integer-free kernel kept it on the torch path, 0.54x) 1.8-2.5x over that path before (session
+#: 18). Not the AVX2 libraries (0.61-0.76x
 #: here, where the torch path's 128-row products were oneDNN's AVX512-BF16 ones; not measured on
 #: an AVX2-only CPU), nor AMX (the bf16 kernel's 16 rows against oneDNN's tiles).
 PREFILL_KINDS = frozenset({"panels", "bf16", "int8", "int4", "nf4"})
