@@ -156,6 +156,6 @@ def quant_product():
     """The library's ``accessory_quant_panels`` (kind: 0 int8, 1 int4, 2 nf4; codes, scales,
     offsets, float32 x or bf16 x (the other None), scratch as for ``scratch_floats_needed``,
     float32 y, rows, out_features, in_features, group size; 0, or -1 with y unwritten when out of
-    memory): packed weights expanded to bf16 a 16-row panel at a time, or None."""
+    memory): packed weights expanded to bf16 16 rows at a time, or None."""
     library = _kernels()
     return library.accessory_quant_panels if library is not None else None

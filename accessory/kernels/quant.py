@@ -6,9 +6,9 @@ with AVX512-BF16, gemv_bf16_panels.c's expansion for many rows.
 expanding it whole in memory, or None when no native kernel applies (not on the CPU, more than
 ``max_rows(scheme)`` rows where the expansion does not run, kernels disabled or not buildable);
 callers then use their fallback. From ``expand_from(scheme)`` rows on (any number of them) the
-expansion runs instead of the integer kernels: each 16-row panel of W expanded to bf16 in a
-buffer that stays in cache while every row meets it through the bf16 panel products, so its cost
-is shared by all the rows, where the integer kernels scale each block's sums for each row.
+expansion runs instead of the integer kernels: W's rows expanded to bf16 16 at a time in a
+buffer that stays in cache while every activation row meets them through bf16 dot products, so
+its cost is shared by all the rows, where the integer kernels scale each block's sums for each row.
 """
 
 import ctypes
@@ -17,6 +17,7 @@ from typing import Dict, Optional
 import torch
 
 from . import quant_library, scratch_floats
+from .panels import quant_product, scratch_floats_needed as panel_scratch_floats_needed
 
 #: The most activation rows a call takes natively, per scheme; more rows (a longer prompt) expand
 #: the matrix for torch's float32 product instead (quant/linear.py). int8 and int4 multiply the
@@ -80,7 +81,6 @@ def library_name() -> Optional[str]:
 def expand_from(scheme_name: str) -> int:
     """The fewest activation rows from which ``scheme_name``'s products go through the expansion
     (:data:`EXPAND_FROM`), 0 where it does not run here (no AVX512-BF16 library)."""
-    from .panels import quant_product
     return EXPAND_FROM.get(scheme_name, 0) if quant_product() is not None else 0
 
 
@@ -147,7 +147,6 @@ def _expanded_product(x: torch.Tensor, tensors: Dict[str, torch.Tensor], scheme,
                       in_features: int) -> Optional[torch.Tensor]:
     """``quant_gemv`` through the expansion (float32 sums of the bf16-rounded activations, returned
     in x's dtype), or None where the tensors are not as the format lays them out or memory ran out."""
-    from .panels import quant_product, scratch_floats_needed as panel_scratch_floats
     if set(tensors) != set(scheme.tensor_names()):
         return None
     dtypes, shapes = scheme.dtypes(), scheme.shapes(out_features, in_features)
@@ -158,7 +157,7 @@ def _expanded_product(x: torch.Tensor, tensors: Dict[str, torch.Tensor], scheme,
     x2 = x2.contiguous() if x.dtype in (torch.float32, torch.bfloat16) else x2.float()
     y = torch.empty((rows, out_features), dtype=torch.float32)
     offsets = tensors.get("offsets")
-    scratch = scratch_floats(panel_scratch_floats(rows, in_features))
+    scratch = scratch_floats(panel_scratch_floats_needed(rows, in_features))
     bf16 = x2.dtype is torch.bfloat16
     status = quant_product()(_EXPAND_KINDS[scheme.name], tensors["qweight"].data_ptr(), tensors["scales"].data_ptr(),
                              None if offsets is None else offsets.data_ptr(), None if bf16 else x2.data_ptr(),

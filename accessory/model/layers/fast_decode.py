@@ -495,9 +495,9 @@ PREFILL_ATTENTION_SHARE = 1 / 3
 #: 1.06x (VNNI); the packed kinds since through the panel library's expansion, against VNNI's
 #: products in the same step, int8 1.34x / 1.20x, int4 1.56x / 1.21x, and nf4 (whose 16-row
 #: integer-free kernel kept it on the torch path, 0.54x) 1.8-2.5x over that path before (session
-#: 18). Not the AVX2 libraries (0.61-0.76x
-#: here, where the torch path's 128-row products were oneDNN's AVX512-BF16 ones; not measured on
-#: an AVX2-only CPU), nor AMX (the bf16 kernel's 16 rows against oneDNN's tiles).
+#: 18). Not the AVX2 libraries (0.61-0.76x here, where the torch path's 128-row products were
+#: oneDNN's AVX512-BF16 ones; not measured on an AVX2-only CPU), nor AMX (the bf16 kernel's 16
+#: rows against oneDNN's tiles).
 PREFILL_KINDS = frozenset({"panels", "bf16", "int8", "int4", "nf4"})
 
 
