@@ -429,10 +429,11 @@ static inline __attribute__((always_inline)) void expand_rows_of(const int kind,
         const int64_t o = o0 + r;
         uint16_t *dst = buf + r * stride;
         for (int64_t g = 0; g < n_groups; ++g) {
-            const int64_t at = o * n_groups + g;
+            const int64_t at = o * n_groups + g; /* (4-bit: the group's scale and offset) */
+            const uint16_t *s16 = kind == QUANT_INT8 ? NULL : (const uint16_t *)scales + at;
+            const uint16_t *z16 = kind == QUANT_INT4 ? (const uint16_t *)offsets + at : NULL;
             for (int64_t i0 = g * span; i0 < (g + 1) * span; i0 += 32)
-                _mm512_store_si512((void *)(dst + i0), expand_block(kind, W, (const uint16_t *)scales + at,
-                                                                    (const uint16_t *)offsets + at, o, I, i0, levels));
+                _mm512_store_si512((void *)(dst + i0), expand_block(kind, W, s16, z16, o, I, i0, levels));
         }
     }
     for (int64_t r = rows; r < PANEL; ++r) memset(buf + r * stride, 0, (size_t)stride * sizeof(uint16_t));
