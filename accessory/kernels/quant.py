@@ -41,7 +41,8 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 #: 32; S 0.80x / 0.81x / 1.05x; int4 XS 1.19x / 1.08x / 1.31x, S 0.91x / 0.98x / 1.21x; nf4 (whose
 #: integer-free kernel is slower) S 0.87x at 4 rows, 1.61x at 8.
 EXPAND_FROM = {"int8": 32, "int4": 32, "nf4": 8}
-_EXPAND_KINDS = {"int8": 0, "int4": 1, "nf4": 2}
+#: The formats' codes in the C kernels (accessory_dequantize, accessory_quant_panels).
+_KIND_CODES = {"int8": 0, "int4": 1, "nf4": 2}
 
 _functions = None
 _loaded = False
@@ -143,15 +144,21 @@ def quant_gemv(x: torch.Tensor, tensors: Dict[str, torch.Tensor], scheme, out_fe
     return y.view(*x.shape[:-1], out_features)
 
 
+def _as_laid_out(tensors: Dict[str, torch.Tensor], scheme, out_features: int, in_features: int) -> bool:
+    """Whether ``tensors`` are exactly the packed CPU tensors of an (out_features, in_features)
+    matrix in ``scheme``'s format, contiguous, as the C kernels read them."""
+    if set(tensors) != set(scheme.tensor_names()):
+        return False
+    dtypes, shapes = scheme.dtypes(), scheme.shapes(out_features, in_features)
+    return all(t.device.type == "cpu" and t.is_contiguous() and t.dtype is dtypes[name] and t.shape == shapes[name]
+               for name, t in tensors.items())
+
+
 def _expanded_product(x: torch.Tensor, tensors: Dict[str, torch.Tensor], scheme, rows: int, out_features: int,
                       in_features: int) -> Optional[torch.Tensor]:
     """``quant_gemv`` through the expansion (float32 sums of the bf16-rounded activations, returned
     in x's dtype), or None where the tensors are not as the format lays them out or memory ran out."""
-    if set(tensors) != set(scheme.tensor_names()):
-        return None
-    dtypes, shapes = scheme.dtypes(), scheme.shapes(out_features, in_features)
-    if any(t.device.type != "cpu" or not t.is_contiguous() or t.dtype is not dtypes[name] or t.shape != shapes[name]
-           for name, t in tensors.items()):
+    if not _as_laid_out(tensors, scheme, out_features, in_features):
         return None
     x2 = x.reshape(rows, in_features)
     x2 = x2.contiguous() if x.dtype in (torch.float32, torch.bfloat16) else x2.float()
@@ -159,7 +166,7 @@ def _expanded_product(x: torch.Tensor, tensors: Dict[str, torch.Tensor], scheme,
     offsets = tensors.get("offsets")
     scratch = scratch_floats(panel_scratch_floats_needed(rows, in_features))
     bf16 = x2.dtype is torch.bfloat16
-    status = quant_product()(_EXPAND_KINDS[scheme.name], tensors["qweight"].data_ptr(), tensors["scales"].data_ptr(),
+    status = quant_product()(_KIND_CODES[scheme.name], tensors["qweight"].data_ptr(), tensors["scales"].data_ptr(),
                              None if offsets is None else offsets.data_ptr(), None if bf16 else x2.data_ptr(),
                              x2.data_ptr() if bf16 else None, scratch.data_ptr(), y.data_ptr(), rows, out_features,
                              in_features, scheme.group_size or 0)
@@ -168,21 +175,16 @@ def _expanded_product(x: torch.Tensor, tensors: Dict[str, torch.Tensor], scheme,
     return y.to(x.dtype).view(*x.shape[:-1], out_features)
 
 
-_KIND_CODES = {"int8": 0, "int4": 1, "nf4": 2}
-
 
 def dequantize_rows(tensors: Dict[str, torch.Tensor], scheme, in_features: int) -> Optional[torch.Tensor]:
     """The float32 (rows, in_features) weight the packed CPU ``tensors`` (a block of rows) stand
     for, expanded by the native kernel with the arithmetic of quant.formats.dequantize; None when
     the kernel does not apply (callers then use that function)."""
     kernels = _kernels()
-    if kernels is None or scheme.name not in _KIND_CODES or set(tensors) != set(scheme.tensor_names()):
+    if kernels is None or scheme.name not in _KIND_CODES or "qweight" not in tensors or \
+            not _as_laid_out(tensors, scheme, tensors["qweight"].shape[0], in_features):
         return None
     qweight, scales, offsets = tensors["qweight"], tensors["scales"], tensors.get("offsets")
-    dtypes, shapes = scheme.dtypes(), scheme.shapes(qweight.shape[0], in_features)
-    if any(t.device.type != "cpu" or not t.is_contiguous() or t.dtype is not dtypes[name] or t.shape != shapes[name]
-           for name, t in tensors.items()):
-        return None
     out = torch.empty((qweight.shape[0], in_features), dtype=torch.float32)
     kernels[2](qweight.data_ptr(), scales.data_ptr(), None if offsets is None else offsets.data_ptr(),
                _KIND_CODES[scheme.name], out.data_ptr(), qweight.shape[0], in_features, scheme.group_size or 0)
