@@ -383,8 +383,8 @@ typedef void (*gemv_int8_fn)(const void *W, const void *scale, const void *x, vo
                              int64_t M, int64_t O, int64_t I);
 typedef void (*gemv_q4_fn)(const void *P, const void *scale, const void *offset, int nf4, const void *x, void *y,
                            int dtype, float *scratch, int64_t M, int64_t O, int64_t I, int64_t G);
-/* gemv_bf16_panels.c's accessory_quant_panels: packed weights expanded panel by panel for bf16
- * products (0, or -1 with nothing written). */
+/* gemv_bf16_panels.c's accessory_quant_panels: packed weights expanded to bf16 16 rows at a time
+ * for bf16 products (0, or -1 with nothing written). */
 typedef int (*quant_panels_fn)(int kind, const void *W, const void *scale, const void *offset, const float *xf,
                                const uint16_t *xb, float *scratch, float *y, int64_t M, int64_t O, int64_t I,
                                int64_t G);

@@ -8,8 +8,8 @@ loader fills them like any other weight. A bias and the original's LoRA path (``
 Products: on the CPU, up to ``kernels.quant.max_rows(scheme)`` token rows (decoding; int8 and
 int4 also short prompts, up to 64; int4 up to 192 with the AVX512-VNNI library) go through the
 native kernels, which read the packed bytes directly; on CPUs with AVX512-BF16, from
-``kernels.quant.expand_from(scheme)`` rows on (int8 / int4 32, nf4 8), any number of them, each
-16-row panel of the matrix is expanded to bf16 in cache for the bf16 panel products instead. Longer
+``kernels.quant.expand_from(scheme)`` rows on (int8 / int4 32, nf4 8), any number of them, the
+matrix's rows are expanded to bf16 16 at a time, in cache, for bf16 dot products instead. Longer
 inputs elsewhere, CUDA and CPUs without the kernels expand the matrix once per call, in row blocks,
 into the activation dtype and use torch's matmul, a cost shared by all the rows of the call.
 """

@@ -509,7 +509,7 @@ def prefill_layers(model, h: torch.Tensor, positions: torch.Tensor, kv_cache,
                    block_types) -> Optional[torch.Tensor]:
     """``model.layers`` over a prompt's tokens, ``h`` (rows, seq, dim) at ``positions`` (rows, seq),
     through the native step: the rows * seq tokens go as one flat batch, in chunks of up to
-    ``max_step_rows`` tokens, each token a row of the step reading and writing its own cache row
+    ``MAX_ROWS`` tokens, each token a row of the step reading and writing its own cache row
     (``cache_rows``) at its position. Each chunk writes all its keys and values before its queries
     attend, and the chunks go in order, so every query sees the keys at its row's earlier positions
     as the torch path's causal attention over the cache does. The hidden states after the last
