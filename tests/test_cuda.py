@@ -223,3 +223,50 @@ def test_int4_products_on_cuda_for_any_group_size(group_size):
     got = quant_linear.quantized_matmul(x, packed, scheme, 64, 384, cache)
     want = x.float() @ dequantize(packed, scheme).float().T
     assert got.shape == (3, 64) and ((got.float() - want).abs().max() / want.abs().max()) < 2e-2
+
+
+@pytest.mark.parametrize("name,group", [("int8", 0), ("int4", 32), ("int4", 96), ("nf4", 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_decode_sized_packed_products_read_the_codes_in_one_triton_kernel(name, group, dtype):
+    """quant/triton_rows.py against the product of the format's own expanded weights: 1, 3 and 16
+    rows (one-row and tl.dot forms), 37 outputs (a partial last block of them), 576 inputs (a
+    partial last step of every block size), groups of 32, 64 and 96; float32 exact up to summation
+    order, 16-bit activations within their output's rounding."""
+    from accessory.quant import QuantScheme, dequantize, quantize, triton_rows
+    from accessory.quant.formats import nf4_levels
+    if triton_rows.triton is None:
+        pytest.skip("Triton cannot be imported here")
+    scheme = QuantScheme(name, group) if group else QuantScheme(name)
+    packed = {k: v.cuda() for k, v in quantize(torch.randn(37, 576), scheme).items()}
+    weight = dequantize(packed, scheme)
+    for rows in (1, 3, 16):
+        x = torch.randn(1, rows, 576, device="cuda").to(dtype)
+        got = triton_rows.packed_rows(x, packed, scheme, 37, 576, levels=nf4_levels(x.device))
+        want = x.float() @ weight.T
+        assert got.dtype == dtype and got.shape == (1, rows, 37)
+        error = ((got.float() - want).abs().max() / want.abs().max()).item()
+        assert error < (1e-5 if dtype == torch.float32 else 1e-2), (rows, error)
+
+
+def test_packed_products_take_the_triton_kernel_up_to_its_row_count(monkeypatch):
+    """A QuantLinear on the GPU with ACCESSORY_TRITON=1: up to MAX_ROWS token rows through the
+    kernel, more through the other paths (tinygemm here), the same numbers either way; none with
+    the variable unset."""
+    from accessory.quant import QuantScheme, triton_rows
+    if triton_rows.triton is None:
+        pytest.skip("Triton cannot be imported here")
+    calls = []
+    real = triton_rows.packed_rows
+    monkeypatch.setattr(triton_rows, "packed_rows", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
+    linear = torch.nn.Linear(256, 64, bias=False)
+    layer = QuantLinear.from_linear(linear, QuantScheme("int4", 32)).cuda()
+    x = torch.randn(1, triton_rows.MAX_ROWS + 1, 256, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.delenv("ACCESSORY_TRITON", raising=False)
+    with torch.inference_mode():
+        layer(x[:, :1])
+    assert calls == []
+    monkeypatch.setenv("ACCESSORY_TRITON", "1")
+    with torch.inference_mode():
+        few, many = layer(x[:, :triton_rows.MAX_ROWS]), layer(x)
+    assert calls == [(1, triton_rows.MAX_ROWS, 256)]
+    torch.testing.assert_close(few, many[:, :triton_rows.MAX_ROWS], atol=2e-2, rtol=2e-2)

@@ -1,24 +1,34 @@
-"""CUDA products with packed weights, where a GPU kernel beats reading bf16 weights.
+"""CUDA products with packed weights.
 
-Measured on an H100 (bf16 activations, one token, 11008 x 4096 weight; bf16 ``F.linear`` 36 us):
-torch's int4 "tinygemm" kernel (``torch._weight_int4pack_mm``) 17 us, bitsandbytes' NF4
-``matmul_4bit`` 30 us, torch's ``_weight_int8pack_mm`` 259 us (slower than bf16, so unused).
+With ``ACCESSORY_TRITON=1`` (off by default: not yet measured on a GPU), decode-sized products (up
+to ``triton_rows.MAX_ROWS`` activation rows) of every scheme go through quant/triton_rows.py's
+kernel, which reads the packed bytes once. Longer inputs (prompts), and every product otherwise:
 
-* ``int4``: our codes and fp16 scale/offset are converted once per layer and device into tinygemm's
-  layout: it computes ``(q - 8) * scale + zero``, so ``zero = offset + 8 * scale`` (kept in bf16).
+* ``int4``: torch's "tinygemm" kernel (``torch._weight_int4pack_mm``): our codes and fp16
+  scale/offset are converted once per layer and device into its layout: it computes
+  ``(q - 8) * scale + zero``, so ``zero = offset + 8 * scale`` (kept in bf16).
 * ``nf4``: bitsandbytes (as the original's ``--quant``), when installed: our values are expanded
   once and re-packed by ``bitsandbytes.functional.quantize_4bit`` with the same block size; as every
   value already lies on the NF4 grid of its block, the re-packing reproduces them.
-* ``int8``, and the others without their kernel: None (the caller expands row blocks instead).
+* ``int8``, and the others without their kernel: None (the caller expands row blocks instead;
+  torch's ``_weight_int8pack_mm`` ran slower than a bf16 product on an H100, so it is unused).
+
+Measured on an H100 (bf16 activations, one token, 11008 x 4096 weight; bf16 ``F.linear`` 36 us):
+tinygemm 17 us, bitsandbytes' NF4 ``matmul_4bit`` 30 us, ``_weight_int8pack_mm`` 259 us; the
+Triton kernel against them: benchmarks/cuda_quant_rows.py.
 
 The converted weights are cached beside the packed tensors (they are the source of truth, saved in
-checkpoints), so a CUDA model holds its 4-bit weights twice; still about half the bf16 size.
+checkpoints), so a CUDA model that has run a prompt through tinygemm or bitsandbytes holds its
+4-bit weights twice; still about half the bf16 size.
 """
 
 import logging
 from typing import Dict, Optional
 
 import torch
+
+from . import triton_rows
+from .formats import nf4_levels
 
 log = logging.getLogger(__name__)
 _warned = set()
@@ -32,6 +42,9 @@ def _warn_once(key: str, message: str) -> None:
 
 def cuda_matmul(x: torch.Tensor, packed: Dict[str, torch.Tensor], scheme, cache: dict) -> Optional[torch.Tensor]:
     qweight = packed["qweight"]
+    if triton_rows.takes(x, scheme.name, x.shape[-1]):  # decode-sized: the packed bytes read once
+        return triton_rows.packed_rows(x, packed, scheme, qweight.shape[0], x.shape[-1],
+                                       levels=nf4_levels(x.device) if scheme.name == "nf4" else None)
     key = (scheme.name, qweight.device, qweight.data_ptr(), x.dtype)
     if cache.get("key") != key:
         cache.clear()
