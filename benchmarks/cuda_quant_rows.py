@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--best-to")
     args = parser.parse_args()
-    if triton_rows.triton is None:
+    if triton_rows.kernel() is None:
         sys.exit("Triton cannot be imported here: nothing to measure")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     levels = nf4_levels(torch.device("cuda"))

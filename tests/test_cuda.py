@@ -234,7 +234,7 @@ def test_decode_sized_packed_products_read_the_codes_in_one_triton_kernel(name, 
     order, 16-bit activations within their output's rounding."""
     from accessory.quant import QuantScheme, dequantize, quantize, triton_rows
     from accessory.quant.formats import nf4_levels
-    if triton_rows.triton is None:
+    if triton_rows.kernel() is None:
         pytest.skip("Triton cannot be imported here")
     scheme = QuantScheme(name, group) if group else QuantScheme(name)
     packed = {k: v.cuda() for k, v in quantize(torch.randn(37, 576), scheme).items()}
@@ -253,7 +253,7 @@ def test_packed_products_take_the_triton_kernel_up_to_its_row_count(monkeypatch)
     kernel, more through the other paths (tinygemm here), the same numbers either way; none with
     the variable unset."""
     from accessory.quant import QuantScheme, triton_rows
-    if triton_rows.triton is None:
+    if triton_rows.kernel() is None:
         pytest.skip("Triton cannot be imported here")
     calls = []
     real = triton_rows.packed_rows

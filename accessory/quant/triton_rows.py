@@ -27,100 +27,39 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-try:  # (torch's CUDA wheels ship it; CPU-only installs usually do not)
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = tl = None
-
 #: the most activation rows one call takes (a decode step of up to this many streams); longer
 #: inputs (prompts) are compute-bound and take the expansion and the GPU's dense product
 MAX_ROWS = 16
 
 _KINDS = {"int8": 0, "int4": 1, "nf4": 2}
+_kernel = None
+_unavailable = False
+
+
+def kernel():
+    """The jitted kernel (``_triton_rows_kernel``, imported on first use), or None where Triton
+    cannot be imported (torch's CUDA wheels ship it; CPU-only installs usually do not)."""
+    global _kernel, _unavailable
+    if _kernel is None and not _unavailable:
+        try:
+            from ._triton_rows_kernel import packed_rows_kernel
+        except ImportError:
+            _unavailable = True
+        else:
+            _kernel = packed_rows_kernel
+    return _kernel
 
 
 def available() -> bool:
-    """Whether quant/cuda.py sends decode-sized products here: Triton imported and
-    ``ACCESSORY_TRITON`` set to 1 (true, yes, on)."""
-    return triton is not None and os.environ.get("ACCESSORY_TRITON", "0").strip().lower() in ("1", "true", "yes", "on")
+    """Whether quant/cuda.py sends decode-sized products here: ``ACCESSORY_TRITON`` set to 1
+    (true, yes, on) and Triton importable."""
+    return os.environ.get("ACCESSORY_TRITON", "0").strip().lower() in ("1", "true", "yes", "on") and \
+        kernel() is not None
 
 
 #: (outputs per program, inputs per step, warps) for one activation row and for more (up to
 #: MAX_ROWS): first guesses, to be measured with benchmarks/cuda_quant_rows.py --sweep
 BLOCKS = {"one": (16, 256, 4), "many": (32, 128, 4)}
-
-
-if triton is not None:
-    @triton.jit
-    def _packed_rows_kernel(x_ptr, q_ptr, s_ptr, o_ptr, levels_ptr, y_ptr, M, N, K, G, stride_x, stride_y,
-                            KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = rn < N
-        rm = tl.arange(0, BLOCK_M)
-        m_ok = rm < M
-        if BLOCK_M == 1:
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if KIND == 0:  # int8: (N, K) codes; the row's scale multiplies the sums
-            rk = tl.arange(0, BLOCK_K)
-            for k0 in range(0, K, BLOCK_K):
-                k = k0 + rk
-                k_ok = k < K
-                w = tl.load(q_ptr + rn[:, None].to(tl.int64) * K + k[None, :],
-                            mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.float32)
-                if BLOCK_M == 1:
-                    x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-                    acc += tl.sum(w * x[None, :], axis=1)
-                else:
-                    x = tl.load(x_ptr + rm[:, None] * stride_x + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                                other=0.0).to(tl.float32)
-                    acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
-            scale = tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-            if BLOCK_M == 1:
-                acc = acc * scale
-            else:
-                acc = acc * scale[None, :]
-        else:  # int4 / nf4: byte i of a step holds inputs (i // 16) * 32 + i % 16 and 16 after it
-            ri = tl.arange(0, BLOCK_K // 2)
-            block_start = (ri // 16) * 32
-            within = ri % 16
-            groups = K // G
-            for k0 in range(0, K, BLOCK_K):
-                k_lo = k0 + block_start + within
-                k_ok = k_lo < K
-                wmask = n_ok[:, None] & k_ok[None, :]
-                codes = tl.load(q_ptr + rn[:, None].to(tl.int64) * (K // 2) + (k0 // 2 + ri)[None, :],
-                                mask=wmask, other=0)
-                lo = codes & 0x0F
-                hi = codes >> 4
-                group = (k0 + block_start) // G
-                where = rn[:, None].to(tl.int64) * groups + group[None, :]
-                scale = tl.load(s_ptr + where, mask=wmask, other=0.0).to(tl.float32)
-                if KIND == 1:
-                    offset = tl.load(o_ptr + where, mask=wmask, other=0.0).to(tl.float32)
-                    w_lo = lo.to(tl.float32) * scale + offset
-                    w_hi = hi.to(tl.float32) * scale + offset
-                else:
-                    w_lo = tl.load(levels_ptr + lo.to(tl.int32)) * scale
-                    w_hi = tl.load(levels_ptr + hi.to(tl.int32)) * scale
-                if BLOCK_M == 1:
-                    x_lo = tl.load(x_ptr + k_lo, mask=k_ok, other=0.0).to(tl.float32)
-                    x_hi = tl.load(x_ptr + k_lo + 16, mask=k_ok, other=0.0).to(tl.float32)
-                    acc += tl.sum(w_lo * x_lo[None, :] + w_hi * x_hi[None, :], axis=1)
-                else:
-                    xmask = m_ok[:, None] & k_ok[None, :]
-                    x_lo = tl.load(x_ptr + rm[:, None] * stride_x + k_lo[None, :], mask=xmask, other=0.0)
-                    x_hi = tl.load(x_ptr + rm[:, None] * stride_x + (k_lo + 16)[None, :], mask=xmask, other=0.0)
-                    acc += tl.dot(x_lo.to(tl.float32), tl.trans(w_lo), input_precision=PRECISION)
-                    acc += tl.dot(x_hi.to(tl.float32), tl.trans(w_hi), input_precision=PRECISION)
-        if BLOCK_M == 1:
-            tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
-        else:
-            tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                     mask=m_ok[:, None] & n_ok[None, :])
 
 
 def takes(x: torch.Tensor, scheme_name: str, in_features: int) -> bool:
@@ -151,7 +90,7 @@ def packed_rows(x: torch.Tensor, packed: Dict[str, torch.Tensor], scheme, out_fe
     if kind != 0:
         k = max(32, k - k % 32)  # whole blocks of 32 inputs
     group = scheme.group_size or in_features
-    _packed_rows_kernel[(triton.cdiv(out_features, n),)](
+    kernel()[(-(-out_features // n),)](
         flat, q, s, o, levels, y, rows, out_features, in_features, group, flat.stride(0), y.stride(0),
         KIND=kind, BLOCK_M=block_m, BLOCK_N=n, BLOCK_K=k,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps)
