@@ -19,6 +19,8 @@ def packed_rows_kernel(x_ptr, q_ptr, s_ptr, o_ptr, levels_ptr, y_ptr, M, N, K, G
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if KIND == 0:  # int8: (N, K) codes; the row's scale multiplies the sums
         rk = tl.arange(0, BLOCK_K)
+        if BLOCK_M == 1:  # (one row: products summed in place, reduced across the step once at the end)
+            part = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + rk
             k_ok = k < K
@@ -26,14 +28,14 @@ def packed_rows_kernel(x_ptr, q_ptr, s_ptr, o_ptr, levels_ptr, y_ptr, M, N, K, G
                         mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.float32)
             if BLOCK_M == 1:
                 x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-                acc += tl.sum(w * x[None, :], axis=1)
+                part += w * x[None, :]
             else:
                 x = tl.load(x_ptr + rm[:, None] * stride_x + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                             other=0.0).to(tl.float32)
                 acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
         scale = tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         if BLOCK_M == 1:
-            acc = acc * scale
+            acc = tl.sum(part, axis=1) * scale
         else:
             acc = acc * scale[None, :]
     else:  # int4 / nf4: byte i of a step holds inputs (i // 16) * 32 + i % 16 and 16 after it
@@ -41,6 +43,8 @@ def packed_rows_kernel(x_ptr, q_ptr, s_ptr, o_ptr, levels_ptr, y_ptr, M, N, K, G
         block_start = (ri // 16) * 32
         within = ri % 16
         groups = K // G
+        if BLOCK_M == 1:
+            part = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_lo = k0 + block_start + within
             k_ok = k_lo < K
@@ -62,13 +66,15 @@ def packed_rows_kernel(x_ptr, q_ptr, s_ptr, o_ptr, levels_ptr, y_ptr, M, N, K, G
             if BLOCK_M == 1:
                 x_lo = tl.load(x_ptr + k_lo, mask=k_ok, other=0.0).to(tl.float32)
                 x_hi = tl.load(x_ptr + k_lo + 16, mask=k_ok, other=0.0).to(tl.float32)
-                acc += tl.sum(w_lo * x_lo[None, :] + w_hi * x_hi[None, :], axis=1)
+                part += w_lo * x_lo[None, :] + w_hi * x_hi[None, :]
             else:
                 xmask = m_ok[:, None] & k_ok[None, :]
                 x_lo = tl.load(x_ptr + rm[:, None] * stride_x + k_lo[None, :], mask=xmask, other=0.0)
                 x_hi = tl.load(x_ptr + rm[:, None] * stride_x + (k_lo + 16)[None, :], mask=xmask, other=0.0)
                 acc += tl.dot(x_lo.to(tl.float32), tl.trans(w_lo), input_precision=PRECISION)
                 acc += tl.dot(x_hi.to(tl.float32), tl.trans(w_hi), input_precision=PRECISION)
+        if BLOCK_M == 1:
+            acc = tl.sum(part, axis=1)
     if BLOCK_M == 1:
         tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
     else:
