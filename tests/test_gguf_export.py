@@ -231,6 +231,26 @@ def test_bpe_tokenizer_json_survives_the_round_trip(tmp_path, family, pre):
     assert got == expected
 
 
+def test_added_tokens_are_typed_as_llama_cpp_types_them(tmp_path):
+    """tokenizer.json's added tokens become CONTROL tokens when marked special (within the
+    vocabulary, as GPT-2's <|endoftext|>, or after it) and USER_DEFINED ones when not; the rest stay
+    NORMAL. llama.cpp's own converter types them so (and warns at load about control-looking tokens
+    typed otherwise: SmolLM2's <|im_end|> was exported NORMAL before)."""
+    cfg = dict(TINY_LLAMA, n_layers=1)
+    document = json.loads((ckpt_utils.tokenizer_fixture("gpt-2") / "tokenizer.json").read_text(encoding="utf-8"))
+    base = len(document["model"]["vocab"])
+    assert [(t["id"], t["special"]) for t in document["added_tokens"]] == [(base - 1, True)]  # <|endoftext|>
+    template = document["added_tokens"][0]
+    document["added_tokens"] += [dict(template, id=base, content="<tool>", special=False),
+                                 dict(template, id=base + 1, content="<|call|>", special=True)]
+    directory = write_checkpoint(tmp_path / "ckpt", random_llama_state(cfg, base + 2), cfg, tokenizer="gpt-2")
+    (directory / "tokenizer.json").write_text(json.dumps(document), encoding="utf-8")
+    types = GGUFFile(export_gguf(directory, tmp_path / "m.gguf", "f16", progress=False)).metadata[
+        "tokenizer.ggml.token_type"]
+    assert types[base - 1:] == [3, 4, 3]  # CONTROL, USER_DEFINED, CONTROL
+    assert set(types[:base - 1]) == {1}  # NORMAL
+
+
 # ------------------------------------------------------------------------------------------------ errors, CLI
 
 

@@ -48,7 +48,7 @@ GGUF_EXPORT_TYPES = {
 _TO_GGUF_GLOBAL = {ours: theirs for theirs, ours in _GLOBAL_TENSORS.items()}
 _TO_GGUF_LAYER = {ours: theirs for theirs, ours in _LAYER_TENSORS.items()}
 
-_TOKEN_NORMAL, _TOKEN_UNUSED = 1, 5
+_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5
 
 
 def _gguf_name(name: str) -> Optional[str]:
@@ -152,6 +152,15 @@ def _add_tokenizer(writer, src: pathlib.Path, vocab_size: int) -> Optional[str]:
     tokens = [text for text, _, _ in entries]
     scores = [float(score) for _, score, _ in entries]
     types = [int(kind_) for _, _, kind_ in entries]
+    if kind == "gpt2":
+        # tokenizer.json's added tokens as llama.cpp's own converter types them: CONTROL when marked
+        # special (a chat template's <|im_end|>, which llama.cpp must not print as text), else
+        # USER_DEFINED; gguf-py's BpeVocab left those within the vocabulary NORMAL and made every
+        # other one CONTROL
+        for added in document.get("added_tokens") or []:
+            token_id = added.get("id")
+            if isinstance(token_id, int) and 0 <= token_id < len(types):
+                types[token_id] = _TOKEN_CONTROL if added.get("special") else _TOKEN_USER_DEFINED
     for i in range(len(entries), vocab_size):  # llama.cpp's converter pads the same way
         tokens.append(f"[PAD{i}]".encode("utf-8"))
         scores.append(-1000.0)
