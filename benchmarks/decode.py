@@ -4,7 +4,10 @@
                                 [--threads 2] [--new-tokens 32] [--repeats 3] [--small-pages]
 
 Shapes: XS (dim 768, 12 layers, 12 heads, FFN 2048, vocab 32000) and S (TinyLlama-1.1B: dim 2048,
-22 layers, 32 heads, 4 KV heads, FFN 5632). The default runs XS only (minutes on 2 quiet cores); S with
+22 layers, 32 heads, 4 KV heads, FFN 5632), random weights; and ``smollm2``, the real weights of the
+embedded demo model (SmolLM2-135M-Instruct: dim 576, 30 layers, 9 heads, 3 KV heads, FFN 1536,
+vocab 49152, tied embeddings; converted from its GGUF by ``ensure_demo_model`` on first use, its
+GGUF exports written to --workdir/smollm2). The default runs XS only (minutes on 2 quiet cores); S with
 every peer takes far longer (each engine runs its 16-stream prompts and decodes 4 times): --shapes XS S.
 Ours and HF run in bf16. Every engine of a shape is loaded at once and measured in interleaved rounds
 (one sample of each per round; rates are medians over the --repeats rounds):
@@ -43,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from accessory.checkpoint.demo_model import ensure_demo_model  # noqa: E402
 from accessory.checkpoint.gguf_export import export_gguf  # noqa: E402
 from accessory.generation.engine import GenerationEngine  # noqa: E402
 from accessory.generation.sampling import SamplingParams  # noqa: E402
@@ -54,7 +58,8 @@ SHAPES = {
     "XS": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, multiple_of=2048, norm_eps=1e-5),
     "S": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, multiple_of=256, norm_eps=1e-5),
 }
-VOCAB = 32000
+REAL = {"smollm2": ensure_demo_model}  # shapes measured on real weights: name -> its checkpoint directory
+VOCAB = 32000  # (random prompt ids stay below it: every model here has at least this many)
 GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0")
 #: our weights each GGUF type is compared with
 OURS_FOR_GGUF = {"f16": "bf16", "bf16": "bf16", "q8_0": "int8", "q4_0": "int4"}
@@ -196,11 +201,12 @@ def llama_cpp_missing() -> str:
     return ""
 
 
-def export_ggufs(directory: Path, types) -> dict:
-    """{type: path} of the checkpoint in ``directory`` written as GGUF (kept next to it for later runs)."""
+def export_ggufs(directory: Path, types, into: Path = None) -> dict:
+    """{type: path} of the checkpoint in ``directory`` written as GGUF into ``into`` (default: next to
+    it), kept for later runs."""
     paths = {}
     for gguf_type in types:
-        path = directory / f"model.{gguf_type}.gguf"
+        path = (into or directory) / f"model.{gguf_type}.gguf"
         if not path.exists():
             export_gguf(directory, path, gguf_type, progress=False)
         paths[gguf_type] = path
@@ -280,18 +286,20 @@ def load_ours(directory: Path, weights: str) -> MetaModel:
 
 def print_table(title: str, columns, rows) -> None:
     """rows: (shape, metric, [value or None per column]); a column named 'x NAME' is a ratio."""
+    width = max([6] + [len(shape) + 1 for shape, _, _ in rows])
     print(f"\n{title}")
-    print(f"{'shape':<6}{'metric':<9}" + "".join(f"{c:>{max(10, len(c) + 2)}}" for c in columns))
+    print(f"{'shape':<{width}}{'metric':<9}" + "".join(f"{c:>{max(10, len(c) + 2)}}" for c in columns))
     for shape, metric, values in rows:
         cells = "".join(f"{'n/a' if v is None else (f'{v:.2f}' if c.startswith('x ') else f'{v:.1f}'):>{max(10, len(c) + 2)}}"
                         for c, v in zip(columns, values))
-        print(f"{shape:<6}{metric:<9}{cells}")
+        print(f"{shape:<{width}}{metric:<9}{cells}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=["XS"], choices=list(SHAPES),
-                        help="model shapes (default XS; the issue's full table is --shapes XS S)")
+    parser.add_argument("--shapes", nargs="+", default=["XS"], choices=list(SHAPES) + list(REAL),
+                        help="model shapes (default XS; the issue's full table is --shapes XS S; smollm2: "
+                             "the embedded demo model's real weights)")
     parser.add_argument("--peers", nargs="*", default=["hf", "llama.cpp"], choices=["hf", "llama.cpp"],
                         help="engines to compare with (default both; none: ours only)")
     parser.add_argument("--gguf-types", nargs="+", default=["f16", "q8_0", "q4_0"], choices=GGUF_TYPES,
@@ -312,7 +320,11 @@ def main() -> None:
     ours_weights = ["bf16"] + [OURS_FOR_GGUF[t] for t in gguf_types if OURS_FOR_GGUF[t] != "bf16"]
     results = {}  # (shape, engine) -> rates
     for shape in args.shapes:
-        directory = build_checkpoint(shape, Path(args.workdir))
+        if shape in REAL:
+            directory, gguf_dir = Path(REAL[shape]()), Path(args.workdir) / shape
+            gguf_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            directory = gguf_dir = build_checkpoint(shape, Path(args.workdir))
         runners, peers = {}, []  # engine -> run(ids, new_tokens); llama.cpp models to close
         try:
             for weights in dict.fromkeys(ours_weights):
@@ -329,7 +341,7 @@ def main() -> None:
                         small = {"ACCESSORY_HUGE_PAGES": "0"}
                         with mock.patch.dict(os.environ, small):
                             runners["bf16 4k"] = ours_runner(load_ours(directory, weights), small)
-            for gguf_type, path in export_ggufs(directory, gguf_types).items():
+            for gguf_type, path in export_ggufs(directory, gguf_types, gguf_dir).items():
                 peers.append(LlamaCpp(path, args.threads, max_tokens=128 + args.new_tokens + 1))
                 runners[f"llama.cpp {gguf_type}"] = peers[-1].run
             results.update(measure_interleaved(shape, runners, args.new_tokens, args.repeats))
