@@ -295,14 +295,21 @@ static inline float vnni_int4_row(const uint8_t *p, const uint16_t *s16, const i
         const __m512 d = _mm512_permutexvar_ps(block_lanes, _mm512_castps128_ps512(_mm_loadu_ps(dx + k)));
         acc[(k >> 2) & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, d), acc[(k >> 2) & 1]);
     }
-    float total = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
-    for (int64_t k = whole; k < n_blocks; ++k) {
-        const int8_t *x = xq + whole * 32 + (k - whole) * 16; /* codes 0-15 here, 16-31 64 on */
-        int32_t sum = 0;
-        for (int j = 0; j < 16; ++j) sum += (p[k * 16 + j] & 15) * x[j] + (p[k * 16 + j] >> 4) * x[j + 64];
-        total += (float)sum * (half_to_float(s16[k >> shift]) * dx[k]);
+    const int64_t rest = n_blocks - whole;
+    if (rest) {  /* a last partial quad (1-3 blocks): its bytes, scales and steps loaded under masks,
+                  * the missing blocks' lanes zero (their activation codes are zero in the quad layout) */
+        const __m512i raw = _mm512_maskz_loadu_epi8(((__mmask64)1 << (rest * 16)) - 1, (const void *)(p + whole * 16));
+        const __m512i lo = _mm512_and_si512(raw, nibbles), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibbles);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512((const void *)(xq + whole * 32))),
+                                                hi, _mm512_loadu_si512((const void *)(xq + whole * 32 + 64)));
+        const __mmask8 used = (__mmask8)((1u << (((rest - 1) >> shift) + 1)) - 1);
+        const __m128 halves = _mm_cvtph_ps(_mm_maskz_loadu_epi16(used, (const void *)(s16 + (whole >> shift))));
+        const __m512 s = _mm512_permutexvar_ps(scale_lanes, _mm512_castps128_ps512(halves));
+        const __m128 steps = _mm_maskz_loadu_ps((__mmask8)((1u << rest) - 1), dx + whole);
+        const __m512 d = _mm512_permutexvar_ps(block_lanes, _mm512_castps128_ps512(steps));
+        acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, d), acc[0]);
     }
-    return total;
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
 }
 
 static void int4_row_vnni(const uint8_t *P, const uint16_t *scale, const uint16_t *offset, const int8_t *xq,
