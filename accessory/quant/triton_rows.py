@@ -69,6 +69,14 @@ def takes(x: torch.Tensor, scheme_name: str, in_features: int) -> bool:
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
+def _precision(x: torch.Tensor) -> str:
+    """tl.dot's precision for these activations: exact for float32 (and on GPUs before Ampere,
+    which have no tf32), else tf32."""
+    if x.dtype == torch.float32 or (x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0)):
+        return "ieee"
+    return "tf32"
+
+
 def packed_rows(x: torch.Tensor, packed: Dict[str, torch.Tensor], scheme, out_features: int,
                 in_features: int, levels: Optional[torch.Tensor] = None,
                 blocks: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
@@ -93,5 +101,5 @@ def packed_rows(x: torch.Tensor, packed: Dict[str, torch.Tensor], scheme, out_fe
     kernel()[(-(-out_features // n),)](
         flat, q, s, o, levels, y, rows, out_features, in_features, group, flat.stride(0), y.stride(0),
         KIND=kind, BLOCK_M=block_m, BLOCK_N=n, BLOCK_K=k,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps)
+        PRECISION=_precision(x), num_warps=warps)
     return y.view(*x.shape[:-1], out_features)
