@@ -27,6 +27,8 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from ..kernels import switched_on
+
 log = logging.getLogger(__name__)
 
 
@@ -35,8 +37,8 @@ def cuda_graphs_enabled(device: torch.device, wanted: Optional[bool] = None, mod
     ``ACCESSORY_CUDA_GRAPHS`` (``0`` turns them off, ``1`` on), else on, except for a model cut
     across a model-parallel group (its collectives inside a graph have not been run here)."""
     if wanted is None:
-        setting = os.environ.get("ACCESSORY_CUDA_GRAPHS", "").strip().lower()
-        wanted = setting in ("1", "true", "yes", "on") if setting else not model_parallel
+        setting = os.environ.get("ACCESSORY_CUDA_GRAPHS", "").strip()
+        wanted = switched_on("ACCESSORY_CUDA_GRAPHS") if setting else not model_parallel
     return device.type == "cuda" and wanted
 
 

@@ -46,13 +46,13 @@ cache keeps the prefix's own keys apart from the positions a kept cache gives.
 
 import hashlib
 import itertools
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..kernels import switched_off, switched_on
 from ..model.layers.multimodal import image_offsets, insert_images, insert_index
 from .cuda_graphs import GraphedDecoder, cuda_graphs_enabled, weights_state
 from .detokenize import IncrementalDetokenizer
@@ -83,10 +83,9 @@ def prompt_cache_enabled(wanted: Optional[bool] = None, default: bool = False) -
     ``on`` / ``0``, ``false``, ``no``, ``off``), else ``default`` (the faces pass True)."""
     if wanted is not None:
         return bool(wanted)
-    setting = os.environ.get("ACCESSORY_PROMPT_CACHE", "").strip().lower()
-    if setting in ("1", "true", "yes", "on"):
+    if switched_on("ACCESSORY_PROMPT_CACHE"):
         return True
-    if setting in ("0", "false", "no", "off"):
+    if switched_off("ACCESSORY_PROMPT_CACHE"):
         return False
     return default
 

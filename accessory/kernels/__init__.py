@@ -95,6 +95,12 @@ def switched_off(variable: str) -> bool:
     return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
 
 
+def switched_on(variable: str) -> bool:
+    """Whether the environment turns a setting on: ``variable`` set to 1, true, yes or on (any
+    case, spaces around ignored)."""
+    return os.environ.get(variable, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def native_kernels_enabled() -> bool:
     return os.environ.get("ACCESSORY_NATIVE_KERNELS", "1") not in ("0", "false", "no") and \
         sys.platform.startswith("linux") and cpu_supports_avx2()

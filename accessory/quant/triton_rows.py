@@ -22,10 +22,11 @@ benchmarks/cuda_quant_rows.py are ready for its first run on a GPU, which decide
 and whether it becomes the default.
 """
 
-import os
 from typing import Dict, Optional, Tuple
 
 import torch
+
+from ..kernels import switched_on
 
 #: the most activation rows one call takes (a decode step of up to this many streams); longer
 #: inputs (prompts) are compute-bound and take the expansion and the GPU's dense product
@@ -53,8 +54,7 @@ def kernel():
 def available() -> bool:
     """Whether quant/cuda.py sends decode-sized products here: ``ACCESSORY_TRITON`` set to 1
     (true, yes, on) and Triton importable."""
-    return os.environ.get("ACCESSORY_TRITON", "0").strip().lower() in ("1", "true", "yes", "on") and \
-        kernel() is not None
+    return switched_on("ACCESSORY_TRITON") and kernel() is not None
 
 
 #: (outputs per program, inputs per step, warps) for one activation row and for more (up to
