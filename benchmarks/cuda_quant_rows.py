@@ -63,10 +63,8 @@ def time_per_call(calls) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def packed_copies(name: str, shape, count: int):
-    weight = torch.randn(shape, device="cuda") * 0.02
-    packed = quantize(weight, SCHEMES[name])
-    return [{k: v.clone() for k, v in packed.items()} for _ in range(count)]
+def packed_weights(name: str, shape):
+    return quantize(torch.randn(shape, device="cuda") * 0.02, SCHEMES[name])
 
 
 def nbytes(packed) -> int:
@@ -97,7 +95,7 @@ def main() -> None:
             cells = [f"{t_dense * 1e6:>8.1f} ({out_features * in_features * 2 / t_dense / 1e9:>5.0f})"]
             del dense
             for name in ("int8", "int4", "nf4"):
-                one = packed_copies(name, (out_features, in_features), 1)[0]
+                one = packed_weights(name, (out_features, in_features))
                 copies = [{k: v.clone() for k, v in one.items()} for _ in range(copies_of(nbytes(one)))]
                 packed_all[(matrix, name)] = copies
                 scheme = SCHEMES[name]

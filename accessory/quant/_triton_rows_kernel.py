@@ -13,9 +13,7 @@ def packed_rows_kernel(x_ptr, q_ptr, s_ptr, o_ptr, levels_ptr, y_ptr, M, N, K, G
     n_ok = rn < N
     rm = tl.arange(0, BLOCK_M)
     m_ok = rm < M
-    if BLOCK_M == 1:
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    else:
+    if BLOCK_M > 1:  # (one row sums into `part` below instead)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if KIND == 0:  # int8: (N, K) codes; the row's scale multiplies the sums
         rk = tl.arange(0, BLOCK_K)
