@@ -148,13 +148,17 @@ def test_integer_kernels_compute_their_stated_arithmetic(scheme, in_features, ro
     the activations' block codes, scaled per block (int4: plus each group's offset times the
     exact sum of its activations; int8: the inputs past the last block of 32 in float). Inputs of
     even and odd numbers of blocks (the AVX-512 library takes two or four at a time) and past 16
-    groups (it sums the offsets' term sixteen groups at a time)."""
+    groups (it sums the offsets' term sixteen groups at a time); halves round to even."""
     gen = torch.Generator().manual_seed(rows)
     out_features = 37
     w = torch.randn(out_features, in_features, generator=gen) * 0.05
     packed = quantize(w, scheme)
     x = torch.randn(rows, in_features, generator=gen)
     x[:, 5] *= 40  # an outlier channel: its block gets a coarse step, the others do not
+    # the second block all ties: its largest magnitude 127 makes its step 1, so its codes are
+    # -15.5 .. 15.5 rounded, to the even neighbour as torch.round (and lrintf) rounds them
+    x[:, 32:64] = torch.arange(32) - 15.5
+    x[:, 32] = 127
     y = kq.quant_gemv(x, packed, scheme, out_features, in_features)
     whole = in_features // 32 * 32
     xq, step = _blockwise_int8(x[:, :whole])

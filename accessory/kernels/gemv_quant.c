@@ -241,15 +241,32 @@ static void int4_rows(const uint8_t *P, const uint16_t *scale, const uint16_t *o
     }
 }
 
-/* Each block of 32 activations as int8 codes and one float step (round to nearest). */
+/* Each block of 32 activations as int8 codes and one float step: the step amax / 127, the codes
+ * x * (127 / amax) rounded to nearest even (0 for an all-zero block). Eight lanes at a time: the
+ * conversion rounds as lrintf does in the default rounding mode, so the codes are the scalar
+ * loop's, bit for bit; that loop called libm's lrintf per value and took 1.8 us of an XS-sized
+ * (576 inputs) product's 8.5, 6.4 us at 2048 inputs, once per activation row before the
+ * product's threads start. A NaN is passed over by the maximum as the scalar comparison did. */
 static void quantize_activations(const float *x, int8_t *xq, float *dx, int64_t n_blocks) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t blk = 0; blk < n_blocks; ++blk) {
         const float *v = x + blk * 32;
-        float amax = 0.0f;
-        for (int k = 0; k < 32; ++k) amax = fabsf(v[k]) > amax ? fabsf(v[k]) : amax;
-        const float step = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-        dx[blk] = step;
-        for (int k = 0; k < 32; ++k) xq[blk * 32 + k] = (int8_t)lrintf(v[k] * inverse);
+        __m256 q[4], top = _mm256_setzero_ps();
+        for (int c = 0; c < 4; ++c) {
+            q[c] = _mm256_loadu_ps(v + 8 * c);
+            top = _mm256_max_ps(_mm256_and_ps(q[c], magnitude), top); /* a NaN lane keeps `top` */
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+        const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+        dx[blk] = amax / 127.0f;
+        __m256i n[4];
+        for (int c = 0; c < 4; ++c) n[c] = _mm256_cvtps_epi32(_mm256_mul_ps(q[c], _mm256_set1_ps(inverse)));
+        /* packs work per 128-bit half: [0 1 4 5 | 2 3 6 7] quarters of eight codes, put back in order */
+        const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
+        _mm256_storeu_si256((__m256i *)(xq + blk * 32), _mm256_permutevar8x32_epi32(bytes, order));
     }
 }
 
