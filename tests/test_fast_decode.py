@@ -259,8 +259,10 @@ def rotate_reference(x, cos, sin, interleaved):
 
 
 @pytest.mark.parametrize("interleaved", [True, False])
-@pytest.mark.parametrize("head_dim,n_heads,n_kv_heads,length",  # each path: 64, 128, other multiples of 8, 20
-                         [(16, 4, 2, 10), (20, 6, 1, 150), (24, 3, 3, 67), (64, 8, 8, 70), (128, 4, 2, 133)])
+@pytest.mark.parametrize("head_dim,n_heads,n_kv_heads,length",  # each path: 64, 128, other multiples of 8, 20;
+                         # a cache head's query heads past the 8 attended together: in chunks of 5 + 4, 6 + 6 + 5
+                         [(16, 4, 2, 10), (20, 6, 1, 150), (24, 3, 3, 67), (64, 8, 8, 70), (128, 4, 2, 133),
+                          (64, 18, 2, 70), (128, 17, 1, 100)])
 @pytest.mark.parametrize("kind", ["f32", "bf16", "bf16-avx512"])
 @pytest.mark.parametrize("one_row", [False, True])
 def test_attend_step_kernel(interleaved, head_dim, n_heads, n_kv_heads, length, kind, one_row):

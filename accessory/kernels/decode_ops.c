@@ -114,6 +114,7 @@ static inline void rotate(float *x, const float *cos, const float *sin, int64_t 
 }
 
 #define KEY_BLOCK 64 /* keys scored at once before the running softmax is rescaled */
+#define MAX_GROUP 8  /* query heads of one cache head attended together */
 
 /* q . K[j] for four keys (cache rows of hd values, hd a multiple of 8) into out[0..3]: four
  * independent chains of multiply-adds and one shared horizontal reduction. One key at a time, each
@@ -222,7 +223,13 @@ static inline __attribute__((always_inline)) void attend_head_kv(const float *q,
  * projection returns it to torch; the products exact, their sums in float32), the weighted values
  * 16 at a time (the same float32 multiply-adds in the same order as weighted_values). Over the
  * AVX2 code's keys widened 8 at a time: XS's 16-row decode step 1.03-1.04x (benchmarks/README.md,
- * session 16), the attention a sixth of it. */
+ * session 16), the attention a sixth of it. Query heads that share a cache head (grouped-query
+ * attention: TinyLlama's 8 a cache head, SmolLM2's 3) are attended together, up to MAX_GROUP,
+ * block by block: each block of keys and values is read from memory once for all of them, then
+ * from L1, where each head used to stream the whole span itself (from L2 at best, from memory once
+ * a span outgrew it). Every head's arithmetic is what it was alone, in the same order (outputs bit
+ * for bit the same). S's cache (4 of 32 heads), one row: 1.12x the attention at 1000 keys, 1.81x
+ * at 4000; 16 rows of ~40 keys 1.11x; XS (a cache head each) unchanged (benchmarks/README.md). */
 #if defined(__clang__) ? __clang_major__ >= 11 : (defined(__GNUC__) && __GNUC__ >= 10)
 #define HAVE_AVX512_ATTENTION 1
 #define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
@@ -231,66 +238,78 @@ static inline __attribute__((always_inline)) BF16_TARGET __m512 widen16(const ui
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)v)), 16));
 }
 
-static inline __attribute__((always_inline)) BF16_TARGET void attend_head_avx512(
-        const float *q, const uint16_t *K, const uint16_t *V, int64_t n_keys, float scale, float *out, const int HD) {
-    __m512bh qb[HD / 32];
-    for (int c = 0; c < HD / 32; ++c)
-        qb[c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + 32 * c + 16), _mm512_loadu_ps(q + 32 * c));
-    __m512 acc[HD / 16];
-    for (int d = 0; d < HD / 16; ++d) acc[d] = _mm512_setzero_ps();
-    float running_max = -INFINITY, running_sum = 0.0f, scores[KEY_BLOCK], sums[HD];
+static inline __attribute__((always_inline)) BF16_TARGET void attend_heads_avx512(
+        const float *q, int nq, const uint16_t *K, const uint16_t *V, int64_t n_keys, float scale, float *out,
+        const int HD) {
+    /* per query head (its vectors HD apart in q and out): the query in bf16, the running maximum
+     * and sum, and the weighted values so far (in memory between blocks, as the registers' copy
+     * was around softmax_block) */
+    __m512bh qb[MAX_GROUP][HD / 32];
+    float running_max[MAX_GROUP], running_sum[MAX_GROUP], scores[KEY_BLOCK], sums[MAX_GROUP][HD];
+    for (int i = 0; i < nq; ++i) {
+        for (int c = 0; c < HD / 32; ++c)
+            qb[i][c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + i * HD + 32 * c + 16), _mm512_loadu_ps(q + i * HD + 32 * c));
+        running_max[i] = -INFINITY;
+        running_sum[i] = 0.0f;
+        for (int d = 0; d < HD; ++d) sums[i][d] = 0.0f;
+    }
     for (int64_t j0 = 0; j0 < n_keys; j0 += KEY_BLOCK) {
         const int64_t n = n_keys - j0 < KEY_BLOCK ? n_keys - j0 : KEY_BLOCK;
         const uint16_t *Kb = K + j0 * HD, *Vb = V + j0 * HD;
-        int64_t j = 0;
-        for (; j + 4 <= n; j += 4) {  /* four keys' 16-lane sums, then one shared reduction */
-            __m512 a[4];
-            for (int t = 0; t < 4; ++t) {
-                a[t] = _mm512_setzero_ps();
-                for (int c = 0; c < HD / 32; ++c)
-                    a[t] = _mm512_dpbf16_ps(a[t], (__m512bh)_mm512_loadu_si512(Kb + (j + t) * HD + 32 * c), qb[c]);
+        for (int i = 0; i < nq; ++i) {  /* the block's keys and values in L1 after the first head */
+            int64_t j = 0;
+            for (; j + 4 <= n; j += 4) {  /* four keys' 16-lane sums, then one shared reduction */
+                __m512 a[4];
+                for (int t = 0; t < 4; ++t) {
+                    a[t] = _mm512_setzero_ps();
+                    for (int c = 0; c < HD / 32; ++c)
+                        a[t] = _mm512_dpbf16_ps(a[t], (__m512bh)_mm512_loadu_si512(Kb + (j + t) * HD + 32 * c), qb[i][c]);
+                }
+                __m256 h[4];
+                for (int t = 0; t < 4; ++t)
+                    h[t] = _mm256_add_ps(_mm512_castps512_ps256(a[t]),
+                                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[t]), 1)));
+                const __m256 x = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+                _mm_storeu_ps(scores + j, _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1)));
             }
-            __m256 h[4];
-            for (int t = 0; t < 4; ++t)
-                h[t] = _mm256_add_ps(_mm512_castps512_ps256(a[t]),
-                                     _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[t]), 1)));
-            const __m256 x = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
-            _mm_storeu_ps(scores + j, _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1)));
-        }
-        for (; j < n; ++j) {
-            __m512 a = _mm512_setzero_ps();
-            for (int c = 0; c < HD / 32; ++c)
-                a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(Kb + j * HD + 32 * c), qb[c]);
-            scores[j] = _mm512_reduce_add_ps(a);
-        }
-        for (int d = 0; d < HD / 16; ++d) _mm512_storeu_ps(sums + 16 * d, acc[d]);
-        softmax_block(scores, n, scale, &running_max, &running_sum, sums, HD);
-        for (int d = 0; d < HD / 16; ++d) acc[d] = _mm512_loadu_ps(sums + 16 * d);
-        for (j = 0; j < n; ++j) {
-            const __m512 pj = _mm512_set1_ps(scores[j]);
-            for (int d = 0; d < HD / 16; ++d) acc[d] = _mm512_fmadd_ps(pj, widen16(Vb + j * HD + 16 * d), acc[d]);
+            for (; j < n; ++j) {
+                __m512 a = _mm512_setzero_ps();
+                for (int c = 0; c < HD / 32; ++c)
+                    a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(Kb + j * HD + 32 * c), qb[i][c]);
+                scores[j] = _mm512_reduce_add_ps(a);
+            }
+            softmax_block(scores, n, scale, &running_max[i], &running_sum[i], sums[i], HD);
+            __m512 acc[HD / 16];
+            for (int d = 0; d < HD / 16; ++d) acc[d] = _mm512_loadu_ps(sums[i] + 16 * d);
+            for (j = 0; j < n; ++j) {
+                const __m512 pj = _mm512_set1_ps(scores[j]);
+                for (int d = 0; d < HD / 16; ++d) acc[d] = _mm512_fmadd_ps(pj, widen16(Vb + j * HD + 16 * d), acc[d]);
+            }
+            for (int d = 0; d < HD / 16; ++d) _mm512_storeu_ps(sums[i] + 16 * d, acc[d]);
         }
     }
-    const __m512 inv = _mm512_set1_ps(1.0f / running_sum);
-    for (int d = 0; d < HD / 16; ++d) _mm512_storeu_ps(out + 16 * d, _mm512_mul_ps(acc[d], inv));
+    for (int i = 0; i < nq; ++i) {
+        const __m512 inv = _mm512_set1_ps(1.0f / running_sum[i]);
+        for (int d = 0; d < HD / 16; ++d) _mm512_storeu_ps(out + i * HD + 16 * d, _mm512_mul_ps(_mm512_loadu_ps(sums[i] + 16 * d), inv));
+    }
 }
 
-BF16_TARGET static void attend_head_avx512_64(const float *q, const uint16_t *K, const uint16_t *V, int64_t n,
-                                              float scale, float *out) {
-    attend_head_avx512(q, K, V, n, scale, out, 64);
+BF16_TARGET static void attend_heads_avx512_64(const float *q, int nq, const uint16_t *K, const uint16_t *V,
+                                               int64_t n, float scale, float *out) {
+    attend_heads_avx512(q, nq, K, V, n, scale, out, 64);
 }
 
-BF16_TARGET static void attend_head_avx512_128(const float *q, const uint16_t *K, const uint16_t *V, int64_t n,
-                                               float scale, float *out) {
-    attend_head_avx512(q, K, V, n, scale, out, 128);
+BF16_TARGET static void attend_heads_avx512_128(const float *q, int nq, const uint16_t *K, const uint16_t *V,
+                                                int64_t n, float scale, float *out) {
+    attend_heads_avx512(q, nq, K, V, n, scale, out, 128);
 }
 #else  /* a compiler without AVX512-BF16 intrinsics: the AVX2 code only */
 #define HAVE_AVX512_ATTENTION 0
-#define attend_head_avx512_64(q, K, V, n, scale, out) attend_head_kv(q, K, V, n, 64, scale, out, 1)
-#define attend_head_avx512_128(q, K, V, n, scale, out) attend_head_kv(q, K, V, n, 128, scale, out, 1)
+#define attend_heads_avx512_64(q, nq, K, V, n, scale, out) attend_heads_each(q, nq, K, V, n, 64, scale, out, 1)
+#define attend_heads_avx512_128(q, nq, K, V, n, scale, out) attend_heads_each(q, nq, K, V, n, 128, scale, out, 1)
 #endif
 
-/* Whether bf16 caches of head size 64 / 128 take attend_head_avx512: -1 until first asked (then
+/* Whether bf16 caches of head size 64 / 128 take attend_heads_avx512: -1 until first asked (then
  * where the CPU has AVX512-BF16), else as accessory_attention_avx512 last set it. */
 static int attention_avx512 = -1;
 
@@ -303,12 +322,19 @@ int accessory_attention_avx512(int on) {
     return attention_avx512;
 }
 
-static void attend_head(const float *q, const void *K, const void *V, int64_t n_keys, int64_t hd, float scale,
-                        float *out, int kv_bf16, int avx512) {
-    if (kv_bf16 && avx512 && hd == 64) attend_head_avx512_64(q, K, V, n_keys, scale, out);
-    else if (kv_bf16 && avx512 && hd == 128) attend_head_avx512_128(q, K, V, n_keys, scale, out);
-    else if (kv_bf16) attend_head_kv(q, K, V, n_keys, hd, scale, out, 1);
-    else attend_head_kv(q, K, V, n_keys, hd, scale, out, 0);
+/* attend_head_kv for nq query heads one after another (hd apart in q and out). */
+static void attend_heads_each(const float *q, int nq, const void *K, const void *V, int64_t n_keys, int64_t hd,
+                              float scale, float *out, const int BF16) {
+    for (int i = 0; i < nq; ++i) attend_head_kv(q + i * hd, K, V, n_keys, hd, scale, out + i * hd, BF16);
+}
+
+/* nq (<= MAX_GROUP) query heads of one cache head, their vectors hd apart in q and out. */
+static void attend_heads(const float *q, int nq, const void *K, const void *V, int64_t n_keys, int64_t hd,
+                         float scale, float *out, int kv_bf16, int avx512) {
+    if (kv_bf16 && avx512 && hd == 64) attend_heads_avx512_64(q, nq, K, V, n_keys, scale, out);
+    else if (kv_bf16 && avx512 && hd == 128) attend_heads_avx512_128(q, nq, K, V, n_keys, scale, out);
+    else if (kv_bf16) attend_heads_each(q, nq, K, V, n_keys, hd, scale, out, 1);
+    else attend_heads_each(q, nq, K, V, n_keys, hd, scale, out, 0);
 }
 
 /* The attention of one decode step, from the fused q|k|v projection to the per-head output.
@@ -328,6 +354,8 @@ void accessory_attend_step(float *qkv, const int64_t *positions, const float *co
                            int64_t M, int64_t H, int64_t KV, int64_t hd, int64_t L, float scale,
                            const int64_t *cache_rows) {
     const int64_t width = (H + 2 * KV) * hd, half = hd / 2, n_rep = H / KV, size = kv_bf16 ? 2 : 4;
+    /* the query heads of one cache head in chunks of at most MAX_GROUP, of even sizes */
+    const int64_t chunks = (n_rep + MAX_GROUP - 1) / MAX_GROUP, per_chunk = (n_rep + chunks - 1) / chunks;
     /* Threads from a few thousand multiply-adds: in a decode step this cache has not been read
      * since the last token (the weights streamed since have evicted it), so even one stream's
      * short context is a cold read worth splitting; XS, one stream, 48 keys: 1.04-1.06x a step
@@ -361,14 +389,16 @@ void accessory_attend_step(float *qkv, const int64_t *positions, const float *co
                 memcpy((float *)v_cache + slot, v, hd * sizeof(float));
             }
         }
-        /* tasks dealt out in turn: a prompt's later tokens attend to more keys than its first ones
+        /* a task: one row's query heads of one cache head (a chunk of them past MAX_GROUP), dealt
+         * out in turn: a prompt's later tokens attend to more keys than its first ones
          * (XS, 500 tokens: the prefill 1.023x over halves in order; decode steps alike) */
 #pragma omp for schedule(static, 1)
-        for (int64_t task = 0; task < M * H; ++task) {
-            const int64_t m = task / H, h = task % H, g = h / n_rep;
+        for (int64_t task = 0; task < M * KV * chunks; ++task) {
+            const int64_t m = task / (KV * chunks), g = task / chunks % KV, first = g * n_rep + task % chunks * per_chunk;
+            const int nq = (int)(g * n_rep + n_rep - first < per_chunk ? g * n_rep + n_rep - first : per_chunk);
             const int64_t base = ((cache_rows ? cache_rows[m] : m) * KV + g) * L * hd * size;
-            attend_head(qkv + m * width + h * hd, (const char *)k_cache + base, (const char *)v_cache + base,
-                        positions[m] + 1, hd, scale, out + m * H * hd + h * hd, kv_bf16, avx512);
+            attend_heads(qkv + m * width + first * hd, nq, (const char *)k_cache + base, (const char *)v_cache + base,
+                         positions[m] + 1, hd, scale, out + m * H * hd + first * hd, kv_bf16, avx512);
         }
     }
 }
