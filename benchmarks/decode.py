@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py [--shapes XS S] [--peers hf llama.cpp] [--gguf-types f16 q8_0 q4_0]
                                 [--threads 2] [--new-tokens 32] [--repeats 3] [--small-pages]
+                                [--context 1024]
 
 Shapes: XS (dim 768, 12 layers, 12 heads, FFN 2048, vocab 32000) and S (TinyLlama-1.1B: dim 2048,
 22 layers, 32 heads, 4 KV heads, FFN 5632), random weights; and ``smollm2``, the real weights of the
@@ -14,6 +15,9 @@ Ours and HF run in bf16. Every engine of a shape is loaded at once and measured 
   decode  = tokens/s of one stream after the prompt (time(N+1 tokens) - time(1 token)) / N
   prefill = prompt tokens/s for a 128-token prompt
   batch16 = aggregate new tokens/s of 16 streams decoding together
+  ctxC    = (with --context C) tokens/s of one stream decoding after a C-token prompt, timed from its
+            first new token to its last (the prompt's prefill, minutes for HF at long C, left out):
+            each step then also reads C positions of keys and values per layer
 Every engine decodes greedily and generates exactly the tokens asked for (no stop token).
 
 llama.cpp (when llama-cpp-python is installed: pip install llama-cpp-python, or the `bench` extra) runs the
@@ -140,28 +144,48 @@ def prompts(batch: int, length: int):
 
 
 def ours_runner(model: MetaModel, environment: dict = None):
-    """``environment``: variables set while it runs (the KV cache is allocated per run)."""
+    """``environment``: variables set while it runs (the KV cache is allocated per run). Every
+    runner's ``run(ids, new_tokens)`` returns the seconds from its first new token to its last."""
     engine = GenerationEngine(model.llma, model.tokenizer, eos_ids=[])  # no early stop on random weights
 
-    def run(ids: torch.Tensor, new_tokens: int):
+    def run(ids: torch.Tensor, new_tokens: int) -> float:
+        first = None
         with mock.patch.dict(os.environ, environment or {}):
             for _ in engine.run(ids.tolist(), [new_tokens] * ids.shape[0], SamplingParams()):
-                pass
+                first = first or time.perf_counter()  # (the engine yields once per new token)
+        return time.perf_counter() - first
     return run
 
 
 
 def hf_runner(hf):
-    def run(ids: torch.Tensor, new_tokens: int):
+    import transformers
+
+    class FirstToken(transformers.LogitsProcessor):
+        """Notes when generate first holds logits: the prompt's forward pass is done."""
+        first = None
+
+        def __call__(self, input_ids, scores):
+            self.first = self.first or time.perf_counter()
+            return scores
+
+    def run(ids: torch.Tensor, new_tokens: int) -> float:
+        clock = FirstToken()
         with torch.inference_mode():
             hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                        logits_processor=transformers.LogitsProcessorList([clock]))
+        return time.perf_counter() - clock.first
     return run
 
 
 def measure(run, new_tokens: int, repeats: int, metrics=METRICS, warm_up: bool = True) -> dict:
     """tok/s of ``run(ids, new_tokens)`` for each of ``metrics`` (see the module notes)."""
     rates = {}
+    for metric in metrics:
+        if metric.startswith("ctx"):  # no warm-up: the other metrics' runs did it
+            long_prompt = prompts(1, int(metric[3:]))
+            rates[metric] = new_tokens / statistics.median(run(long_prompt, new_tokens + 1) for _ in range(repeats))
     if "decode" in metrics:
         one = prompts(1, 16)
         t1 = median_time(lambda: run(one, 1), repeats, warm_up)
@@ -220,6 +244,8 @@ class LlamaCpp:
     llama_batch (sequence id = stream), then one llama_decode per new token with the greedy token of every
     stream; the KV cache is cleared first. A context per stream count, built on first use."""
 
+    BATCH = 512  # tokens a llama_decode call takes (a longer prompt goes in several)
+
     def __init__(self, path: Path, threads: int, max_tokens: int):
         import llama_cpp
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load messages
@@ -237,13 +263,13 @@ class LlamaCpp:
             params = lib.llama_context_default_params()
             per_stream = (self.max_tokens + 255) // 256 * 256
             params.n_ctx = streams * per_stream
-            params.n_batch = params.n_ubatch = 512
+            params.n_batch = params.n_ubatch = self.BATCH
             params.n_seq_max = streams
             params.n_threads = params.n_threads_batch = self.threads
             ctx = lib.llama_init_from_model(self.model, params)
             if not ctx:
                 raise RuntimeError("llama.cpp could not create a context")
-            self.contexts[streams] = (ctx, lib.llama_batch_init(512, 0, 1))
+            self.contexts[streams] = (ctx, lib.llama_batch_init(self.BATCH, 0, 1))
         return self.contexts[streams]
 
     def _decode(self, ctx, batch, entries) -> None:
@@ -259,17 +285,23 @@ class LlamaCpp:
         logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(ctx, index), shape=(self.n_vocab,))
         return int(logits.argmax())
 
-    def run(self, ids: torch.Tensor, new_tokens: int) -> None:
+    def run(self, ids: torch.Tensor, new_tokens: int) -> float:
         streams, length = ids.shape
         ctx, batch = self._context(streams)
         self.lib.llama_memory_clear(self.lib.llama_get_memory(ctx), True)
         prompt = ids.tolist()
-        self._decode(ctx, batch, [(t, p, s, p == length - 1) for s in range(streams)
-                                  for p, t in enumerate(prompt[s])])
-        tokens = [self._greedy(ctx, (s + 1) * length - 1) for s in range(streams)]
+        entries = [(t, p, s, p == length - 1) for s in range(streams) for p, t in enumerate(prompt[s])]
+        last = (len(entries) - 1) // self.BATCH * self.BATCH  # the last batch holds every stream's last token
+        if length - 1 < last:
+            raise ValueError(f"{streams} prompts of {length} tokens do not fit one batch of {self.BATCH}")
+        for start in range(0, len(entries), self.BATCH):
+            self._decode(ctx, batch, entries[start:start + self.BATCH])
+        tokens = [self._greedy(ctx, (s + 1) * length - 1 - last) for s in range(streams)]
+        first = time.perf_counter()
         for step in range(new_tokens - 1):
             self._decode(ctx, batch, [(tokens[s], length + step, s, True) for s in range(streams)])
             tokens = [self._greedy(ctx, s) for s in range(streams)]
+        return time.perf_counter() - first
 
     def close(self) -> None:
         for ctx, batch in self.contexts.values():
@@ -279,8 +311,8 @@ class LlamaCpp:
         self.lib.llama_model_free(self.model)
 
 
-def load_ours(directory: Path, weights: str) -> MetaModel:
-    return MetaModel.from_pretrained(str(directory), max_seq_len=512, dtype=torch.bfloat16, device="cpu",
+def load_ours(directory: Path, weights: str, max_seq_len: int = 512) -> MetaModel:
+    return MetaModel.from_pretrained(str(directory), max_seq_len=max_seq_len, dtype=torch.bfloat16, device="cpu",
                                      quant=None if weights == "bf16" else weights, progress=False)
 
 
@@ -310,7 +342,11 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "accessory-bench"))
     parser.add_argument("--small-pages", action="store_true",
                         help="also run ours bf16 with its weights and KV cache in 4 KiB pages (ACCESSORY_HUGE_PAGES=0)")
+    parser.add_argument("--context", type=int, default=0,
+                        help="also measure one stream's decode after a prompt of this many tokens (metric ctxN)")
     args = parser.parse_args()
+    metrics = METRICS + ((f"ctx{args.context}",) if args.context > 0 else ())
+    longest = max(128, args.context) + args.new_tokens + 1  # positions a run needs
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     why_not = llama_cpp_missing() if "llama.cpp" in args.peers else "not asked for (--peers)"
@@ -328,7 +364,7 @@ def main() -> None:
         runners, peers = {}, []  # engine -> run(ids, new_tokens); llama.cpp models to close
         try:
             for weights in dict.fromkeys(ours_weights):
-                model = load_ours(directory, weights)
+                model = load_ours(directory, weights, max(512, longest))
                 runners[weights] = ours_runner(model)
                 if weights == "bf16":
                     in_panels = sum(type(m) is PanelLinear for m in model.llma.modules())
@@ -340,11 +376,11 @@ def main() -> None:
                     if args.small_pages:
                         small = {"ACCESSORY_HUGE_PAGES": "0"}
                         with mock.patch.dict(os.environ, small):
-                            runners["bf16 4k"] = ours_runner(load_ours(directory, weights), small)
+                            runners["bf16 4k"] = ours_runner(load_ours(directory, weights, max(512, longest)), small)
             for gguf_type, path in export_ggufs(directory, gguf_types, gguf_dir).items():
-                peers.append(LlamaCpp(path, args.threads, max_tokens=128 + args.new_tokens + 1))
+                peers.append(LlamaCpp(path, args.threads, max_tokens=longest))
                 runners[f"llama.cpp {gguf_type}"] = peers[-1].run
-            results.update(measure_interleaved(shape, runners, args.new_tokens, args.repeats))
+            results.update(measure_interleaved(shape, runners, args.new_tokens, args.repeats, metrics))
         finally:
             for peer in peers:
                 peer.close()
@@ -367,7 +403,7 @@ def main() -> None:
         columns += [f"llama.cpp {half}", f"x llama.cpp {half}"]
     rows = []
     for shape in args.shapes:
-        for metric in METRICS:
+        for metric in metrics:
             values = []
             for column in columns:
                 if column == "x HF":
@@ -387,7 +423,7 @@ def main() -> None:
         for t in quantized:
             columns += [f"ours {OURS_FOR_GGUF[t]}", f"llama.cpp {t}", f"x llama.cpp {t}"]
         for shape in args.shapes:
-            for metric in METRICS:
+            for metric in metrics:
                 values = []
                 for t in quantized:
                     ours, theirs = OURS_FOR_GGUF[t], f"llama.cpp {t}"
