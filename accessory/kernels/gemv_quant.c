@@ -111,21 +111,29 @@ static inline __attribute__((always_inline)) void nf4_tile(const uint8_t *p, con
     for (int j = 0; j < mt; ++j) out[j] = hsum8(total[j]);
 }
 
-static void nf4_rows(const uint8_t *P, const uint16_t *scale, const float *x, void *y, int dtype,
-                     int64_t M, int64_t O, int64_t I, int64_t G, int64_t o_begin, int64_t o_end) {
-    for (int64_t o = o_begin; o < o_end; ++o) {
-        const uint8_t *p = P + o * (I / 2);
-        const uint16_t *s = scale + o * (I / G);
-        for (int64_t m0 = 0; m0 < M; m0 += TILE) {
-            const int mt = (M - m0) < TILE ? (int)(M - m0) : TILE;
-            float out[TILE];
-#define NF4_TILE(n) nf4_tile(p, s, x, I, G, m0, out, n)
-            WITH_CONSTANT_ROWS(mt, NF4_TILE)
-#undef NF4_TILE
-            for (int j = 0; j < mt; ++j) store(y, dtype, (m0 + j) * O + o, out[j]);
-        }
+/* Defines `name`, the nf4 weight rows o_begin..o_end against the M activation rows through `tile`
+ * (nf4_tile's signature), TILE rows at a time; gemv_quant_avx512.c defines its own with its tile. */
+#define DEFINE_NF4_ROWS(name, tile)                                                                 \
+    static void name(const uint8_t *P, const uint16_t *scale, const float *x, void *y, int dtype,   \
+                     int64_t M, int64_t O, int64_t I, int64_t G, int64_t o_begin, int64_t o_end) {  \
+        for (int64_t o = o_begin; o < o_end; ++o) {                                                 \
+            const uint8_t *p = P + o * (I / 2);                                                     \
+            const uint16_t *s = scale + o * (I / G);                                                \
+            for (int64_t m0 = 0; m0 < M; m0 += TILE) {                                              \
+                const int mt = (M - m0) < TILE ? (int)(M - m0) : TILE;                              \
+                float out[TILE];                                                                    \
+                switch (mt) {                                                                       \
+                    case 1: tile(p, s, x, I, G, m0, out, 1); break;                                 \
+                    case 2: tile(p, s, x, I, G, m0, out, 2); break;                                 \
+                    case 3: tile(p, s, x, I, G, m0, out, 3); break;                                 \
+                    default: tile(p, s, x, I, G, m0, out, 4); break;                                \
+                }                                                                                   \
+                for (int j = 0; j < mt; ++j) store(y, dtype, (m0 + j) * O + o, out[j]);            \
+            }                                                                                       \
+        }                                                                                           \
     }
-}
+
+DEFINE_NF4_ROWS(nf4_rows, nf4_tile)
 
 /* int4 codes against activations quantized to int8 per block of 32 (xq, one float step dx per
  * block): the products are summed with integer multiply-adds, four times fewer instructions

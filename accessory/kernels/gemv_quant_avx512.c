@@ -380,21 +380,7 @@ static inline __attribute__((always_inline)) void nf4_tile_avx512(const uint8_t 
     for (int j = 0; j < mt; ++j) out[j] = _mm512_reduce_add_ps(total[j]);
 }
 
-static void nf4_rows_avx512(const uint8_t *P, const uint16_t *scale, const float *x, void *y, int dtype,
-                            int64_t M, int64_t O, int64_t I, int64_t G, int64_t o_begin, int64_t o_end) {
-    for (int64_t o = o_begin; o < o_end; ++o) {
-        const uint8_t *p = P + o * (I / 2);
-        const uint16_t *s = scale + o * (I / G);
-        for (int64_t m0 = 0; m0 < M; m0 += TILE) {
-            const int mt = (M - m0) < TILE ? (int)(M - m0) : TILE;
-            float out[TILE];
-#define NF4_TILE(n) nf4_tile_avx512(p, s, x, I, G, m0, out, n)
-            WITH_CONSTANT_ROWS(mt, NF4_TILE)
-#undef NF4_TILE
-            for (int j = 0; j < mt; ++j) store(y, dtype, (m0 + j) * O + o, out[j]);
-        }
-    }
-}
+DEFINE_NF4_ROWS(nf4_rows_avx512, nf4_tile_avx512)
 
 /* ------------------------------------------------------------------------------------------ entry points */
 
