@@ -395,7 +395,8 @@ void accessory_attend_step(float *qkv, const int64_t *positions, const float *co
 #pragma omp for schedule(static, 1)
         for (int64_t task = 0; task < M * KV * chunks; ++task) {
             const int64_t m = task / (KV * chunks), g = task / chunks % KV, first = g * n_rep + task % chunks * per_chunk;
-            const int nq = (int)(g * n_rep + n_rep - first < per_chunk ? g * n_rep + n_rep - first : per_chunk);
+            const int64_t left = (g + 1) * n_rep - first;  /* the cache head's query heads from `first` on */
+            const int nq = (int)(left < per_chunk ? left : per_chunk);
             const int64_t base = ((cache_rows ? cache_rows[m] : m) * KV + g) * L * hd * size;
             attend_heads(qkv + m * width + first * hd, nq, (const char *)k_cache + base, (const char *)v_cache + base,
                          positions[m] + 1, hd, scale, out + m * H * hd + first * hd, kv_bf16, avx512);
