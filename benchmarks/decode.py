@@ -347,6 +347,7 @@ def main() -> None:
     args = parser.parse_args()
     metrics = METRICS + ((f"ctx{args.context}",) if args.context > 0 else ())
     longest = max(128, args.context) + args.new_tokens + 1  # positions a run needs
+    max_seq_len = max(512, longest)  # ours (HF takes the same from our model's arguments)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     why_not = llama_cpp_missing() if "llama.cpp" in args.peers else "not asked for (--peers)"
@@ -364,7 +365,7 @@ def main() -> None:
         runners, peers = {}, []  # engine -> run(ids, new_tokens); llama.cpp models to close
         try:
             for weights in dict.fromkeys(ours_weights):
-                model = load_ours(directory, weights, max(512, longest))
+                model = load_ours(directory, weights, max_seq_len)
                 runners[weights] = ours_runner(model)
                 if weights == "bf16":
                     in_panels = sum(type(m) is PanelLinear for m in model.llma.modules())
@@ -376,7 +377,7 @@ def main() -> None:
                     if args.small_pages:
                         small = {"ACCESSORY_HUGE_PAGES": "0"}
                         with mock.patch.dict(os.environ, small):
-                            runners["bf16 4k"] = ours_runner(load_ours(directory, weights, max(512, longest)), small)
+                            runners["bf16 4k"] = ours_runner(load_ours(directory, weights, max_seq_len), small)
             for gguf_type, path in export_ggufs(directory, gguf_types, gguf_dir).items():
                 peers.append(LlamaCpp(path, args.threads, max_tokens=longest))
                 runners[f"llama.cpp {gguf_type}"] = peers[-1].run
